@@ -1,0 +1,1 @@
+"""blip2-jax: BLIP-2 in JAX/Flax."""

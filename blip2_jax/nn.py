@@ -1,0 +1,298 @@
+"""The shared building blocks: the one attention, MLP, norm, dense and layer-scan of every tower.
+
+Logical axis names used on parameters (resolved to mesh axes by the sharding rules):
+  "embed"  model width            "heads"  flattened heads*head_dim   "mlp"  FFN hidden
+  "vocab"  vocabulary             "layers" the scan axis              "norm" norm/bias vectors
+Parameters are created with `nn.with_logical_partitioning`; `init_params` unboxes them, and every
+module applies to plain arrays.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name) -> Any:
+    """jnp dtype from a config string (or a dtype)."""
+    if isinstance(name, str):
+        try:
+            return DTYPES[name]
+        except KeyError:
+            raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}") from None
+    return name
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),      # exact erf (torch nn.GELU)
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),   # tanh approximation
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+# torch's default Linear/Embedding inits are irrelevant for loaded weights; these only matter for
+# training from scratch (Q-Former cross-attention etc. use normal(0.02) as in BERT/LAVIS).
+default_kernel_init = nn.initializers.normal(0.02)
+
+
+def Dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype=jnp.float32,
+          param_dtype=jnp.float32, name: Optional[str] = None,
+          kernel_init=default_kernel_init) -> nn.Dense:
+    """`nn.Dense` whose kernel (in, out) and bias (out,) carry logical axis names."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
+def Embed(num: int, features: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+          name: Optional[str] = None, axes=("vocab", "embed")) -> nn.Embed:
+    return nn.Embed(num, features, dtype=dtype, param_dtype=param_dtype, name=name,
+                    embedding_init=nn.with_logical_partitioning(default_kernel_init, axes))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm (or T5's RMSNorm with `rms=True`), computed in fp32, output in `dtype`.
+
+    Parameters: `scale` and (LayerNorm with `use_bias`) `bias`. Computing in fp32 matches LAVIS's
+    fp32-casting LayerNorm and T5's fp32 variance.
+    """
+    epsilon: float = 1e-5
+    rms: bool = False
+    use_bias: bool = True
+    use_scale: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        xf = x.astype(jnp.float32)
+        if self.rms:
+            y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.epsilon)
+        else:
+            mean = jnp.mean(xf, -1, keepdims=True)
+            var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
+            y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale:
+            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                               (dim,), self.param_dtype)
+            y = y * scale.astype(jnp.float32)
+        if self.use_bias and not self.rms:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                              (dim,), self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+def attention_mask(key_mask: Optional[Array] = None, *, causal: bool = False,
+                   query_len: Optional[int] = None, key_len: Optional[int] = None,
+                   query_offset: Any = 0, prefix: int = 0) -> Optional[Array]:
+    """Boolean mask broadcastable to (B, heads, T, S); True = may attend.
+
+    key_mask: (B, S) 1/0 validity of keys (padding). causal: query t (at absolute position
+    `query_offset + t`) sees keys at positions <= its own. prefix: the first `prefix` keys are
+    visible to every query and the first `prefix` queries see only them (UniLM: queries then text).
+    """
+    mask = None
+    if key_mask is not None:
+        mask = key_mask.astype(bool)[:, None, None, :]
+    if causal:
+        assert query_len is not None and key_len is not None
+        q_pos = jnp.arange(query_len)[:, None] + query_offset
+        k_pos = jnp.arange(key_len)[None, :]
+        c = k_pos <= q_pos
+        if prefix:
+            c = jnp.where(k_pos < prefix, True, c)          # everyone sees the query prefix
+            c = jnp.where((q_pos < prefix) & (k_pos >= prefix), False, c)  # queries never see text
+        c = c[None, None]
+        mask = c if mask is None else mask & c
+    return mask
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
+                          bias: Optional[Array] = None, scale: float = 1.0,
+                          dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None) -> Array:
+    """softmax(scale·q·kᵀ + bias, masked)·v over (B, T|S, heads, head_dim); softmax in fp32.
+
+    Uses `jax.nn.dot_product_attention` (cuDNN / XLA per platform); with attention-probability
+    dropout active (training the Q-Former) it takes the explicit path, which is the same math.
+    """
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+                                ).astype(q.dtype)
+    if dropout_rate == 0.0 or dropout_rng is None:
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with flat (in, heads*head_dim) kernels.
+
+    Params: `qkv` (fused, `fused_qkv=True`) or `query`/`key`/`value`, and `out`.
+    Self-attention by default; cross-attention with `context`; precomputed `kv=(k, v)` (B, S, H, D)
+    skips the key/value projections (Q-Former query cache, T5 cross-attention cache).
+    With `cache={"k","v"}` of shape (B, S_max, H, D), the new keys/values are written at
+    `cache_index` and attention runs over the whole cache; the updated cache is returned.
+    """
+    num_heads: int
+    head_dim: int
+    out_features: int
+    use_bias: bool = True
+    fused_qkv: bool = False
+    scale: Optional[float] = None      # default head_dim ** -0.5
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        inner = self.num_heads * self.head_dim
+        dense = functools.partial(Dense, use_bias=self.use_bias, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+        if self.fused_qkv:
+            self.qkv = dense(3 * inner, ("embed", "heads"))
+        else:
+            self.query = dense(inner, ("embed", "heads"))
+            self.key = dense(inner, ("embed", "heads"))
+            self.value = dense(inner, ("embed", "heads"))
+        self.out = dense(self.out_features, ("heads", "embed"))
+
+    def _split(self, x):
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+    def project_kv(self, context: Array) -> tuple[Array, Array]:
+        """Keys and values (B, S, H, D) of `context` (usable as `kv=` later)."""
+        if self.fused_qkv:
+            _, k, v = self._fused(context)
+            return k, v
+        return self._split(self.key(context)), self._split(self.value(context))
+
+    def _fused(self, x):
+        qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
+        return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+
+    def __call__(self, x: Array, context: Optional[Array] = None, *,
+                 kv: Optional[tuple[Array, Array]] = None, mask: Optional[Array] = None,
+                 bias: Optional[Array] = None, cache: Optional[dict] = None,
+                 cache_index: Any = 0, deterministic: bool = True):
+        if self.fused_qkv:
+            if context is not None or kv is not None:
+                raise ValueError("a fused-qkv Attention is self-attention only")
+            q, k, v = self._fused(x)
+        else:
+            q = self._split(self.query(x))
+            k, v = kv if kv is not None else self.project_kv(x if context is None else context)
+        new_cache = None
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            new_cache = {"k": k, "v": v}
+        scale = self.head_dim ** -0.5 if self.scale is None else self.scale
+        rng = None
+        if not deterministic and self.dropout_rate > 0.0:
+            rng = self.make_rng("dropout")
+        y = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias,
+                                  scale=scale, dropout_rate=self.dropout_rate, dropout_rng=rng)
+        y = y.reshape(*y.shape[:-2], self.num_heads * self.head_dim)
+        return self.out(y), new_cache
+
+
+class Mlp(nn.Module):
+    """fc1 → activation → fc2; `gated=True`: act(gate(x)) * fc1(x) → fc2 (T5 v1.1)."""
+    hidden: int
+    out_features: int
+    act: str = "gelu"
+    gated: bool = False
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = functools.partial(Dense, use_bias=self.use_bias, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+        h = dense(self.hidden, ("embed", "mlp"), name="fc1")(x)
+        if self.gated:
+            h = activation(self.act)(dense(self.hidden, ("embed", "mlp"), name="gate")(x)) * h
+        else:
+            h = activation(self.act)(h)
+        return dense(self.out_features, ("mlp", "embed"), name="fc2")(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer stacks
+# ----------------------------------------------------------------------------------------------
+def remat_policy(name: str):
+    """None for no remat, else a `jax.checkpoint_policies` policy ("full" = save nothing)."""
+    if name in (None, "", "none"):
+        return None
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if policy is None:
+        raise ValueError(f"unknown remat policy {name!r}: use 'none', 'full' or a "
+                         "jax.checkpoint_policies name")
+    return policy
+
+
+def scan_layers(block: type[nn.Module], length: int, *, in_axes: Sequence[Any],
+                remat: str = "none", name: Optional[str] = None, **block_kwargs) -> nn.Module:
+    """`length` copies of `block` under `nn.scan`, params stacked on a leading "layers" axis.
+
+    `block.__call__(carry, *args) -> (carry, per_layer_out)`; `in_axes` gives, per extra arg,
+    `nn.broadcast` (same for every layer) or 0 (sliced per layer, e.g. a KV cache).
+    """
+    cls = block
+    policy = remat_policy(remat)
+    if policy is not None:
+        cls = nn.remat(block, policy=policy, prevent_cse=False)
+    scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=tuple(in_axes), length=length,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(name=name, **block_kwargs)
+
+
+def init_params(module: nn.Module, rng, *args, **kwargs):
+    """Random parameters as a plain pytree (logical-partitioning boxes removed)."""
+    variables = module.init(rng, *args, **kwargs)
+    return nn.unbox(variables["params"])
+
+
+def logical_axes(module: nn.Module, *args, **kwargs):
+    """The logical axis names of every parameter (same tree as the params), without allocating."""
+    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, **kwargs))
+    return nn.get_partition_spec(abstract)["params"]
