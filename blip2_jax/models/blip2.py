@@ -1,0 +1,181 @@
+"""The BLIP-2 composites: image encoder → Q-Former → (stage-1 heads | projection → frozen LLM).
+
+One module, `Blip2Module`, whose configuration decides which parts exist:
+  stage 1 (`config.llm is None`): ITC (vision_proj, text_proj, temp), ITM (itm_head) and ITG
+  (lm_head, tied to the Q-Former word embeddings) surfaces — LAVIS `Blip2Qformer`, HF
+  `Blip2ForImageTextRetrieval`;
+  stage 2: `llm_proj` + OPT (HF `Blip2ForConditionalGeneration` with OPT, LAVIS `Blip2OPT`) or
+  T5 (LAVIS `Blip2T5`).
+Parameter tree (top-level names are API: freezing, sharding and loading address them by regex):
+  vision/ ln_vision/ qformer/ query_tokens  [vision_proj/ text_proj/ temp itm_head/ lm_head/]
+  [llm_proj/ llm/]
+Proven by tests/test_blip2.py (parity of every surface with HF, fp32, eager attention).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blip2_jax import nn as bnn
+from blip2_jax.config import Blip2Config, OPTConfig
+from blip2_jax.models.opt import OPT
+from blip2_jax.models.qformer import QFormer
+from blip2_jax.models.t5 import T5
+from blip2_jax.models.vit import VisionTransformer
+
+LAVIS_INIT_TEMP = 0.07   # Blip2Qformer.temp's initial value; HF checkpoints carry no temperature
+
+
+def l2_normalize(x, axis=-1, eps=1e-12):
+    """torch.nn.functional.normalize semantics: x / max(||x||, eps)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True))
+    return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+class Blip2Module(nn.Module):
+    config: Blip2Config
+
+    def setup(self):
+        cfg = self.config
+        v, q = cfg.vision, cfg.qformer
+        qdt, qpdt = bnn.dtype_of(q.dtype), bnn.dtype_of(q.param_dtype)
+        self.vision = VisionTransformer(v)
+        self.ln_vision = bnn.LayerNorm(v.post_layer_norm_eps, dtype=bnn.dtype_of(v.dtype),
+                                       param_dtype=bnn.dtype_of(v.param_dtype))
+        self.qformer = QFormer(q)
+        self.query_tokens = self.param(
+            "query_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                         (None, None, "embed")),
+            (1, cfg.num_query_tokens, q.hidden_size), qpdt)
+        dense = lambda n, axes: bnn.Dense(n, axes, dtype=qdt, param_dtype=qpdt)
+        if cfg.itc:
+            self.vision_proj = dense(cfg.embed_dim, ("embed", None))
+            self.text_proj = dense(cfg.embed_dim, ("embed", None))
+            self.temp = self.param("temp", nn.initializers.constant(LAVIS_INIT_TEMP), (), qpdt)
+        if cfg.itm:
+            self.itm_head = dense(2, ("embed", None))
+        if cfg.itg:
+            self.lm_head = QFormerLMHead(q)
+        if cfg.llm is not None:
+            llm = cfg.llm
+            self.llm_proj = bnn.Dense(llm.hidden_size, ("embed", "embed"), dtype=qdt,
+                                      param_dtype=qpdt)
+            self.llm = OPT(llm) if isinstance(llm, OPTConfig) else T5(llm)
+
+    # -- image side ------------------------------------------------------------------------------
+    def image_embeds(self, pixel_values):
+        """(B, N, Dv): the image encoder's tokens after its final LayerNorm."""
+        return self.ln_vision(self.vision(pixel_values))
+
+    def query_output(self, image_embeds, *, return_query_cache=False, deterministic=True):
+        """(B, Q, H) Q-Former outputs of the learned queries (and their per-layer K/V)."""
+        dt = bnn.dtype_of(self.config.qformer.dtype)
+        queries = jnp.broadcast_to(self.query_tokens,
+                                   (image_embeds.shape[0],) + self.query_tokens.shape[1:])
+        return self.qformer(queries.astype(dt), image_embeds=image_embeds.astype(dt),
+                            return_query_cache=return_query_cache, deterministic=deterministic)
+
+    def query_embeds(self, pixel_values):
+        return self.query_output(self.image_embeds(pixel_values))[0]
+
+    # -- stage-1 surfaces --------------------------------------------------------------------------
+    def image_features(self, query_output):
+        """(B, Q, E) L2-normalised ITC projections of every query."""
+        return l2_normalize(self.vision_proj(query_output))
+
+    def text_features(self, input_ids, attention_mask, *, deterministic=True):
+        """(B, E) L2-normalised ITC projection of the text [CLS] output (text-only pass)."""
+        h, _ = self.qformer(input_ids=input_ids, attention_mask=attention_mask,
+                            deterministic=deterministic)
+        return l2_normalize(self.text_proj(h[:, 0]))
+
+    def itc(self, pixel_values, input_ids, attention_mask):
+        """(B_img, B_txt): max over queries of the cosine similarity (no temperature)."""
+        img = self.image_features(self.query_embeds(pixel_values))
+        txt = self.text_features(input_ids, attention_mask)
+        return jnp.max(jnp.einsum("iqe,te->itq", img, txt), axis=-1)
+
+    def itm_logits(self, image_embeds, input_ids, attention_mask, *, deterministic=True):
+        """(B, 2) ITM logits of image b with text b: itm_head over the query outputs, averaged."""
+        dt = bnn.dtype_of(self.config.qformer.dtype)
+        b = input_ids.shape[0]
+        queries = jnp.broadcast_to(self.query_tokens, (b,) + self.query_tokens.shape[1:])
+        h, _ = self.qformer(queries.astype(dt), input_ids, attention_mask,
+                            image_embeds.astype(dt), deterministic=deterministic)
+        return jnp.mean(self.itm_head(h[:, :self.config.num_query_tokens]), axis=1)
+
+    def itm(self, pixel_values, input_ids, attention_mask):
+        return self.itm_logits(self.image_embeds(pixel_values), input_ids, attention_mask)
+
+    def itg_logits(self, query_cache, input_ids, attention_mask, *, deterministic=True):
+        """(B, T, V) Q-Former LM logits of the text, attending to the cached query K/V (UniLM)."""
+        h, _ = self.qformer(input_ids=input_ids, attention_mask=attention_mask, causal=True,
+                            query_cache=query_cache, deterministic=deterministic)
+        return self.lm_head(h, self.qformer.word_embedding())
+
+    # -- stage 2 -----------------------------------------------------------------------------------
+    def llm_prefix(self, query_output):
+        """(B, Q, d_llm): the projected queries fed to the LLM as a soft visual prompt."""
+        return self.llm_proj(query_output).astype(bnn.dtype_of(self.config.llm.dtype))
+
+    def llm_inputs(self, pixel_values, input_ids, attention_mask):
+        """LLM input embeddings [queries; text] and their mask [ones; attention_mask]."""
+        prefix = self.llm_prefix(self.query_embeds(pixel_values))
+        embeds = jnp.concatenate([prefix, self.llm.embed(input_ids).astype(prefix.dtype)], 1)
+        mask = jnp.concatenate([jnp.ones(prefix.shape[:2], attention_mask.dtype),
+                                attention_mask], 1)
+        return embeds, mask
+
+    def logits(self, pixel_values, input_ids, attention_mask, decoder_input_ids=None,
+               decoder_attention_mask=None):
+        """LM logits over the text positions: OPT (B, T, V); T5 (B, T_dec, V); stage 1 ITG."""
+        cfg = self.config
+        if cfg.llm is None:
+            _, cache = self.query_output(self.image_embeds(pixel_values), return_query_cache=True)
+            return self.itg_logits(cache, input_ids, attention_mask)
+        embeds, mask = self.llm_inputs(pixel_values, input_ids, attention_mask)
+        if isinstance(cfg.llm, OPTConfig):
+            logits, _ = self.llm(embeds, mask)
+            return logits[:, cfg.num_query_tokens:]
+        if decoder_input_ids is None:
+            decoder_input_ids = jnp.full((input_ids.shape[0], 1), cfg.llm.decoder_start_token_id,
+                                         jnp.int32)
+        encoded = self.llm.encode(embeds, mask)
+        logits, _ = self.llm.decode(decoder_input_ids, encoded, mask,
+                                    decoder_attention_mask=decoder_attention_mask)
+        return logits
+
+    def __call__(self, pixel_values, input_ids, attention_mask, decoder_input_ids=None):
+        """Touches every part that exists (used by `init`)."""
+        cfg = self.config
+        image_embeds = self.image_embeds(pixel_values)
+        out = {"image_embeds": image_embeds}
+        if cfg.itc:
+            out["itc"] = self.itc(pixel_values, input_ids, attention_mask) / self.temp
+        if cfg.itm:
+            out["itm"] = self.itm_logits(image_embeds, input_ids, attention_mask)
+        if cfg.itg or cfg.llm is not None:
+            out["logits"] = self.logits(pixel_values, input_ids, attention_mask, decoder_input_ids)
+        if not (cfg.itc or cfg.itm or cfg.itg or cfg.llm is not None):
+            out["query_embeds"] = self.query_embeds(pixel_values)
+        return out
+
+
+class QFormerLMHead(nn.Module):
+    """BERT LM head (LAVIS `Qformer.cls.predictions`): dense → GELU → LN → tied decoder + bias."""
+    config: "QFormerConfig"  # noqa: F821
+
+    @nn.compact
+    def __call__(self, hidden, word_embedding):
+        c = self.config
+        dt, pdt = bnn.dtype_of(c.dtype), bnn.dtype_of(c.param_dtype)
+        h = bnn.Dense(c.hidden_size, ("embed", "embed"), dtype=dt, param_dtype=pdt,
+                      name="transform")(hidden)
+        h = bnn.activation(c.activation)(h)
+        h = bnn.LayerNorm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="ln")(h)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                          (word_embedding.shape[0],), pdt)
+        return h @ word_embedding.astype(dt).T + bias.astype(dt)
