@@ -122,6 +122,10 @@ class T5Config:
     activation: str = "gelu"        # BLIP-2's FlanT5 uses exact GELU (HF dense_act_fn "gelu")
     gated: bool = True
     tie_word_embeddings: bool = False
+    # Scale the decoder output by d_model**-0.5 before the head; None = iff tied (transformers 4.x
+    # rule). transformers 5 stores it as `scale_decoder_outputs` and always ties in its config,
+    # untying when a checkpoint holds its own lm_head (our reader decides the tie the same way).
+    scale_decoder_outputs: Optional[bool] = None
     decoder_start_token_id: int = 0
     pad_token_id: int = 0
     eos_token_id: int = 1
@@ -133,6 +137,12 @@ class T5Config:
     @property
     def hidden_size(self) -> int:
         return self.d_model
+
+    @property
+    def scales_decoder_output(self) -> bool:
+        if self.scale_decoder_outputs is None:
+            return self.tie_word_embeddings
+        return self.scale_decoder_outputs
 
 
 LLMConfig = Union[OPTConfig, T5Config]
@@ -240,6 +250,7 @@ _HF_T5 = dict(vocab_size="vocab_size", d_model="d_model", d_kv="d_kv", d_ff="d_f
               relative_attention_num_buckets="relative_attention_num_buckets",
               relative_attention_max_distance="relative_attention_max_distance",
               layer_norm_epsilon="layer_norm_eps", tie_word_embeddings="tie_word_embeddings",
+              scale_decoder_outputs="scale_decoder_outputs",
               decoder_start_token_id="decoder_start_token_id", pad_token_id="pad_token_id",
               eos_token_id="eos_token_id", bos_token_id="bos_token_id")
 
@@ -314,6 +325,8 @@ def from_hf_dict(d: dict) -> Blip2Config:
             if fields.get("num_decoder_layers") is None:
                 fields["num_decoder_layers"] = fields["num_layers"]
             act, gated = _t5_activation(td)
+            if fields.get("scale_decoder_outputs") is None:
+                fields["scale_decoder_outputs"] = fields["tie_word_embeddings"]
             llm = T5Config(**fields, activation=act, gated=gated)
         else:
             raise ConfigError(f"text_config.model_type {kind!r} is not supported (opt or t5)")
@@ -349,6 +362,7 @@ def to_hf_dict(cfg: Blip2Config) -> dict:
                         feed_forward_proj=("gated-" if cfg.llm.gated else "")
                         + ("gelu" if "gelu" in cfg.llm.activation else cfg.llm.activation),
                         dense_act_fn=cfg.llm.activation, is_encoder_decoder=True)
+            text["scale_decoder_outputs"] = cfg.llm.scales_decoder_output
         out["text_config"] = text
         out["use_decoder_only_language_model"] = isinstance(cfg.llm, OPTConfig)
     if cfg.image_token_index is not None:
@@ -381,9 +395,9 @@ OPT_2_7B = OPTConfig(vocab_size=50304, hidden_size=2560, num_layers=32, num_head
 OPT_6_7B = OPTConfig(vocab_size=50304, hidden_size=4096, num_layers=32, num_heads=32,
                      ffn_dim=16384, word_embed_proj_dim=4096, eos_token_id=50118)
 FLAN_T5_XL = T5Config(d_model=2048, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32,
-                      bos_token_id=1)
+                      bos_token_id=1, scale_decoder_outputs=False)
 FLAN_T5_XXL = T5Config(d_model=4096, d_ff=10240, num_layers=24, num_decoder_layers=24,
-                       num_heads=64, bos_token_id=1)
+                       num_heads=64, bos_token_id=1, scale_decoder_outputs=False)
 
 
 def _gen(llm, image_size=224, vision=EVA_VIT_G, image_token_index=None):
@@ -428,7 +442,7 @@ TINY_OPT = OPTConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, 
                      max_position_embeddings=64, word_embed_proj_dim=32)
 TINY_T5 = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
                    num_heads=4, relative_attention_num_buckets=8,
-                   relative_attention_max_distance=20)
+                   relative_attention_max_distance=20, scale_decoder_outputs=False)
 
 PRESETS.update({
     "tiny-stage1": Blip2Config(vision=TINY_VISION, qformer=TINY_QFORMER, num_query_tokens=4,

@@ -8,6 +8,7 @@ Per-tower tables: hf_vision, hf_qformer, hf_opt, hf_t5.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable, Mapping, Optional
@@ -109,6 +110,13 @@ def read(path: str, cfg: Optional[Blip2Config] = None) -> tuple[Blip2Config, dic
         cfg = config_lib.read_hf_config(path)
     reader = SafetensorsReader(path)
     keys, get = hf_vision.adapt_legacy_qkv_bias(reader.keys(), reader.get)
+    if cfg.llm_kind == "t5":
+        # transformers 5 writes tie_word_embeddings=true for every T5 and unties when the
+        # checkpoint holds its own lm_head; so the checkpoint, not the flag, decides.
+        untied = "language_model.lm_head.weight" in keys and (
+            not cfg.llm.tie_word_embeddings or not np.array_equal(
+                get("language_model.lm_head.weight"), get("language_model.shared.weight")))
+        cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, tie_word_embeddings=not untied))
     if cfg.llm is None and not cfg.itc and any(k.startswith("vision_projection") for k in keys):
         cfg = cfg.replace(itc=True)
     try:

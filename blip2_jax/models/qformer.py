@@ -1,0 +1,264 @@
+"""The BLIP-2 Q-Former (BERT-style, post-LN) with cross-attention to image features.
+
+Matches Hugging Face `transformers` `Blip2QFormerModel` (+ the word/position tables of
+`Blip2TextEmbeddings`) in fp32, and the LAVIS `Qformer.py` modes HF lacks (UniLM-causal ITG, with or
+without the query key/value cache). Spec: shared/reference/blip2.md §1.4–1.5, §2, §9, §10.
+
+Modes of `QFormer.__call__` (Q queries, T text tokens):
+  a. queries only (`query_embeds`)                      → (B, Q, H)   ITC image side / stage 2
+  b. text only (`input_ids`, `attention_mask`)          → (B, T, H)   ITC text side
+  c. queries + text, bidirectional                      → (B, Q+T, H) ITM
+  d. queries + text, `causal=True` (UniLM)              → (B, Q+T, H) ITG in one call
+  e. text + `query_cache` from (a), `causal=True`       → (B, T, H)   ITG as LAVIS runs it
+Tests: tests/test_qformer.py — (a), (b), (c) against HF's Q-Former calls, (d) against HF fed the
+explicit 4-D UniLM mask, (e) against (d), the query cache against HF's per-layer key/value
+projections, dropout / remat behaviour and the HF weight round trip.
+
+Parameter tree (`cross_attention_frequency` = F, `num_layers` = L, G = L // F groups):
+  embeddings/{word, position}/embedding   only with `has_text_input`
+  embeddings/ln/{scale, bias}
+  layers/layer_{j}/...                    j = 0..F-1, every leaf stacked (G, ...); layer_{j} of group
+                                          g is HF layer g*F + j; only layer_0 has cross-attention:
+    self_attn/{query,key,value,out}/{kernel,bias}, self_ln
+    cross_attn/{query,key,value,out}, cross_ln                 (j == 0)
+    query_ffn/{fc1,fc2}, query_ffn_ln
+    text_ffn/{fc1,fc2}, text_ffn_ln                            (only with `has_text_input`)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blip2_jax.config import QFormerConfig
+from blip2_jax.nn import Attention, Embed, LayerNorm, Mlp, attention_mask as make_mask, dtype_of, \
+    scan_layers
+
+Array = jax.Array
+
+
+def _check_layout(cfg: QFormerConfig) -> int:
+    """Number of scanned groups (one cross-attention layer + F-1 plain layers each)."""
+    f = cfg.cross_attention_frequency
+    if f < 1:
+        raise ValueError(f"QFormerConfig.cross_attention_frequency must be >= 1, got {f}")
+    if cfg.num_layers % f != 0:
+        raise ValueError(
+            f"QFormerConfig.num_layers ({cfg.num_layers}) must be a multiple of "
+            f"cross_attention_frequency ({f}): layers are scanned in groups of one cross-attention "
+            "layer followed by F-1 layers without")
+    return cfg.num_layers // f
+
+
+class QFormerEmbeddings(nn.Module):
+    """LN(concat(queries, word[ids] + position[0..T-1])); text tables only with `has_text_input`."""
+    config: QFormerConfig
+
+    @nn.compact
+    def __call__(self, query_embeds: Optional[Array], input_ids: Optional[Array]) -> Array:
+        cfg = self.config
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        parts = []
+        if query_embeds is not None:
+            parts.append(query_embeds.astype(dt))
+        if cfg.has_text_input:
+            word = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, name="word")
+            position = Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dt,
+                             param_dtype=pdt, name="position")
+            if input_ids is not None:
+                t = input_ids.shape[1]
+                if t > cfg.max_position_embeddings:
+                    raise ValueError(f"text length {t} exceeds max_position_embeddings "
+                                     f"({cfg.max_position_embeddings})")
+                parts.append(word(input_ids) + position(jnp.arange(t))[None])
+            elif self.is_initializing():       # create the text tables on a queries-only init
+                word(jnp.zeros((1, 1), jnp.int32))
+                position(jnp.zeros((1,), jnp.int32))
+        elif input_ids is not None:
+            raise ValueError("this Q-Former has no text input (QFormerConfig.has_text_input=False)")
+        x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        return LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, name="ln")(x)
+
+
+class QFormerLayer(nn.Module):
+    """One BERT layer: self-attn → [queries: cross-attn] → query FFN / text FFN, all post-LN.
+
+    The first `query_len` positions of `h` are queries (cross-attention + query FFN), the rest text
+    (text FFN). `kv_prefix=(k, v)` (B, P, heads, head_dim): keys/values prepended to the
+    self-attention keys (the query cache in mode e). Returns (h, (k, v) of the query positions or
+    None).
+    """
+    config: QFormerConfig
+    has_cross: bool
+    query_len: int
+    deterministic: bool = True
+    return_kv: bool = False
+
+    @nn.compact
+    def __call__(self, h, mask, image_embeds, kv_prefix=None):
+        cfg = self.config
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        det = self.deterministic
+        init = self.is_initializing()
+        attn = functools.partial(Attention, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                                 out_features=cfg.hidden_size, dropout_rate=cfg.attention_dropout,
+                                 dtype=dt, param_dtype=pdt)
+        ln = functools.partial(LayerNorm, cfg.layer_norm_eps, dtype=dt, param_dtype=pdt)
+        mlp = functools.partial(Mlp, cfg.intermediate_size, cfg.hidden_size, act=cfg.activation,
+                                dtype=dt, param_dtype=pdt)
+        drop = lambda x: nn.Dropout(cfg.hidden_dropout)(x, deterministic=det)
+
+        def text_ffn(x):
+            if not cfg.has_text_input:
+                raise ValueError("text positions need the text FFN, which this Q-Former lacks "
+                                 "(QFormerConfig.has_text_input=False)")
+            return ln(name="text_ffn_ln")(x + drop(mlp(name="text_ffn")(x)))
+
+        def query_ffn(x):
+            return ln(name="query_ffn_ln")(x + drop(mlp(name="query_ffn")(x)))
+
+        def cross(x, context):
+            c, _ = attn(name="cross_attn")(x, context=context.astype(dt), deterministic=det)
+            return ln(name="cross_ln")(x + drop(c))
+
+        q_len = self.query_len
+        self_attn = attn(name="self_attn")
+        k, v = self_attn.project_kv(h)
+        query_kv = (k[:, :q_len], v[:, :q_len]) if self.return_kv else None
+        if kv_prefix is not None:
+            k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
+        a, _ = self_attn(h, kv=(k, v), mask=mask, deterministic=det)
+        h = ln(name="self_ln")(h + drop(a))
+
+        if q_len > 0:
+            x = h[:, :q_len]
+            if self.has_cross:
+                if image_embeds is None:
+                    raise ValueError("queries need image_embeds (layer with cross-attention)")
+                x = cross(x, image_embeds)
+            x = query_ffn(x)
+            if h.shape[1] > q_len:
+                x = jnp.concatenate([x, text_ffn(h[:, q_len:])], axis=1)
+            elif init and cfg.has_text_input:
+                text_ffn(h)                         # create the text-FFN params
+            return x, query_kv
+        if init:                                    # create the query-side params
+            if self.has_cross:
+                cross(h, jnp.zeros((h.shape[0], 1, cfg.encoder_hidden_size), dt)
+                      if image_embeds is None else image_embeds)
+            query_ffn(h)
+        return text_ffn(h), query_kv
+
+
+class QFormerGroup(nn.Module):
+    """`cross_attention_frequency` consecutive layers: the first with cross-attention (scan body)."""
+    config: QFormerConfig
+    query_len: int
+    deterministic: bool = True
+    return_kv: bool = False
+
+    @nn.compact
+    def __call__(self, h, mask, image_embeds, kv_prefix):
+        cfg = self.config
+        kvs = []
+        for j in range(cfg.cross_attention_frequency):
+            prefix = None if kv_prefix is None else (kv_prefix["k"][j], kv_prefix["v"][j])
+            h, kv = QFormerLayer(cfg, has_cross=(j == 0), query_len=self.query_len,
+                                 deterministic=self.deterministic, return_kv=self.return_kv,
+                                 name=f"layer_{j}")(h, mask, image_embeds, prefix)
+            kvs.append(kv)
+        out = None
+        if self.return_kv:
+            out = {"k": jnp.stack([kv[0] for kv in kvs]), "v": jnp.stack([kv[1] for kv in kvs])}
+        return h, out
+
+
+class QFormer(nn.Module):
+    """BLIP-2 Q-Former: embeddings (text tables + LN) and the scanned layers.
+
+    Not owned here: `query_tokens`, the ITC/ITM/LM heads (the composite model owns them).
+    """
+    config: QFormerConfig
+
+    def word_embedding(self) -> Array:
+        """(V, H) word-embedding table (for the tied ITG LM head); call after a text pass."""
+        if not self.config.has_text_input:
+            raise ValueError("this Q-Former has no word embeddings (has_text_input=False)")
+        return nn.unbox(self.variables["params"]["embeddings"]["word"]["embedding"])
+
+    @nn.compact
+    def __call__(self, query_embeds: Optional[Array] = None, input_ids: Optional[Array] = None,
+                 attention_mask: Optional[Array] = None, image_embeds: Optional[Array] = None, *,
+                 causal: bool = False, query_cache: Optional[dict] = None,
+                 return_query_cache: bool = False, deterministic: bool = True
+                 ) -> tuple[Array, Optional[dict]]:
+        """Hidden states, and (with `return_query_cache`) the queries' self-attention K/V.
+
+        query_embeds: (B, Q, H) query tokens (already broadcast to the batch).
+        input_ids: (B, T) text ids; attention_mask: (B, T) 1 = real token, 0 = padding (text
+          positions only; queries are always valid). image_embeds: (B, N, encoder_hidden_size).
+        causal: UniLM mask — queries see only queries, text t sees all queries and text <= t.
+        query_cache: {"k", "v"} each (L, B, Q, heads, head_dim), as returned by a queries-only
+          call with `return_query_cache=True`; the text then attends to [cached queries ; text]
+          (needs `causal=True`, no `query_embeds`, no cross-attention runs).
+        Returns (hidden, cache): hidden is (B, Q+T, H) (queries first; Q = 0 with a query_cache);
+        cache is {"k","v"} (L, B, Q, heads, head_dim) in layer order, or None.
+        """
+        cfg = self.config
+        groups = _check_layout(cfg)
+        freq = cfg.cross_attention_frequency
+        dt = dtype_of(cfg.dtype)
+        if query_embeds is None and input_ids is None:
+            raise ValueError("QFormer needs query_embeds and/or input_ids")
+        if attention_mask is not None and input_ids is None:
+            raise ValueError("attention_mask covers text positions only; it needs input_ids")
+        if query_cache is not None:
+            if query_embeds is not None or input_ids is None:
+                raise ValueError("query_cache is used with input_ids and without query_embeds")
+            if not causal:
+                raise ValueError("query_cache is only meaningful with causal=True (ITG): the "
+                                 "cached queries never saw the text")
+            if query_cache["k"].shape[0] != cfg.num_layers:
+                raise ValueError(f"query_cache has {query_cache['k'].shape[0]} layers, the "
+                                 f"Q-Former {cfg.num_layers}")
+        if return_query_cache and query_embeds is None:
+            raise ValueError("return_query_cache needs query_embeds")
+
+        q_len = 0 if query_embeds is None else query_embeds.shape[1]
+        prefix_len = q_len if query_cache is None else query_cache["k"].shape[2]
+        text_len = 0 if input_ids is None else input_ids.shape[1]
+        batch = (query_embeds if query_embeds is not None else input_ids).shape[0]
+
+        h = QFormerEmbeddings(cfg, name="embeddings")(query_embeds, input_ids)
+        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+
+        mask = None
+        if text_len:
+            key_mask = (jnp.ones((batch, text_len), bool) if attention_mask is None
+                        else jnp.asarray(attention_mask).astype(bool))
+            if prefix_len:
+                key_mask = jnp.concatenate([jnp.ones((batch, prefix_len), bool), key_mask], 1)
+            if causal:
+                mask = make_mask(key_mask, causal=True, query_len=q_len + text_len,
+                                 key_len=prefix_len + text_len,
+                                 query_offset=prefix_len - q_len, prefix=prefix_len)
+            else:
+                mask = make_mask(key_mask)
+
+        if image_embeds is not None:
+            image_embeds = image_embeds.astype(dt)
+        kv_prefix = None
+        if query_cache is not None:
+            kv_prefix = {n: query_cache[n].reshape(groups, freq, *query_cache[n].shape[1:])
+                         for n in ("k", "v")}
+        stack = scan_layers(QFormerGroup, groups, in_axes=(nn.broadcast, nn.broadcast, 0),
+                            remat=cfg.remat_policy, name="layers", config=cfg, query_len=q_len,
+                            deterministic=deterministic, return_kv=return_query_cache)
+        h, kv = stack(h, mask, image_embeds, kv_prefix)
+        if return_query_cache:
+            kv = {n: kv[n].reshape(cfg.num_layers, *kv[n].shape[2:]) for n in ("k", "v")}
+        return h, kv
