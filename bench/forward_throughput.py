@@ -1,7 +1,8 @@
 """Forward throughput of the full BLIP-2 model: blip2-jax (jitted) vs HF transformers (torch).
 
-Same weights (HF save_pretrained → blip2_jax.load), same inputs, same CPU, fp32. HF runs with its
-default attention (SDPA) under torch.inference_mode — its fastest stock setting.
+Same weights (HF save_pretrained → blip2_jax.load), same inputs, same CPU, fp32. HF runs under
+torch.inference_mode with its default attention (SDPA, its fastest stock setting) and with eager
+attention (the parity reference); the three are timed in alternating rounds.
 
     python bench/forward_throughput.py [--llm opt|t5] [--batch 8] [--iters 20]
 
@@ -18,15 +19,16 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]   # the package and tests/hf_ref.py
 
 
-def build_hf(llm: str, image_size: int, num_query_tokens: int):
+def build_hf(llm: str, image_size: int, num_query_tokens: int, width: int = 512, layers: int = 4,
+             heads: int = 8, vocab: int = 4096):
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, T5Config
     import hf_ref
 
-    width, layers, heads, vocab = 256, 4, 8, 2048
     vision = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
                   num_attention_heads=heads, image_size=image_size, patch_size=14)
     qformer = dict(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
@@ -48,15 +50,19 @@ def build_hf(llm: str, image_size: int, num_query_tokens: int):
     return model.eval()
 
 
-def timeit(fn, iters: int) -> float:
-    fn()  # warm-up / compile
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
+def timeit_interleaved(fns: dict, iters: int) -> dict:
+    """Median seconds per call of each fn, measured in alternating rounds (a noisy shared machine
+    then slows every contender alike)."""
+    for fn in fns.values():   # warm-up / compile
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main():
@@ -66,6 +72,9 @@ def main():
     ap.add_argument("--text-len", type=int, default=24)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--queries", type=int, default=32)
+    ap.add_argument("--width", type=int, default=512, help="hidden size of every tower")
+    ap.add_argument("--layers", type=int, default=4, help="layers of every tower")
+    ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
 
@@ -73,7 +82,8 @@ def main():
     import torch
     import blip2_jax
 
-    hf_model = build_hf(args.llm, args.image_size, args.queries)
+    hf_model = build_hf(args.llm, args.image_size, args.queries, args.width, args.layers,
+                        args.heads)
     with tempfile.TemporaryDirectory() as d:
         hf_model.save_pretrained(d)
         ours = blip2_jax.load(d)
@@ -91,7 +101,8 @@ def main():
     if args.llm == "t5":
         hf_inputs["decoder_input_ids"] = torch.from_numpy(dec)
 
-    def run_hf():
+    def run_hf(impl):
+        hf_model.set_attn_implementation(impl)
         with torch.inference_mode():
             return hf_model(**hf_inputs).logits
 
@@ -103,13 +114,16 @@ def main():
                else ours.logits(pix_j, ids_j, mask_j))
         return out.block_until_ready()
 
-    t_hf = timeit(run_hf, args.iters)
-    t_ours = timeit(run_ours, args.iters)
+    t = timeit_interleaved({"sdpa": lambda: run_hf("sdpa"), "eager": lambda: run_hf("eager"),
+                            "ours": run_ours}, args.iters)
     print(f"device: {jax.devices()[0].device_kind}; torch threads {torch.get_num_threads()}; "
-          f"model {args.llm}, batch {b}, image {args.image_size}px, {q} queries, text {t}")
-    print(f"HF transformers (torch, SDPA): {t_hf * 1e3:8.1f} ms/batch  {b / t_hf:8.1f} images/s")
-    print(f"blip2-jax (jax.jit):           {t_ours * 1e3:8.1f} ms/batch  {b / t_ours:8.1f} images/s")
-    print(f"ratio ours/HF throughput: {t_hf / t_ours:.2f}")
+          f"model {args.llm}, width {args.width}, {args.layers} layers/tower, {args.heads} heads, "
+          f"batch {b}, image {args.image_size}px, {q} queries, text {args.text_len}, fp32")
+    for name, label in (("sdpa", "HF transformers, SDPA attention"),
+                        ("eager", "HF transformers, eager attention"), ("ours", "blip2-jax, jax.jit")):
+        print(f"{label:34s} {t[name] * 1e3:8.1f} ms/batch  {b / t[name]:8.1f} images/s")
+    print(f"ratio ours/HF throughput: {t['sdpa'] / t['ours']:.2f} (vs SDPA), "
+          f"{t['eager'] / t['ours']:.2f} (vs eager)")
 
 
 if __name__ == "__main__":

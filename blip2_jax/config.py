@@ -23,7 +23,15 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class _Tower:
+    """What every tower has besides its architecture: dtypes and the remat policy."""
+    dtype: TowerDtype = "float32"
+    param_dtype: TowerDtype = "float32"
+    remat_policy: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(_Tower):
     """Image encoder. `variant="eva"`: HF `Blip2VisionModel` (EVA ViT-g); `"clip"`: LAVIS CLIP ViT-L."""
     variant: Literal["eva", "clip"] = "eva"
     hidden_size: int = 1408
@@ -35,9 +43,6 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6        # LayerNorms inside the blocks (and CLIP's ln_pre)
     post_layer_norm_eps: float = 1e-6   # the final LN (HF post_layernorm / LAVIS ln_vision)
     activation: str = "gelu"            # exact erf GELU (EVA); "quick_gelu" for CLIP
-    dtype: TowerDtype = "float32"
-    param_dtype: TowerDtype = "float32"
-    remat_policy: str = "none"
 
     @property
     def head_dim(self) -> int:
@@ -49,7 +54,7 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class QFormerConfig:
+class QFormerConfig(_Tower):
     """BERT-style Q-Former (LAVIS `Qformer.py`, HF `Blip2QFormerModel`)."""
     vocab_size: int = 30523
     hidden_size: int = 768
@@ -66,9 +71,6 @@ class QFormerConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     pad_token_id: int = 0
-    dtype: TowerDtype = "float32"
-    param_dtype: TowerDtype = "float32"
-    remat_policy: str = "none"
 
     @property
     def head_dim(self) -> int:
@@ -79,7 +81,7 @@ class QFormerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OPTConfig:
+class OPTConfig(_Tower):
     """OPT decoder (HF `OPTForCausalLM`)."""
     vocab_size: int = 50272
     hidden_size: int = 2560
@@ -97,9 +99,6 @@ class OPTConfig:
     pad_token_id: int = 1
     bos_token_id: int = 2
     eos_token_id: int = 2
-    dtype: TowerDtype = "float32"
-    param_dtype: TowerDtype = "float32"
-    remat_policy: str = "none"
 
     @property
     def head_dim(self) -> int:
@@ -107,7 +106,7 @@ class OPTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(_Tower):
     """T5 v1.1 / FlanT5 encoder-decoder (HF `T5ForConditionalGeneration`)."""
     vocab_size: int = 32128
     d_model: int = 2048
@@ -130,9 +129,6 @@ class T5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     bos_token_id: Optional[int] = None
-    dtype: TowerDtype = "float32"
-    param_dtype: TowerDtype = "float32"
-    remat_policy: str = "none"
 
     @property
     def hidden_size(self) -> int:
@@ -301,6 +297,22 @@ def _t5_activation(d: dict) -> tuple[str, bool]:
     return d.get("dense_act_fn", act), gated
 
 
+def llm_from_hf(td: dict) -> LLMConfig:
+    """OPTConfig / T5Config from an HF OPT or T5 config dict (`text_config` or a bare LM)."""
+    kind = td.get("model_type", "opt")
+    if kind == "opt":
+        return OPTConfig(**_from_hf(td, _HF_OPT, _HF_OPT_DEFAULTS))
+    if kind == "t5":
+        fields = _from_hf(td, _HF_T5, _HF_T5_DEFAULTS)
+        if fields.get("num_decoder_layers") is None:
+            fields["num_decoder_layers"] = fields["num_layers"]
+        act, gated = _t5_activation(td)
+        if fields.get("scale_decoder_outputs") is None:
+            fields["scale_decoder_outputs"] = fields["tie_word_embeddings"]
+        return T5Config(**fields, activation=act, gated=gated)
+    raise ConfigError(f"text_config.model_type {kind!r} is not supported (opt or t5)")
+
+
 def from_hf_dict(d: dict) -> Blip2Config:
     """Our config from an HF `Blip2Config` dict (the contents of `config.json`)."""
     if d.get("model_type") not in (None, "blip-2"):
@@ -313,23 +325,9 @@ def from_hf_dict(d: dict) -> Blip2Config:
     qf["encoder_hidden_size"] = vision.hidden_size   # Blip2Config overwrites it the same way
     qformer = QFormerConfig(**qf)
     arch = tuple(d.get("architectures") or ())
-    llm = None
     td = d.get("text_config")
     retrieval = any("Retrieval" in a or "WithProjection" in a for a in arch)
-    if td is not None and not retrieval:
-        kind = td.get("model_type", "opt")
-        if kind == "opt":
-            llm = OPTConfig(**_from_hf(td, _HF_OPT, _HF_OPT_DEFAULTS))
-        elif kind == "t5":
-            fields = _from_hf(td, _HF_T5, _HF_T5_DEFAULTS)
-            if fields.get("num_decoder_layers") is None:
-                fields["num_decoder_layers"] = fields["num_layers"]
-            act, gated = _t5_activation(td)
-            if fields.get("scale_decoder_outputs") is None:
-                fields["scale_decoder_outputs"] = fields["tie_word_embeddings"]
-            llm = T5Config(**fields, activation=act, gated=gated)
-        else:
-            raise ConfigError(f"text_config.model_type {kind!r} is not supported (opt or t5)")
+    llm = llm_from_hf(td) if td is not None and not retrieval else None
     return Blip2Config(
         vision=vision, qformer=qformer, llm=llm,
         num_query_tokens=d.get("num_query_tokens", 32),

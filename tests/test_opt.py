@@ -18,7 +18,7 @@ from transformers import OPTForCausalLM
 
 import hf_ref
 from blip2_jax import nn as bnn
-from blip2_jax.config import TINY_OPT, OPTConfig
+from blip2_jax.config import TINY_OPT, OPTConfig, llm_from_hf
 from blip2_jax.convert import hf_opt, mapping
 from blip2_jax.models.opt import OPT, init_cache
 
@@ -35,18 +35,6 @@ CONFIGS = {
 }
 
 
-def ours_config(h, **kw) -> OPTConfig:
-    return OPTConfig(vocab_size=h.vocab_size, hidden_size=h.hidden_size,
-                     num_layers=h.num_hidden_layers, num_heads=h.num_attention_heads,
-                     ffn_dim=h.ffn_dim, max_position_embeddings=h.max_position_embeddings,
-                     word_embed_proj_dim=h.word_embed_proj_dim,
-                     do_layer_norm_before=h.do_layer_norm_before,
-                     activation=h.activation_function, enable_bias=h.enable_bias,
-                     layer_norm_elementwise_affine=h.layer_norm_elementwise_affine,
-                     tie_word_embeddings=h.tie_word_embeddings, pad_token_id=h.pad_token_id,
-                     bos_token_id=h.bos_token_id, eos_token_id=h.eos_token_id, **kw)
-
-
 @functools.lru_cache(maxsize=None)
 def models(name: str):
     """(HF model, our config, our params loaded from the HF state dict)."""
@@ -54,7 +42,7 @@ def models(name: str):
     hcfg._attn_implementation = "eager"
     torch.manual_seed(0)
     hf = hf_ref.randomize(OPTForCausalLM(hcfg), seed=len(name))
-    cfg = ours_config(hcfg)
+    cfg = llm_from_hf(hcfg.to_dict())
     sd = hf_ref.state_dict_numpy(hf)
     ignore = [re.escape(k) for k in hf_opt.tied_keys(cfg, theirs="")]
     params = mapping.load(hf_opt.rules(cfg, ours="", theirs=""), sd.keys(), sd.__getitem__,

@@ -17,7 +17,7 @@ from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
 import hf_ref
-from blip2_jax.config import TINY_T5, T5Config
+from blip2_jax.config import TINY_T5, T5Config, llm_from_hf
 from blip2_jax.convert import hf_t5 as conv
 from blip2_jax.convert import mapping
 from blip2_jax.models.t5 import T5, relative_position_bucket
@@ -47,17 +47,11 @@ def hf_t5(seed: int = 0, **kw) -> T5ForConditionalGeneration:
     return hf_ref.randomize(model, seed)
 
 
-def ours_config(hf_cfg, **kw) -> T5Config:
-    return T5Config(vocab_size=hf_cfg.vocab_size, d_model=hf_cfg.d_model, d_kv=hf_cfg.d_kv,
-                    d_ff=hf_cfg.d_ff, num_layers=hf_cfg.num_layers,
-                    num_decoder_layers=hf_cfg.num_decoder_layers, num_heads=hf_cfg.num_heads,
-                    relative_attention_num_buckets=hf_cfg.relative_attention_num_buckets,
-                    relative_attention_max_distance=hf_cfg.relative_attention_max_distance,
-                    layer_norm_eps=hf_cfg.layer_norm_epsilon, activation=hf_cfg.dense_act_fn,
-                    gated=hf_cfg.is_gated_act,
-                    tie_word_embeddings=bool(hf_cfg.scale_decoder_outputs),
-                    decoder_start_token_id=hf_cfg.decoder_start_token_id,
-                    pad_token_id=hf_cfg.pad_token_id, eos_token_id=hf_cfg.eos_token_id, **kw)
+def ours_config(hf_cfg) -> T5Config:
+    """Our config via the library's reader; HF 5 ties every T5 in memory unless a checkpoint
+    brings its own head, which `hf_t5` gives exactly the models with unscaled outputs."""
+    cfg = llm_from_hf(hf_cfg.to_dict())
+    return dataclasses.replace(cfg, tie_word_embeddings=bool(hf_cfg.scale_decoder_outputs))
 
 
 def load_params(cfg: T5Config, model) -> dict:

@@ -61,24 +61,20 @@ def norm(ours_prefix: str, theirs_prefix: str, layers=None, bias: bool = True,
     return rules
 
 
+# kind -> (source -> ours, ours -> source)
+_KINDS = {
+    "same": (lambda a: a, lambda a: a),
+    "linear": (lambda a: a.T, lambda a: a.T),
+    "conv": (lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
+}
+
+
 def _to_ours(kind: str, a: np.ndarray) -> np.ndarray:
-    if kind == "same":
-        return a
-    if kind == "linear":
-        return a.T
-    if kind == "conv":
-        return a.transpose(2, 3, 1, 0)
-    raise ValueError(f"unknown rule kind {kind!r}")
+    return _KINDS[kind][0](a)
 
 
 def _to_theirs(kind: str, a: np.ndarray) -> np.ndarray:
-    if kind == "same":
-        return a
-    if kind == "linear":
-        return a.T
-    if kind == "conv":
-        return a.transpose(3, 2, 0, 1)
-    raise ValueError(f"unknown rule kind {kind!r}")
+    return _KINDS[kind][1](a)
 
 
 def _set(tree: dict, path: str, value):

@@ -61,7 +61,7 @@ class Blip2Module(nn.Module):
             self.lm_head = QFormerLMHead(q)
         if cfg.llm is not None:
             llm = cfg.llm
-            self.llm_proj = bnn.Dense(llm.hidden_size, ("embed", "embed"), dtype=qdt,
+            self.llm_proj = bnn.Dense(llm.hidden_size, (None, "embed"), dtype=qdt,
                                       param_dtype=qpdt)
             self.llm = OPT(llm) if isinstance(llm, OPTConfig) else T5(llm)
 
@@ -138,8 +138,8 @@ class Blip2Module(nn.Module):
             return self.itg_logits(cache, input_ids, attention_mask)
         embeds, mask = self.llm_inputs(pixel_values, input_ids, attention_mask)
         if isinstance(cfg.llm, OPTConfig):
-            logits, _ = self.llm(embeds, mask)
-            return logits[:, cfg.num_query_tokens:]
+            logits, _ = self.llm(embeds, mask, logits_from=cfg.num_query_tokens)
+            return logits
         if decoder_input_ids is None:
             decoder_input_ids = jnp.full((input_ids.shape[0], 1), cfg.llm.decoder_start_token_id,
                                          jnp.int32)

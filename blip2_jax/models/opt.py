@@ -117,11 +117,14 @@ class OPT(nn.Module):
         return self.embed_tokens(input_ids)
 
     def __call__(self, inputs_embeds, attention_mask=None, *, cache: Optional[dict] = None,
-                 cache_index: Any = 0):
-        """Logits (B, T, vocab) in the compute dtype and the updated cache (None without one).
+                 cache_index: Any = 0, logits_from: int = 0):
+        """Logits (B, T - logits_from, vocab) in the compute dtype and the updated cache (None
+        without one).
 
         attention_mask: (B, S) 1/0 over all key positions; S == T without a cache, S == the
         cache length with one (entries for positions not yet written are ignored).
+        logits_from (static): the head runs only on positions >= it (BLIP-2 needs no logits at
+        its query positions; decoding needs only the last one) — the vocab matmul is the largest.
         """
         c = self.config
         dtype = bnn.dtype_of(c.dtype)
@@ -148,6 +151,7 @@ class OPT(nn.Module):
                                   query_offset=cache_index)
         h, new_cache = self.layers(h, mask, cache, cache_index)
 
+        h = h[:, logits_from:]
         if c.do_layer_norm_before:
             h = self.final_ln(h)
         if self._has_proj:
