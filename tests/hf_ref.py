@@ -111,3 +111,20 @@ def rel_err(ours, ref) -> float:
     ours = np.asarray(ours, np.float64)
     ref = np.asarray(ref, np.float64)
     return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def unilm_additive_mask(nq: int, text_mask: np.ndarray) -> torch.Tensor:
+    """(B, 1, Q+T, Q+T) additive mask: queries see queries; text t sees queries + valid text <= t.
+
+    HF's Q-Former has no causal mode but passes a 4-D additive mask through, so this reproduces
+    LAVIS's ITG attention pattern on the HF reference.
+    """
+    b, t = text_mask.shape
+    s = nq + t
+    qp, kp = np.arange(s)[:, None], np.arange(s)[None, :]
+    allowed = (kp <= qp) | (kp < nq)
+    allowed &= ~((qp < nq) & (kp >= nq))
+    key = np.concatenate([np.ones((b, nq), bool), text_mask.astype(bool)], 1)
+    allowed = allowed[None] & key[:, None, :]
+    add = np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)
+    return torch.from_numpy(add[:, None])

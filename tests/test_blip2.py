@@ -178,6 +178,23 @@ def test_save_load_save_bit_exact(generation_pair, tmp_path, fmt):
     assert files == sorted(os.listdir(tmp_path / "b"))
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    if fmt == "hf":   # transformers reads our sharded layout too
+        _, info = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "a",
+                                                                output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_bfloat16_load(generation_pair, tmp_path):
+    name, hf_model, model = generation_pair
+    path = tmp_path / "bf16"
+    hf_model.save_pretrained(path)
+    pix = pixels(2, seed=17)
+    ids, mask = text_batch(2, 5, seed=18, pad_id=1 if "opt" in name else 0)
+    bf16 = blip2_jax.load(path, dtype="bfloat16")
+    assert {str(x.dtype) for x in __import__("jax").tree.leaves(bf16.params)} == {"bfloat16"}
+    out = np.asarray(bf16.logits(pix, ids, mask), np.float32)
+    ref = np.asarray(model.logits(pix, ids, mask))
+    assert rel_err(out, ref) < 5e-2
 
 
 def test_native_keeps_dtype_and_stage1_heads(tmp_path):
@@ -248,3 +265,76 @@ def test_legacy_q_v_bias_checkpoint(tmp_path):
     a = blip2_jax.load(tmp_path / "zero_k").vision_embeds(pix)
     b = blip2_jax.load(tmp_path / "legacy").vision_embeds(pix)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# -- stage 1: the ITG surface (HF has no LM head; reference = HF Q-Former with LAVIS's UniLM mask
+#    + the BERT LM head formula of LAVIS Qformer.cls, in torch) ---------------------------------------
+def test_stage1_itg_logits_vs_lavis_formula(retrieval_pair):
+    hf_model, retrieval = retrieval_pair
+    cfg = retrieval.config.replace(itg=True)
+    rng = np.random.default_rng(12)
+    h = cfg.qformer.hidden_size
+    params = dict(retrieval.params, lm_head={
+        "transform": {"kernel": rng.normal(0, 0.2, (h, h)).astype(np.float32),
+                      "bias": rng.normal(0, 0.2, h).astype(np.float32)},
+        "ln": {"scale": (1 + rng.normal(0, 0.1, h)).astype(np.float32),
+               "bias": rng.normal(0, 0.1, h).astype(np.float32)},
+        "bias": rng.normal(0, 0.2, cfg.qformer.vocab_size).astype(np.float32)})
+    model = blip2_jax.Blip2(cfg, params)
+    nq = cfg.num_query_tokens
+    pix = pixels(3, seed=13)
+    ids, mask = text_batch(3, 7, seed=14)
+    with torch.no_grad():
+        image = hf_model.vision_model(pixel_values=nchw(pix)).last_hidden_state
+        queries = hf_model.query_tokens.expand(3, -1, -1)
+        emb = hf_model.embeddings(input_ids=torch.from_numpy(ids), query_embeds=queries)
+        hidden = hf_model.qformer(query_embeds=emb, query_length=nq,
+                                  attention_mask=hf_ref.unilm_additive_mask(nq, mask),
+                                  encoder_hidden_states=image).last_hidden_state[:, nq:]
+        head = params["lm_head"]
+        t = torch.from_numpy
+        x = torch.nn.functional.gelu(hidden @ t(head["transform"]["kernel"])
+                                     + t(head["transform"]["bias"]))
+        x = torch.nn.functional.layer_norm(x, (h,), t(head["ln"]["scale"]), t(head["ln"]["bias"]),
+                                           eps=cfg.qformer.layer_norm_eps)
+        ref = (x @ hf_model.embeddings.word_embeddings.weight.T + t(head["bias"])).numpy()
+    ours = np.asarray(model.logits(pix, ids, mask))
+    assert ours.shape == (3, 7, cfg.qformer.vocab_size)
+    valid = mask.astype(bool)
+    assert rel_err(ours[valid], ref[valid]) <= TOL
+
+
+def test_blip2model_checkpoint_loads(tmp_path):
+    from transformers import Blip2Model
+    hf_gen = hf_ref.blip2_generation("opt", seed=6)
+    Blip2Model(hf_gen.config).save_pretrained(tmp_path / "m")   # same weight names, no head
+    hf_gen.save_pretrained(tmp_path / "g")
+    from safetensors.numpy import load_file, save_file
+    # give the Blip2Model directory the generation model's weights, so outputs are comparable
+    save_file(load_file(tmp_path / "g" / "model.safetensors"),
+              str(tmp_path / "m" / "model.safetensors"))
+    model = blip2_jax.load(tmp_path / "m")
+    pix = pixels(2, seed=15)
+    ids, mask = text_batch(2, 5, seed=16, pad_id=1)
+    np.testing.assert_array_equal(np.asarray(model.logits(pix, ids, mask)),
+                                  np.asarray(blip2_jax.load(tmp_path / "g").logits(pix, ids, mask)))
+
+
+@pytest.mark.parametrize("preset", ["tiny-clip-stage1", "tiny-stage1", "tiny-opt", "tiny-t5"])
+def test_random_presets_run_every_surface(preset, tmp_path):
+    model = blip2_jax.Blip2.random(preset, seed=1)
+    cfg = model.config
+    pix = pixels(2, size=cfg.vision.image_size)
+    ids, mask = text_batch(2, 5)
+    n = (cfg.vision.image_size // cfg.vision.patch_size) ** 2 + 1
+    assert model.vision_embeds(pix).shape == (2, n, cfg.vision.hidden_size)
+    assert model.query_embeds(pix).shape == (2, cfg.num_query_tokens, cfg.qformer.hidden_size)
+    if cfg.itc:
+        assert model.itc(pix, ids, mask).shape == (2, 2)
+        assert model.itm(pix, ids, mask).shape == (2, 2)
+    vocab = cfg.llm.vocab_size if cfg.llm is not None else cfg.qformer.vocab_size
+    assert model.logits(pix, ids, mask).shape[-1] == vocab
+    model.save(tmp_path / "n", format="native")
+    again = blip2_jax.load(tmp_path / "n", dtype=None)
+    np.testing.assert_array_equal(np.asarray(again.query_embeds(pix)),
+                                  np.asarray(model.query_embeds(pix)))

@@ -181,25 +181,12 @@ def test_bidirectional_vs_hf(case):
     check(ours, ref.numpy(), what="(c) bidirectional")
 
 
-def unilm_additive_mask(nq, text_mask):
-    """(B, 1, Q+T, Q+T) additive mask: queries see queries; text t sees queries + valid text <= t."""
-    b, t = text_mask.shape
-    s = nq + t
-    qp, kp = np.arange(s)[:, None], np.arange(s)[None, :]
-    allowed = (kp <= qp) | (kp < nq)
-    allowed &= ~((qp < nq) & (kp >= nq))
-    key = np.concatenate([np.ones((b, nq), bool), text_mask.astype(bool)], 1)
-    allowed = allowed[None] & key[:, None, :]
-    add = np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)
-    return torch.from_numpy(add[:, None])
-
-
 def hf_causal(case):
     ids = torch.from_numpy(case.ids)
     with torch.no_grad():
         emb = case.hf.embeddings(input_ids=ids, query_embeds=case.t_query)
         return case.hf.qformer(query_embeds=emb, query_length=case.nq,
-                               attention_mask=unilm_additive_mask(case.nq, case.mask),
+                               attention_mask=hf_ref.unilm_additive_mask(case.nq, case.mask),
                                encoder_hidden_states=case.t_image,
                                encoder_attention_mask=case.t_image_mask()).last_hidden_state
 
