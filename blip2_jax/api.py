@@ -61,13 +61,8 @@ def check_params(cfg: Blip2Config, params, source: str = "params") -> None:
     unexpected = sorted(set(have) - set(want))
     wrong = sorted(f"{k}: expected {want[k]}, found {have[k]}"
                    for k in set(want) & set(have) if tuple(want[k]) != have[k])
-    if missing or unexpected or wrong:
-        lines = [f"{source} does not fit the model config:"]
-        for title, names in (("missing", missing), ("unexpected", unexpected),
-                             ("wrong shape", wrong)):
-            if names:
-                lines.append(f"  {title} ({len(names)}): {mapping._clip(names)}")
-        raise mapping.MappingError("\n".join(lines))
+    mapping.check_names(f"{source} does not fit the model config:",
+                        [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)])
 
 
 def cast_params(cfg: Blip2Config, params):

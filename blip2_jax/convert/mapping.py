@@ -116,13 +116,8 @@ def load(rules: Sequence[Rule], keys: Iterable[str], get: Callable[[str], np.nda
     missing = sorted(set(needed) - available)
     unexpected = sorted(k for k in available - set(needed)
                         if not any(re.fullmatch(p, k) for p in ignore))
-    if missing or unexpected:
-        msg = [f"{source} does not match the model's parameters:"]
-        if missing:
-            msg.append(f"  missing keys ({len(missing)}): {_clip(missing)}")
-        if unexpected:
-            msg.append(f"  unexpected keys ({len(unexpected)}): {_clip(unexpected)}")
-        raise MappingError("\n".join(msg))
+    check_names(f"{source} does not match the model's parameters:",
+                [("missing keys", missing), ("unexpected keys", unexpected)])
     flat = {}
     for r in rules:
         arrays = [_to_ours(r.kind, np.asarray(get(k))) for k in r.source_keys()]
@@ -136,13 +131,9 @@ def save(rules: Sequence[Rule], params: Mapping) -> dict[str, np.ndarray]:
     covered = {r.ours for r in rules}
     uncovered = sorted(set(flat) - covered)
     absent = sorted(covered - set(flat))
-    if uncovered or absent:
-        msg = ["parameter tree does not match the conversion table:"]
-        if uncovered:
-            msg.append(f"  parameters with no target key ({len(uncovered)}): {_clip(uncovered)}")
-        if absent:
-            msg.append(f"  table entries with no parameter ({len(absent)}): {_clip(absent)}")
-        raise MappingError("\n".join(msg))
+    check_names("parameter tree does not match the conversion table:",
+                [("parameters with no target key", uncovered),
+                 ("table entries with no parameter", absent)])
     out = {}
     for r in rules:
         a = flat[r.ours]
@@ -154,6 +145,13 @@ def save(rules: Sequence[Rule], params: Mapping) -> dict[str, np.ndarray]:
             for j, i in enumerate(r.layers):
                 out[r.theirs.format(i=i)] = np.ascontiguousarray(_to_theirs(r.kind, a[j]))
     return out
+
+
+def check_names(title: str, problems: Sequence[tuple[str, list[str]]]) -> None:
+    """Raise one MappingError listing every non-empty (label, names) group under `title`."""
+    lines = [f"  {label} ({len(names)}): {_clip(names)}" for label, names in problems if names]
+    if lines:
+        raise MappingError("\n".join([title] + lines))
 
 
 def _clip(names: list[str], n: int = 40) -> str:
