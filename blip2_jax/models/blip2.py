@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from blip2_jax import nn as bnn
 from blip2_jax.config import Blip2Config, OPTConfig
+from blip2_jax.models import opt as opt_lib
 from blip2_jax.models.opt import OPT
 from blip2_jax.models.qformer import QFormer
 from blip2_jax.models.t5 import T5
@@ -148,6 +149,72 @@ class Blip2Module(nn.Module):
                                     decoder_attention_mask=decoder_attention_mask)
         return logits
 
+    # -- decoding (prefill + one-token step; the loops live in blip2_jax/generate.py) ------------
+    def decode_prefill(self, pixel_values, input_ids, attention_mask, max_new_tokens: int):
+        """Vision → Q-Former → projection → LLM over [queries; prompt], filling the LLM cache.
+
+        Returns (logits (B, V) after the last prompt position, cache, consts):
+          OPT: the prompt must be LEFT-padded (its last position is a real token); cache
+            {"k","v"} (L, B, Q + T + max_new_tokens, H, D); consts {"mask": (B, Q+T+max_new)}
+            (ones over queries and new tokens), positions come from the mask as in HF;
+          T5: the encoder runs once; cache = the decoder self-attention cache {"k","v"}
+            (L, B, 1 + max_new_tokens, H, D) after the decoder start token; consts {"cross":
+            {"k","v"} (L, B, Q + T, H, D), "enc_mask": (B, Q + T)}.
+        Every cache leaf has the batch on axis 1 (beam search reorders it there); consts are not
+        reordered (they are equal across the beams of a row). See `expand_decode_consts`.
+        """
+        cfg = self.config
+        embeds, mask = self.llm_inputs(pixel_values, input_ids, attention_mask)
+        b, p = mask.shape
+        if isinstance(cfg.llm, OPTConfig):
+            full = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), mask.dtype)], 1)
+            cache = opt_lib.init_cache(cfg.llm, b, p + max_new_tokens)
+            logits, cache = self.llm(embeds, full, cache=cache, cache_index=0, logits_from=p - 1)
+            return logits[:, -1], cache, {"mask": full}
+        enc = self.llm.encode(embeds, mask)
+        cache = self.llm.init_cache(enc, 1 + max_new_tokens)
+        start = jnp.full((b, 1), cfg.llm.decoder_start_token_id, jnp.int32)
+        logits, cache = self.llm.decode(start, None, mask, cache=cache, cache_index=0)
+        return logits[:, -1], cache["self"], {"cross": cache["cross"], "enc_mask": mask}
+
+    def decode_step(self, tokens, cache, consts, position):
+        """Logits (N, V) after `tokens` (N,) at absolute decoder position `position` (see
+        `decode_offset`), and the updated cache."""
+        if isinstance(self.config.llm, OPTConfig):
+            logits, cache = self.llm(self.llm.embed(tokens[:, None]), consts["mask"], cache=cache,
+                                     cache_index=position)
+            return logits[:, -1], cache
+        full = {"self": cache, "cross": consts["cross"]}
+        logits, full = self.llm.decode(tokens[:, None], None, consts["enc_mask"], cache=full,
+                                       cache_index=position)
+        return logits[:, -1], full["self"]
+
+    def decode_offset(self, prompt_len: int) -> int:
+        """Absolute decoder position of new token 0: Q + T for OPT (after queries and prompt),
+        1 for T5 (after the decoder start token)."""
+        if isinstance(self.config.llm, OPTConfig):
+            return self.config.num_query_tokens + prompt_len
+        return 1
+
+    def decode_seen_tokens(self, input_ids, attention_mask):
+        """(B, V) bool: the tokens HF's RepetitionPenaltyLogitsProcessor counts before the first
+        new token. OPT (decoder-only): HF's `input_ids` = [image_token_index x Q; prompt] with the
+        left padding skipped (`prompt_ignore_length`), i.e. the image token id (when the config
+        has one) and every unmasked prompt token. T5: the decoder ids, i.e. the decoder start
+        token only (the encoder prompt is not counted)."""
+        cfg = self.config
+        v = cfg.llm.vocab_size
+        b = input_ids.shape[0]
+        seen = jnp.zeros((b, v), bool)
+        if not isinstance(cfg.llm, OPTConfig):
+            return seen.at[:, cfg.llm.decoder_start_token_id].set(True)
+        if cfg.image_token_index is not None and cfg.num_query_tokens > 0 and \
+                0 <= cfg.image_token_index < v:
+            seen = seen.at[:, cfg.image_token_index].set(True)
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], input_ids.shape)
+        ids = jnp.where(attention_mask > 0, input_ids, v)    # masked → out of range → dropped
+        return seen.at[rows, ids].set(True, mode="drop")
+
     def __call__(self, pixel_values, input_ids, attention_mask, decoder_input_ids=None):
         """Touches every part that exists (used by `init`)."""
         cfg = self.config
@@ -179,3 +246,14 @@ class QFormerLMHead(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                           (word_embedding.shape[0],), pdt)
         return h @ word_embedding.astype(dt).T + bias.astype(dt)
+
+
+def expand_decode_consts(consts: dict, n: int) -> dict:
+    """`Blip2Module.decode_prefill` consts with every row repeated n times (beam search)."""
+    if n == 1:
+        return consts
+    out = {}
+    for k, x in consts.items():
+        axis = 1 if k == "cross" else 0      # cross K/V: (L, B, S, H, D); masks: (B, S)
+        out[k] = jax.tree.map(lambda a, ax=axis: jnp.repeat(a, n, axis=ax), x)
+    return out
