@@ -43,7 +43,7 @@ def build_hf(llm: str, image_size: int, num_query_tokens: int, width: int = 512,
         text = T5Config(vocab_size=vocab, d_model=width, d_kv=width // heads, d_ff=4 * width,
                         num_layers=layers, num_decoder_layers=layers, num_heads=heads,
                         feed_forward_proj="gated-gelu", dense_act_fn="gelu",
-                        tie_word_embeddings=False, decoder_start_token_id=0)
+                        tie_word_embeddings=False, decoder_start_token_id=0, bos_token_id=1)
     cfg = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text.to_dict(),
                       num_query_tokens=num_query_tokens, image_token_index=vocab - 1)
     model = hf_ref.randomize(Blip2ForConditionalGeneration(cfg), std=0.02)
