@@ -9,6 +9,11 @@
     model.generate(pixel_values, ids=None, mask=None, max_new_tokens=30, num_beams=1, ...)
                                               # (B, max_new_tokens) new token ids, pad after EOS
     model.save(path, format="hf" | "native")
+    model.caption(images, prompt="")          # ["a dog on a couch", ...]   (LLM models)
+    model.answer(images, "what is it?")       # zero-shot VQA, LAVIS defaults
+    model.match(images, texts)                # (B,) ITM match probability  (stage-1 models)
+    model.similarity(images, texts)           # (B_img, B_txt) ITC cosine
+    model.features(images, texts, mode=...)   # LAVIS extract_features arrays
 
 `pixel_values` are float (B, H, W, 3), normalised; `input_ids` hold text tokens only.
 """
@@ -82,11 +87,15 @@ def cast_params(cfg: Blip2Config, params):
 class Blip2:
     """A BLIP-2 model: `config`, `params` (plain pytree) and jitted surfaces."""
 
-    def __init__(self, config: Blip2Config, params, *, check: bool = True):
+    def __init__(self, config: Blip2Config, params, *, check: bool = True, tokenizer=None,
+                 qformer_tokenizer=None, checkpoint_dir: Optional[str | os.PathLike] = None):
         if check:
             check_params(config, params)
         self.config = config
         self.params = params
+        # Text side (see "inference" below): explicit tokenizers, or loaded lazily from here.
+        self._tokenizer, self._qformer_tokenizer = tokenizer, qformer_tokenizer
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.module = Blip2Module(config)
         self._jitted: dict[Any, Callable] = {}
         self._generate_traces = 0   # how many times a generate program was traced (= compiled)
@@ -308,7 +317,238 @@ class Blip2:
         (`rules` default `DEFAULT_RULES`; `overrides=` per-tower rules). Its surfaces take numpy
         inputs and shard their batch over the data axes (replicated when it does not divide)."""
         from blip2_jax import sharding
-        return sharding.ShardedBlip2(self, mesh, rules, **kw)
+        out = sharding.ShardedBlip2(self, mesh, rules, **kw)
+        out._copy_text_side(self)
+        return out
+
+    # -- inference: images and strings in, strings and numpy arrays out ------------------------
+    # Text conventions (LAVIS `blip2_opt.py` / `blip2_t5.py` / `blip2_qformer.py`, HF BLIP-2):
+    #   LLM prompts: OPT `[BOS] prompt` (left padded), T5 `prompt </s>` (right padded); generated
+    #   tokens are cut at EOS and decoded with skip_special_tokens, then stripped.
+    #   Q-Former texts: `[CLS] text [SEP]`, cleaned by LAVIS's eval text processor (`pre_caption`)
+    #   unless clean_text=False; ITM truncates at 32 tokens, ITC pads/truncates to 35 (retrieval
+    #   evaluation), features pad to the longest text (LAVIS `extract_features`).
+    CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=1)
+    VQA_DEFAULTS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+    VQA_TEMPLATE = "Question: {} Short answer:"
+    ITM_MAX_LENGTH = 32   # LAVIS Blip2ITM max_txt_len (truncation, padding to the longest)
+    ITC_MAX_LENGTH = 35   # LAVIS retrieval evaluation (padding="max_length", truncation)
+
+    @property
+    def tokenizer(self):
+        """The LLM's tokenizer (OPT GPT-2 BPE / T5 SentencePiece), loaded on first use from
+        `checkpoint_dir` with `processing.load_tokenizer(dir, "opt" | "t5")`, or as given."""
+        if self._tokenizer is None:
+            self._need(self.config.llm is not None, "tokenizer", "language model")
+            self._tokenizer = self._load_tokenizer(self.config.llm_kind, "tokenizer")
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value):
+        self._tokenizer = value
+
+    @property
+    def qformer_tokenizer(self):
+        """The Q-Former's BERT tokenizer (`[DEC]` added), loaded on first use from
+        `checkpoint_dir` (or its qformer_tokenizer/) with `processing.load_tokenizer(dir,
+        "qformer")`, or as given."""
+        if self._qformer_tokenizer is None:
+            self._need(self.config.qformer.has_text_input, "qformer_tokenizer",
+                       "Q-Former text input (word embeddings)")
+            self._qformer_tokenizer = self._load_tokenizer("qformer", "qformer_tokenizer")
+        return self._qformer_tokenizer
+
+    @qformer_tokenizer.setter
+    def qformer_tokenizer(self, value):
+        self._qformer_tokenizer = value
+
+    def _load_tokenizer(self, kind: str, attr: str):
+        from blip2_jax import processing
+        if self.checkpoint_dir is None:
+            raise ValueError(f"this model has no {attr} and no checkpoint directory to load one "
+                             f"from; pass Blip2(..., {attr}=...) or set model.{attr}")
+        return processing.load_tokenizer(self.checkpoint_dir, kind)
+
+    def _copy_text_side(self, other: "Blip2") -> None:
+        self._tokenizer = other._tokenizer
+        self._qformer_tokenizer = other._qformer_tokenizer
+        self.checkpoint_dir = other.checkpoint_dir
+
+    def _images(self, images):
+        """Pixel values (B, H, W, 3) from images (list of PIL images / uint8 arrays / paths, one
+        such image, or a 4-D uint8 batch) via `processing.preprocess_images` at the config's
+        image size, or from already preprocessed float pixel values (B, H, W, 3)."""
+        from blip2_jax import processing
+        dtype = getattr(images, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+            return self._pixels(images)
+        return self._pixels(processing.preprocess_images(images, self.config.vision.image_size))
+
+    @staticmethod
+    def _strings(texts, what: str) -> list[str]:
+        if isinstance(texts, str):
+            return [texts]
+        texts = list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"{what} must be a string or a non-empty list of strings")
+        return texts
+
+    @staticmethod
+    def _pair_up(pix, texts: list[str], what: str):
+        """One text per image: a single text or a single image is broadcast to the other."""
+        b, n = pix.shape[0], len(texts)
+        if n == b:
+            return pix, texts
+        if n == 1:
+            return pix, texts * b
+        if b == 1:
+            return jnp.repeat(pix, n, axis=0), texts
+        raise ValueError(f"{n} {what} for {b} images: give one per image, or one for all")
+
+    def _clean(self, texts: list[str], clean_text: bool) -> list[str]:
+        from blip2_jax import processing
+        return [processing.pre_caption(t) for t in texts] if clean_text else texts
+
+    def _qformer_ids(self, texts: list[str], **kw):
+        from blip2_jax import processing
+        return processing.tokenize_prompts(self.qformer_tokenizer, texts, kind="qformer", **kw)
+
+    def _text_and_decode(self, pix, prompts: Optional[list[str]], kwargs: dict) -> list[str]:
+        """generate() on LLM prompts (None = the model's empty prompt), decoded to strings."""
+        from blip2_jax import processing
+        cfg = self.config
+        tok = self.tokenizer
+        ids = mask = None
+        if prompts is not None and any(prompts):
+            ids, mask = processing.tokenize_prompts(tok, prompts, kind=cfg.llm_kind)
+        out = self.generate(pix, ids, mask, **kwargs)
+        eos = kwargs.get("eos_token_id")
+        eos = cfg.llm.eos_token_id if eos is None else eos
+        eos_ids = [int(e) for e in np.atleast_1d(np.asarray(eos)).reshape(-1)]
+        pad = cfg.llm.pad_token_id if cfg.llm.pad_token_id is not None else eos_ids[0]
+        return processing.decode(tok, out, eos_token_id=eos_ids, pad_token_id=pad)
+
+    def caption(self, images, prompt: str | list[str] = "", **generate_kwargs) -> list[str]:
+        """One caption per image (LAVIS `Blip2OPT/Blip2T5.generate`).
+
+        images: list of PIL images / uint8 arrays / paths, or preprocessed (B, H, W, 3) floats.
+        prompt: text the caption continues (e.g. "a photo of", COCO fine-tuned models), one for
+          all images or one per image; tokenised as the LLM wants (OPT `[BOS] prompt`, T5
+          `prompt </s>`); "" is the model's empty prompt (OPT `[BOS]`, T5 `</s>`).
+        generate_kwargs: as `generate`; defaults LAVIS's captioning ones, CAPTION_DEFAULTS
+          (num_beams=5, max_new_tokens=30, min_new_tokens=1, length_penalty=1).
+        Returns the generated text (prompt excluded), cut at the EOS (OPT BLIP-2: "\\n"), stripped.
+        Stage-1 (Q-Former-only) models raise SurfaceError.
+        """
+        self._need(self.config.llm is not None, "caption",
+                   "language model (Q-Former-only captioning is not supported)")
+        pix = self._images(images)
+        prompts = self._strings(prompt, "prompt")
+        pix, prompts = self._pair_up(pix, prompts, "prompts")
+        return self._text_and_decode(pix, prompts, {**self.CAPTION_DEFAULTS, **generate_kwargs})
+
+    def answer(self, images, questions: str | list[str], template: Optional[str] = VQA_TEMPLATE,
+               clean_question: bool = False, **generate_kwargs) -> list[str]:
+        """Zero-shot VQA (LAVIS `Blip2OPT/Blip2T5.predict_answers`, inference_method="generate").
+
+        questions: one per image, or one for all. Each becomes `template.format(question)` (no
+          template when empty/None, as LAVIS with prompt=""). As `predict_answers` does with the
+          text it is given, the question is used as is; LAVIS's VQA datasets run it through
+          `blip_question` first, which clean_question=True applies (`processing.pre_question`).
+        generate_kwargs: as `generate`; defaults LAVIS's, VQA_DEFAULTS (num_beams=5,
+          max_new_tokens=10, min_new_tokens=1, length_penalty=-1).
+        Returns the answers (decoded, cut at EOS, stripped).
+        """
+        from blip2_jax import processing
+        self._need(self.config.llm is not None, "answer", "language model")
+        pix = self._images(images)
+        qs = self._strings(questions, "questions")
+        if clean_question:
+            qs = [processing.pre_question(q) for q in qs]
+        prompts = [template.format(q) for q in qs] if template else qs
+        pix, prompts = self._pair_up(pix, prompts, "questions")
+        return self._text_and_decode(pix, prompts, {**self.VQA_DEFAULTS, **generate_kwargs})
+
+    def match(self, images, texts: str | list[str], clean_text: bool = True) -> np.ndarray:
+        """(B,) probability that image b matches text b: softmax of the ITM logits, class 1
+        (LAVIS `Blip2ITM(match_head="itm")`, HF `use_image_text_matching_head=True`).
+
+        A single image or text is broadcast. Texts: LAVIS's eval text processor `pre_caption`
+        (clean_text=False: as given, HF's processor), `[CLS] text [SEP]` truncated at 32 tokens,
+        padded to the longest.
+        """
+        self._need(self.config.itm, "match", "ITM head (itm_head)")
+        pix = self._images(images)
+        pix, texts = self._pair_up(pix, self._clean(self._strings(texts, "texts"), clean_text),
+                                   "texts")
+        ids, mask = self._qformer_ids(texts, max_length=self._qformer_max(self.ITM_MAX_LENGTH))
+        logits = np.asarray(self.itm(pix, ids, mask), np.float32)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p[:, 1] / p.sum(axis=1)
+
+    def similarity(self, images, texts: str | list[str], clean_text: bool = True) -> np.ndarray:
+        """(B_img, B_txt) ITC cosine similarity: max over queries of normalised vision_proj(query)
+        · normalised text_proj([CLS]), no temperature (LAVIS `match_head="itc"`, retrieval's ITC
+        score; HF `logits_per_image`). Texts: `pre_caption` (unless clean_text=False),
+        `[CLS] text [SEP]`, truncated and padded to 35 tokens (LAVIS retrieval evaluation)."""
+        self._need(self.config.itc, "similarity", "ITC projections (vision_proj/text_proj)")
+        pix = self._images(images)
+        texts = self._clean(self._strings(texts, "texts"), clean_text)
+        n = self._qformer_max(self.ITC_MAX_LENGTH)
+        ids, mask = self._qformer_ids(texts, max_length=n, padding="max_length")
+        return np.asarray(self.itc(pix, ids, mask), np.float32)
+
+    def _qformer_max(self, n: int) -> int:
+        return min(n, self.config.qformer.max_position_embeddings)
+
+    def features(self, images=None, texts: Optional[str | list[str]] = None,
+                 mode: str = "multimodal", clean_text: bool = True) -> dict[str, np.ndarray]:
+        """LAVIS `Blip2Qformer.extract_features` (float32 numpy arrays; keys as LAVIS's
+        `BlipOutputFeatures`, only those the mode computes):
+
+        mode="image": `image_embeds` (B, Q, H) query outputs; `image_embeds_proj` (B, Q, E)
+          normalised vision_proj of every query (when the model has ITC heads).
+        mode="text": `text_embeds` (B, T, H) text-only Q-Former outputs (T = longest text);
+          `text_embeds_proj` (B, T, E) normalised text_proj of every token ([:, 0] is the ITC
+          text feature) (when the model has ITC heads).
+        mode="multimodal" (LAVIS's default): `multimodal_embeds` (B, Q, H), the query part of the
+          fused queries + text pass with image cross-attention (one text per image, or one
+          for all).
+        Texts: `pre_caption` (unless clean_text=False), `[CLS] text [SEP]`, padded to the longest
+        and not truncated (as LAVIS) except at the Q-Former's position table.
+        """
+        if mode not in ("image", "text", "multimodal"):
+            raise ValueError(f"mode must be 'image', 'text' or 'multimodal', got {mode!r}")
+        if mode != "text" and images is None:
+            raise ValueError(f"mode={mode!r} needs images")
+        if mode != "image":
+            if texts is None:
+                raise ValueError(f"mode={mode!r} needs texts")
+            self._need(self.config.qformer.has_text_input, f"features(mode={mode!r})",
+                       "Q-Former text input (word embeddings)")
+        f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+        out = {}
+        if mode == "image":
+            h, proj = self._call("query_features", self._images(images))
+            out["image_embeds"] = f32(h)
+            if proj is not None:
+                out["image_embeds_proj"] = f32(proj)
+            return out
+        texts = self._clean(self._strings(texts, "texts"), clean_text)
+        limit = self.config.qformer.max_position_embeddings
+        if mode == "text":
+            ids, mask = self._qformer_ids(texts, max_length=limit)
+            h, proj = self._call("text_embeds", *self._text(ids, mask))
+            out["text_embeds"] = f32(h)
+            if proj is not None:
+                out["text_embeds_proj"] = f32(proj)
+            return out
+        pix, texts = self._pair_up(self._images(images), texts, "texts")
+        ids, mask = self._qformer_ids(texts, max_length=limit)
+        out["multimodal_embeds"] = f32(self._call("multimodal_embeds", pix,
+                                                  *self._text(ids, mask)))
+        return out
 
 
 def pack_prompts(input_ids, attention_mask, *, left: bool, pad_id: int,
@@ -330,11 +570,15 @@ def pack_prompts(input_ids, attention_mask, *, left: bool, pad_id: int,
     return out, mask
 
 
-def load(path: str | os.PathLike, dtype: Optional[str] = "float32") -> Blip2:
+def load(path: str | os.PathLike, dtype: Optional[str] = "float32", *, tokenizer=None,
+         qformer_tokenizer=None) -> Blip2:
     """A model from an HF `save_pretrained` directory or one written by `save(format="native")`.
 
     dtype: compute and parameter dtype of every tower ("float32", "bfloat16", "float16"), or None
     to keep the checkpoint's config (native) / float32 (HF).
+    tokenizer, qformer_tokenizer: `transformers` tokenizers to use; by default they are loaded
+    from `path` on first use (`model.tokenizer`, `model.qformer_tokenizer`), so a checkpoint
+    without tokenizer files loads and serves the array surfaces.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -349,4 +593,5 @@ def load(path: str | os.PathLike, dtype: Optional[str] = "float32") -> Blip2:
     if dtype is not None:
         cfg = cfg.with_dtypes(dtype)
     check_params(cfg, params, source=path)
-    return Blip2(cfg, cast_params(cfg, params), check=False)
+    return Blip2(cfg, cast_params(cfg, params), check=False, tokenizer=tokenizer,
+                 qformer_tokenizer=qformer_tokenizer, checkpoint_dir=path)

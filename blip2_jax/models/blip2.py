@@ -230,6 +230,29 @@ class Blip2Module(nn.Module):
             out["query_embeds"] = self.query_embeds(pixel_values)
         return out
 
+    # -- feature extraction (LAVIS `Blip2Qformer.extract_features`; used by `Blip2.features`) --
+    def query_features(self, pixel_values):
+        """(query outputs (B, Q, H), their L2-normalised ITC projections (B, Q, E) or None when
+        the model has no vision_proj): LAVIS `image_embeds`, `image_embeds_proj`."""
+        h = self.query_embeds(pixel_values)
+        return h, (l2_normalize(self.vision_proj(h)) if self.config.itc else None)
+
+    def text_embeds(self, input_ids, attention_mask):
+        """(text-only Q-Former outputs (B, T, H), L2-normalised text_proj of every token
+        (B, T, E) or None without ITC heads): LAVIS `text_embeds`, `text_embeds_proj`."""
+        h, _ = self.qformer(input_ids=input_ids, attention_mask=attention_mask)
+        return h, (l2_normalize(self.text_proj(h)) if self.config.itc else None)
+
+    def multimodal_embeds(self, pixel_values, input_ids, attention_mask):
+        """(B, Q, H): the query part of the fused [queries; text] Q-Former pass with image
+        cross-attention and a bidirectional mask (the ITM pass): LAVIS `multimodal_embeds`."""
+        dt = bnn.dtype_of(self.config.qformer.dtype)
+        image_embeds = self.image_embeds(pixel_values)
+        b = input_ids.shape[0]
+        queries = jnp.broadcast_to(self.query_tokens, (b,) + self.query_tokens.shape[1:])
+        h, _ = self.qformer(queries.astype(dt), input_ids, attention_mask, image_embeds.astype(dt))
+        return h[:, :self.config.num_query_tokens]
+
 
 class QFormerLMHead(nn.Module):
     """BERT LM head (LAVIS `Qformer.cls.predictions`): dense → GELU → LN → tied decoder + bias."""
