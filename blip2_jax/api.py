@@ -106,7 +106,12 @@ class Blip2:
         return cls(config, init_params(config, seed), check=False)
 
     # -- surfaces --------------------------------------------------------------------------------
+    def _place(self, x):
+        """Where an input array goes before a jitted surface runs (sharded models override)."""
+        return x
+
     def _call(self, method: str, *args):
+        args = tuple(self._place(a) for a in args)
         fn = self._jitted.get(method)
         if fn is None:
             module = self.module
@@ -258,8 +263,8 @@ class Blip2:
                                min_new_tokens=min_new_tokens, length_penalty=length_penalty,
                                seed=seed)
         fn = self._generate_program(opts, pix.shape, ids.shape)
-        out = fn(self.params, pix, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-                 knobs)
+        out = fn(self.params, self._place(pix), self._place(jnp.asarray(ids, jnp.int32)),
+                 self._place(jnp.asarray(mask, jnp.int32)), knobs)
         return np.asarray(out)
 
     def _generate_program(self, opts: gen.DecodeOptions, pixel_shape, prompt_shape) -> Callable:

@@ -390,5 +390,3 @@ class ShardedBlip2(api.Blip2):
             return shard_batch(x, self.mesh, self.rules)
         return x
 
-    def _call(self, method: str, *args):
-        return super()._call(method, *(self._place(a) for a in args))

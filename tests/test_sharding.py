@@ -339,3 +339,17 @@ def test_multiprocess_dcn_mesh_and_batches(tmp_path):
                 p.kill()
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"ok {i}" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("name, shape", [("tiny-opt", (2, 2, 2)), ("tiny-t5", (1, 2, 4))])
+def test_sharded_generate_matches(name, shape):
+    """Generation on a sharded model (batch over data × fsdp, LLM weights over fsdp/tensor)
+    gives the unsharded model's tokens, greedy and beam 3."""
+    model = Blip2.random(name, seed=3)
+    s = model.config.vision.image_size
+    pix = np.random.default_rng(0).normal(size=(4, s, s, 3)).astype(np.float32)
+    sharded = model.shard(mesh_of(shape))
+    assert sharded._place(pix).sharding.spec[0] == ("data", "fsdp")
+    for beams in (1, 3):
+        ours = sharded.generate(pix, max_new_tokens=6, num_beams=beams)
+        np.testing.assert_array_equal(ours, model.generate(pix, max_new_tokens=6, num_beams=beams))
