@@ -50,6 +50,27 @@ def build_hf(llm: str, image_size: int, num_query_tokens: int, width: int = 512,
     return model.eval()
 
 
+def add_model_args(ap: argparse.ArgumentParser, *, batch: int, width: int):
+    """The benchmark model's shape, shared by the benchmarks."""
+    ap.add_argument("--llm", choices=["opt", "t5"], default="opt")
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--queries", type=int, default=32)
+    ap.add_argument("--width", type=int, default=width, help="hidden size of every tower")
+    ap.add_argument("--layers", type=int, default=4, help="layers of every tower")
+    ap.add_argument("--heads", type=int, default=8)
+
+
+def build_pair(args):
+    """(HF model, blip2-jax model with the same weights) for parsed `add_model_args`."""
+    import blip2_jax
+    hf_model = build_hf(args.llm, args.image_size, args.queries, args.width, args.layers,
+                        args.heads)
+    with tempfile.TemporaryDirectory() as d:
+        hf_model.save_pretrained(d)
+        return hf_model, blip2_jax.load(d)
+
+
 def timeit_interleaved(fns: dict, iters: int) -> dict:
     """Median seconds per call of each fn, measured in alternating rounds (a noisy shared machine
     then slows every contender alike)."""
@@ -67,26 +88,15 @@ def timeit_interleaved(fns: dict, iters: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--llm", choices=["opt", "t5"], default="opt")
-    ap.add_argument("--batch", type=int, default=8)
+    add_model_args(ap, batch=8, width=512)
     ap.add_argument("--text-len", type=int, default=24)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--queries", type=int, default=32)
-    ap.add_argument("--width", type=int, default=512, help="hidden size of every tower")
-    ap.add_argument("--layers", type=int, default=4, help="layers of every tower")
-    ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
 
     import jax
     import torch
-    import blip2_jax
 
-    hf_model = build_hf(args.llm, args.image_size, args.queries, args.width, args.layers,
-                        args.heads)
-    with tempfile.TemporaryDirectory() as d:
-        hf_model.save_pretrained(d)
-        ours = blip2_jax.load(d)
+    hf_model, ours = build_pair(args)
 
     rng = np.random.default_rng(0)
     b, t, q = args.batch, args.text_len, args.queries

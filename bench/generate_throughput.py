@@ -12,7 +12,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -23,28 +22,17 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests"), os.path.dirname(os.path.abs
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--llm", choices=["opt", "t5"], default="opt")
-    ap.add_argument("--batch", type=int, default=4)
+    from forward_throughput import add_model_args, build_pair
+    add_model_args(ap, batch=4, width=256)
     ap.add_argument("--beams", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=30)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--queries", type=int, default=32)
     ap.add_argument("--iters", type=int, default=3)
     args = ap.parse_args()
 
     import jax
     import torch
-    import blip2_jax
-    from forward_throughput import build_hf
 
-    hf_model = build_hf(args.llm, args.image_size, args.queries, args.width, args.layers,
-                        args.heads)
-    with tempfile.TemporaryDirectory() as d:
-        hf_model.save_pretrained(d)
-        ours = blip2_jax.load(d)
+    hf_model, ours = build_pair(args)
     b, n = args.batch, args.new_tokens
     pix = np.random.default_rng(0).normal(size=(b, args.image_size, args.image_size, 3)
                                           ).astype(np.float32)

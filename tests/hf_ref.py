@@ -5,6 +5,8 @@ LayerNorm scales around 1.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import transformers
@@ -128,3 +130,15 @@ def unilm_additive_mask(nq: int, text_mask: np.ndarray) -> torch.Tensor:
     allowed = allowed[None] & key[:, None, :]
     add = np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)
     return torch.from_numpy(add[:, None])
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny models: one torch thread is as fast, and immune to a busy machine (two OpenMP
+    threads on two shared cores can run ~30x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

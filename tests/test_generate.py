@@ -8,7 +8,6 @@ EOS id is a token these models emit (some rows stop early, others run to max_new
 `test_reference_outputs_are_informative` checks that the HF references really differ between the
 settings each test distinguishes.
 """
-import contextlib
 import functools
 
 import jax
@@ -101,7 +100,7 @@ class Pair:
         with pad; T5 beam search fills with EOS because its pad id 0 is falsy)."""
         eos = np.atleast_1d(kw.pop("eos_token_id", self.eos))
         ids, mask = (self.ids, self.mask) if prompt else (None, None)
-        with torch.no_grad(), one_torch_thread():
+        with torch.no_grad(), hf_ref.one_torch_thread():
             out = self.hf.generate(**self.hf_inputs(self.pix, ids, mask), max_new_tokens=N,
                                    eos_token_id=eos.tolist(), pad_token_id=self.pad,
                                    **kw).numpy()
@@ -113,18 +112,6 @@ class Pair:
         kw.update(extra)
         args = (self.ids, self.mask) if prompt else ()
         return self.model._generate(self.pix, *args, max_new_tokens=N, **kw)
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """Tiny models: one torch thread is as fast, and immune to a busy machine (two OpenMP
-    threads on two shared cores can run ~30x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def normalise(tokens, eos, pad, n=N):

@@ -11,7 +11,6 @@ Retrieval: a tiny HF `Blip2ForImageTextRetrieval` whose Q-Former takes the real 
 ids (vocab_size 30523), with the real vocab.txt in its checkpoint directory.
 Images: skimage's photos (through `processing.preprocess_images`, PNG files for the CLI).
 """
-import contextlib
 import json
 import os
 import shutil
@@ -39,16 +38,6 @@ TOL = 1e-5
 # natural EOS </s> = 1.
 SETUPS = {"opt": (1, 0.5, 39), "t5": (2, 1.0, 1)}
 PHOTOS = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,7 +134,7 @@ class GenPair:
                 full = np.take_along_axis(full, order, 1)
                 fmask = np.take_along_axis(fmask, order, 1)
             args.update(input_ids=torch.from_numpy(full), attention_mask=torch.from_numpy(fmask))
-        with torch.no_grad(), one_torch_thread():
+        with torch.no_grad(), hf_ref.one_torch_thread():
             out = self.hf.generate(**args, eos_token_id=self.eos, pad_token_id=self.pad,
                                    **kw).numpy()
         start = 1 if self.llm == "t5" else self.nq + (1 if prompts is None else ids.shape[1])
@@ -236,7 +225,7 @@ TEXTS = ["A man riding a WAVE on top of a surfboard!", "a cat (sleeping) on a co
 
 def _hf_retrieval(hf, pix, tok, texts, itm: bool, **tok_kw):
     enc = tok(texts, return_tensors="pt", **tok_kw)
-    with torch.no_grad(), one_torch_thread():
+    with torch.no_grad(), hf_ref.one_torch_thread():
         out = hf(pixel_values=nchw(pix), input_ids=enc["input_ids"],
                  attention_mask=enc["attention_mask"], use_image_text_matching_head=itm)
     return out
