@@ -102,7 +102,7 @@ def test_file_paths_match_hf_load_image(tmp_path):
 def test_matches_lavis_blip_image_eval():
     """LAVIS: PIL image .convert("RGB") → torchvision Resize((s, s), BICUBIC) (= PIL bicubic on a
     PIL image) → ToTensor (x / 255) → Normalize, written out with torch ops."""
-    torch = pytest.importorskip("torch")
+    import torch   # a test requirement (requirements-test.txt)
     for image in (Image.fromarray(skimage.data.rocket()),
                   Image.fromarray(np.dstack([skimage.data.coffee(), _gradient_alpha(400, 600)]))):
         resized = image.convert("RGB").resize((364, 364), Image.Resampling.BICUBIC)
