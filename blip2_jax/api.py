@@ -50,17 +50,29 @@ def _dummy_inputs(cfg: Blip2Config):
     return args
 
 
+@functools.lru_cache(maxsize=32)
+def abstract_init(cfg: Blip2Config):
+    """(logical PartitionSpecs, ShapeDtypeStructs) of every parameter, from one `eval_shape` of
+    the module's init (nothing allocated; cached per config)."""
+    module = Blip2Module(cfg)
+    boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *_dummy_inputs(cfg)))
+    return nn.get_partition_spec(boxed)["params"], nn.unbox(boxed["params"])
+
+
 def abstract_params(cfg: Blip2Config) -> dict:
     """ShapeDtypeStructs of every parameter of `cfg` (nothing allocated)."""
+    return abstract_init(cfg)[1]
+
+
+def init_fn(cfg: Blip2Config, out_shardings=None) -> Callable:
+    """A jitted `rng -> params` (random init; placed in `out_shardings` when given)."""
     module = Blip2Module(cfg)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *_dummy_inputs(cfg)))
-    return nn.unbox(shapes["params"])
+    return jax.jit(lambda rng: nn.unbox(module.init(rng, *_dummy_inputs(cfg))["params"]),
+                   out_shardings=out_shardings)
 
 
 def init_params(cfg: Blip2Config, seed: int = 0) -> dict:
-    module = Blip2Module(cfg)
-    init = jax.jit(lambda rng: nn.unbox(module.init(rng, *_dummy_inputs(cfg))["params"]))
-    return init(jax.random.PRNGKey(seed))
+    return init_fn(cfg)(jax.random.PRNGKey(seed))
 
 
 def check_params(cfg: Blip2Config, params, source: str = "params") -> None:

@@ -310,8 +310,3 @@ def init_params(module: nn.Module, rng, *args, **kwargs):
     variables = module.init(rng, *args, **kwargs)
     return nn.unbox(variables["params"])
 
-
-def logical_axes(module: nn.Module, *args, **kwargs):
-    """The logical axis names of every parameter (same tree as the params), without allocating."""
-    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, **kwargs))
-    return nn.get_partition_spec(abstract)["params"]

@@ -46,12 +46,10 @@ E.g. replicate the small trainable Q-Former and fully shard the frozen LLM:
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -59,7 +57,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from blip2_jax import api
 from blip2_jax.config import Blip2Config, get_preset
-from blip2_jax.models.blip2 import Blip2Module
 
 MeshAxes = Union[None, str, tuple[str, ...]]
 Rules = Sequence[tuple[str, MeshAxes]]
@@ -221,14 +218,6 @@ def _config(cfg: Union[Blip2Config, str]) -> Blip2Config:
     return get_preset(cfg) if isinstance(cfg, str) else cfg
 
 
-@functools.lru_cache(maxsize=32)
-def _abstract(cfg: Blip2Config):
-    """(logical PartitionSpecs, ShapeDtypeStructs) of every parameter, from one eval_shape."""
-    module = Blip2Module(cfg)
-    boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *api._dummy_inputs(cfg)))
-    return nn.get_partition_spec(boxed)["params"], nn.unbox(boxed["params"])
-
-
 def _is_spec(x) -> bool:
     return isinstance(x, P)
 
@@ -238,7 +227,7 @@ def logical_specs(cfg: Union[Blip2Config, str]) -> dict:
 
     Unannotated parameters (e.g. the ITC temperature) get `P()`.
     """
-    specs, _ = _abstract(_config(cfg))
+    specs, _ = api.abstract_init(_config(cfg))
     return jax.tree.map(lambda s: s, specs, is_leaf=_is_spec)   # fresh tree; the cache's is shared
 
 
@@ -274,7 +263,7 @@ def shardings_from_logical(specs, shapes, mesh: Mesh, rules: Rules = DEFAULT_RUL
 def param_shardings(cfg: Union[Blip2Config, str], mesh: Mesh, rules: Rules = DEFAULT_RULES,
                     overrides: Sequence[tuple[str, Rules]] = ()) -> dict:
     """A NamedSharding for every parameter of `cfg` (same tree as the params; nothing allocated)."""
-    specs, shapes = _abstract(_config(cfg))
+    specs, shapes = api.abstract_init(_config(cfg))
     return shardings_from_logical(specs, shapes, mesh, rules, overrides)
 
 
@@ -283,9 +272,7 @@ def sharded_init(cfg: Union[Blip2Config, str], mesh: Mesh, rules: Rules = DEFAUL
     """A jitted `rng -> params` whose outputs are created in `param_shardings` (no full copy on
     one device; `.lower(rng).out_info` shows the placement without compiling)."""
     cfg = _config(cfg)
-    module = Blip2Module(cfg)
-    return jax.jit(lambda rng: nn.unbox(module.init(rng, *api._dummy_inputs(cfg))["params"]),
-                   out_shardings=param_shardings(cfg, mesh, rules, overrides))
+    return api.init_fn(cfg, out_shardings=param_shardings(cfg, mesh, rules, overrides))
 
 
 def init_params(cfg: Union[Blip2Config, str], mesh: Mesh, rules: Rules = DEFAULT_RULES,
