@@ -32,7 +32,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageLike = Union["Image.Image", np.ndarray, str, os.PathLike]
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "preprocess_images", "load_tokenizer",
+__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "preprocess_images", "normalize_pixels", "load_tokenizer",
            "tokenizer_kind", "tokenize_prompts", "decode", "pre_caption", "pre_question"]
 
 
@@ -172,9 +172,17 @@ def preprocess_images(images: ImageLike | Sequence[ImageLike], image_size: int |
         rgb = _as_rgb_uint8(image, f"image {i}", alpha, exif_transpose)
         resized = Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").resize(
             (width, height), resample=Image.Resampling.BICUBIC)
-        x = (np.asarray(resized).astype(np.float64) * (1 / 255)).astype(np.float32)
-        out[i] = (x - mean32) / std32
+        out[i] = normalize_pixels(np.asarray(resized), mean32, std32)
     return out
+
+
+def normalize_pixels(rgb: np.ndarray, mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                     std: Sequence[float] = OPENAI_CLIP_STD) -> np.ndarray:
+    """uint8 RGB (..., 3) → float32 (x / 255 - mean) / std: the rescale in float64 then cast, and
+    the normalisation in float32, as HF's image processors do (torchvision's ToTensor +
+    Normalize agree up to float rounding)."""
+    x = (rgb.astype(np.float64) * (1 / 255)).astype(np.float32)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,343 @@
+"""grain input pipelines over our tfds datasets: deterministic, sharded per process, resumable.
+
+    it = pipeline.from_config(config.data, batch_size=256, seed=0)    # this process's iterator
+    batch = next(it)          # {"image": (b, S, S, 3) f32, "qformer_ids": (b, L) i32, ...}
+    state = it.get_state()    # JSON-able; it.set_state(state) continues with the next batch
+
+Order of operations (all lazy, per global example position `i`):
+  source records ─ shuffle(seed, reshuffled every epoch) ─ repeat ─┐
+  (one chain per dataset)                                          ├ mix(weights) ─ process(i)
+  ─ slice [process_index::process_count] ─ read threads / worker processes ─ drop bad records
+  ─ batch(global_batch / process_count)
+`process(i)` draws its randomness (crop, flip, caption choice) from (seed, i), so an example's
+content depends neither on the number of workers nor on the number of hosts. The element-level
+work (decode, augment, tokenize) runs in grain's read threads, or in `num_workers` processes.
+
+Training batches (`train=True`): infinite, shuffled, full batches. Evaluation (`train=False`):
+one pass in stored order over one dataset, the last batch padded (`valid` False on padding rows)
+so every process runs the same number of batches.
+
+A record whose image does not decode is dropped, counted and logged (`it.skipped`, with the
+first few keys in `it.first_skipped`; both are part of the checkpointed state).
+
+Batch fields: `image` float32 (b, S, S, 3); `text` (caption, or the question for VQA; LAVIS-cleaned,
+prompt applied), for VQA also `answer` (one of the answers, drawn by frequency) and `answers`
+(all, as an object array); per tokenizer spec NAME: `NAME_ids`, `NAME_mask` int32 (b, L);
+`image_index`, `dataset_index`, `index` int32; `image_id` (and `question_id`) strings; `valid`
+bool. `numeric(batch)` keeps the arrays a device step takes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import grain
+import numpy as np
+
+from blip2_jax import processing
+from blip2_jax.data import builders, ops
+
+log = logging.getLogger(__name__)
+
+_SKIP = "__skipped__"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One dataset of a mixture: "blip2_captions/NAME" or "blip2_vqa/NAME", a split, a weight."""
+    name: str
+    split: str = "train"
+    weight: float = 1.0
+    image_processor: Optional[str] = None   # default: the pipeline's
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSpec:
+    """Tokenize `field` ("text" or "answer") with a model tokenizer to a fixed length.
+
+    kind: "qformer" (BERT `[CLS] t [SEP]`), "opt" (`</s> t`) or "t5" (`t </s>`); `tokenizer` is a
+    checkpoint directory (see `processing.load_tokenizer`) or a tokenizer object. `suffix` is
+    appended before tokenizing (LAVIS's OPT captions end with "\\n")."""
+    name: str
+    tokenizer: Any
+    kind: str
+    max_length: int
+    field: str = "text"
+    suffix: str = ""
+    padding_side: str = "right"
+
+
+def _object(x) -> np.ndarray:
+    a = np.empty((), object)
+    a[()] = x
+    return a
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class _Process(grain.transforms.RandomMap):
+    """record → example dict (or a skip marker): image ops, text choice and cleaning, tokens."""
+
+    def __init__(self, kinds: Sequence[str], processors: Sequence[str], *, image_size: int,
+                 flip: bool, max_words: int, prompt: str, question_template: str,
+                 texts: Sequence[TextSpec], train: bool):
+        self.kinds = list(kinds)
+        self.image_fns = [ops.image_processor(p, image_size, flip) for p in processors]
+        self.max_words, self.prompt = max_words, prompt
+        self.question_template = question_template
+        self.texts = list(texts)
+        self.train = train
+        self._tokenizers: dict[str, Any] = {}
+        self.image_size = image_size
+
+    def _tokenizer(self, spec: TextSpec):
+        if spec.name not in self._tokenizers:
+            tok = spec.tokenizer
+            if isinstance(tok, (str, os.PathLike)):
+                tok = processing.load_tokenizer(tok, "qformer" if spec.kind == "qformer"
+                                                else spec.kind)
+            self._tokenizers[spec.name] = tok
+        return self._tokenizers[spec.name]
+
+    def random_map(self, element, rng: np.random.Generator):
+        dataset_index, record = element
+        kind = self.kinds[dataset_index]
+        try:
+            pixels, bad = self.image_fns[dataset_index](ops.decode(record["image"]), rng), None
+        except ValueError as e:
+            # Kept as an invalid row so evaluation stays in step; training drops it.
+            pixels = np.zeros((self.image_size, self.image_size, 3), np.float32)
+            bad = f"{_text(record['image_id'])} (index {int(record['index'])}): {e}"
+        out = {"image": pixels,
+               "image_index": np.int32(record["image_index"]),
+               "dataset_index": np.int32(dataset_index),
+               "index": np.int32(record["index"]),
+               "image_id": _text(record["image_id"]), "valid": np.bool_(bad is None)}
+        if kind == builders.CAPTIONS:
+            captions = [_text(c) for c in record["captions"]]
+            caption = captions[rng.integers(len(captions))] if self.train else captions[0]
+            out["text"] = self.prompt + ops.pre_caption(caption, self.max_words)
+            out["captions"] = _object(captions)
+        else:
+            question = ops.pre_question(_text(record["question"]), self.max_words)
+            out["text"] = self.question_template.format(question)
+            answers = [_text(a) for a in record["answers"]]
+            values, counts = np.unique(answers, return_counts=True)
+            # Drawing by frequency trains on LAVIS's count-weighted answer loss in expectation.
+            out["answer"] = (str(values[rng.choice(len(values), p=counts / counts.sum())])
+                             if self.train else str(values[np.argmax(counts)]))
+            out["answers"] = _object(answers)
+            out["question_id"] = _text(record["question_id"])
+        for spec in self.texts:
+            ids, mask = processing.tokenize_prompts(
+                self._tokenizer(spec), out[spec.field] + spec.suffix, kind=spec.kind,
+                max_length=spec.max_length, padding="max_length",
+                padding_side=spec.padding_side)
+            out[f"{spec.name}_ids"], out[f"{spec.name}_mask"] = ids[0], mask[0]
+        if bad is not None:
+            out[_SKIP] = bad
+        return out
+
+
+class _DropSkipped(grain.IterDataset):
+    """Counts and logs bad records; drops them (training) or keeps them as rows with
+    valid=False (evaluation, so that every process runs the same number of batches)."""
+
+    def __init__(self, parent, keep: bool):
+        super().__init__(parent)
+        self.keep = keep
+
+    def __iter__(self):
+        return _DropSkippedIterator(self._parent.__iter__(), self.keep)
+
+
+class _DropSkippedIterator(grain.DatasetIterator):
+    FIRST = 5
+
+    def __init__(self, parent, keep: bool):
+        super().__init__(parent)
+        self.keep = keep
+        self.skipped = 0
+        self.first_skipped: list[str] = []
+
+    def __next__(self):
+        while True:
+            element = next(self._parent)
+            if _SKIP not in element:
+                return element
+            reason = element.pop(_SKIP)
+            self.skipped += 1
+            if len(self.first_skipped) < self.FIRST:
+                self.first_skipped.append(reason)
+            log.warning("skipped a bad record (%d so far): %s", self.skipped, reason)
+            if self.keep:
+                return element
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "skipped": self.skipped,
+                "first_skipped": list(self.first_skipped)}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self.skipped = int(state["skipped"])
+        self.first_skipped = list(state["first_skipped"])
+
+
+def _stack(examples: Sequence[dict]) -> dict:
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class _Tag:
+    """record → (dataset index, record)."""
+
+    def __init__(self, i: int):
+        self.i = i
+
+    def __call__(self, record):
+        return self.i, record
+
+
+class _PadTo:
+    """Positions past the end of an evaluation split read its last element (marked invalid)."""
+
+    def __init__(self, ds, n: int):
+        self.ds, self.n = ds, n
+
+    def __call__(self, j):
+        return self.ds[min(j, self.n - 1)]
+
+
+class _MarkPadding:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, j, element):
+        if j >= self.n:
+            element["valid"] = np.bool_(False)
+        return element
+
+
+class Pipeline:
+    """A deterministic, resumable iterator factory (see the module docstring)."""
+
+    def __init__(self, sources: Sequence[Source], *, data_dir: str, batch_size: int,
+                 seed: int = 0, train: bool = True, image_size: int = 224,
+                 image_processor: Optional[str] = None, flip: bool = True,
+                 max_words: int = 50, prompt: str = "",
+                 question_template: str = "{}", texts: Sequence[TextSpec] = (),
+                 process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                 num_threads: int = 8, prefetch: int = 64):
+        if not sources:
+            raise ValueError("the data config names no dataset")
+        if batch_size % process_count:
+            raise ValueError(f"global batch size {batch_size} is not divisible by the "
+                             f"{process_count} processes")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+        kinds = [builders.kind_of(s.name) for s in sources]
+        if len(set(kinds)) > 1:
+            raise ValueError(f"a mixture must be of one dataset kind; got {dict(zip(kinds, sources))}")
+        if not train and len(sources) > 1:
+            raise ValueError("evaluation reads one dataset at a time")
+        weights = [float(s.weight) for s in sources]
+        if any(w <= 0 for w in weights):
+            raise ValueError(f"mixture weights must be positive, got {weights}")
+        default = image_processor or ("blip2_image_train" if train else "blip_image_eval")
+        processors = [s.image_processor or default for s in sources]
+        self.sources = list(sources)
+        self.data_dir = data_dir
+        self.batch_size, self.seed, self.train = batch_size, seed, train
+        self.process_index, self.process_count = process_index, process_count
+        self.num_workers, self.num_threads, self.prefetch = num_workers, num_threads, prefetch
+        self.splits = [builders.open_split(data_dir, s.name, s.split) for s in sources]
+        self._process = _Process(kinds, processors, image_size=image_size, flip=flip,
+                                 max_words=max_words, prompt=prompt,
+                                 question_template=question_template, texts=texts, train=train)
+        self._weights = weights
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.process_count
+
+    def __len__(self) -> int:
+        """Evaluation: batches per process (every process runs the same number)."""
+        if self.train:
+            raise TypeError("a training pipeline is infinite")
+        return -(-len(self.splits[0]) // self.batch_size)
+
+    def dataset(self) -> grain.IterDataset:
+        chains = []
+        for i, src in enumerate(self.splits):
+            ds = grain.MapDataset.source(src)
+            if self.train:
+                ds = ds.shuffle(seed=self.seed * 1000 + i).repeat(None)
+            chains.append(ds.map(_Tag(i)))
+        ds = chains[0] if len(chains) == 1 else grain.MapDataset.mix(chains, self._weights)
+        if not self.train:
+            # Padded to whole global batches so that all processes run the same steps.
+            n = len(ds)
+            ds = grain.MapDataset.range(len(self) * self.batch_size).map(_PadTo(ds, n))
+        ds = ds.random_map(self._process, seed=self.seed)
+        if not self.train:
+            ds = ds.map_with_index(_MarkPadding(n))
+        ds = ds[self.process_index::self.process_count]
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
+                                                  prefetch_buffer_size=self.prefetch))
+        if self.num_workers > 0:
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+        it = _DropSkipped(it, keep=not self.train)
+        return it.batch(self.local_batch_size, drop_remainder=self.train, batch_fn=_stack)
+
+    def __iter__(self):
+        return iter(self.dataset())
+
+
+def numeric(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The fields a device step takes (numbers and bools; no strings or objects)."""
+    return {k: v for k, v in batch.items() if v.dtype.kind in "biuf"}
+
+
+def skipped(iterator) -> tuple[int, list[str]]:
+    """(count, first few) of the bad records an iterator from `Pipeline` has dropped so far."""
+    node = iterator
+    while node is not None:
+        if isinstance(node, _DropSkippedIterator):
+            return node.skipped, list(node.first_skipped)
+        node = node._parents[0] if getattr(node, "_parents", None) else None
+    raise TypeError("not a Pipeline iterator")
+
+
+def from_config(data, *, batch_size: int, seed: int = 0, train: bool = True,
+                split_key: str = "train", process_index: Optional[int] = None,
+                process_count: Optional[int] = None) -> Pipeline:
+    """A Pipeline from an ml_collections / dict data config:
+
+        data.data_dir, data.train (one source dict or a list: name, split, weight,
+        image_processor), data.image_size, data.image_processor, data.flip, data.max_words,
+        data.prompt, data.question_template, data.texts (list of TextSpec dicts),
+        data.num_workers, data.num_threads, data.prefetch
+
+    `split_key` picks the sources (data.train, data.eval, ...); process index/count default to
+    jax's."""
+    data = dict(data)
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if split_key not in data:
+        raise KeyError(f"data config has no {split_key!r} sources (keys: {sorted(data)})")
+    raw = data[split_key]
+    raw = [raw] if isinstance(raw, Mapping) or hasattr(raw, "to_dict") else list(raw)
+    sources = [Source(**dict(s)) for s in raw]
+    texts = [TextSpec(**dict(t)) for t in data.get("texts", ())]
+    known = {"data_dir", "image_size", "image_processor", "flip", "max_words", "prompt",
+             "question_template", "num_workers", "num_threads", "prefetch"}
+    extra = set(data) - known - {"texts", split_key, "train", "eval"}
+    if extra:
+        raise KeyError(f"unknown data config keys {sorted(extra)} (known: {sorted(known)})")
+    kwargs = {k: data[k] for k in known if k in data}
+    return Pipeline(sources, batch_size=batch_size, seed=seed, train=train, texts=texts,
+                    process_index=process_index, process_count=process_count, **kwargs)

@@ -1,0 +1,218 @@
+"""The built-in synthetic dataset: procedurally rendered scenes with paraphrased captions and
+VQA-style questions — our embedded default for the demo and the tests (no download).
+
+A scene places 1-3 objects in distinct cells of a 3x3 grid; each object has a shape, a colour, a
+size and a position, drawn with jitter of centre, radius and shade (shapes keep their orientation, so
+"diamond" and "square" stay distinct) over a noisy dark background. Every caption
+names every object with all four attributes, so captions are fully determined by the image and
+any two scenes with different contents have different captions; paraphrases differ in wording and
+object order only where the template says so. Within a split every scene's content is unique, so
+retrieval ground truth is unambiguous. Horizontal flips change "left"/"right": train on it with
+flipping off.
+
+    examples = synthetic.generate("train", 1000, seed=0)      # deterministic for (seed, split)
+    next(examples)  # {"image": PNG bytes, "image_id": ..., "captions": [...], "qa": [(q, a), ...]}
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
+COLORS = {"red": (222, 45, 38), "green": (49, 178, 74), "blue": (55, 90, 235),
+          "yellow": (240, 220, 50), "purple": (152, 70, 205), "white": (240, 240, 240)}
+SIZES = ("small", "large")
+POSITIONS = (("top left", "top", "top right"),
+             ("left", "center", "right"),
+             ("bottom left", "bottom", "bottom right"))
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+# Radius as a fraction of a grid cell; jitter keeps every object inside its own cell.
+_RADIUS = {"small": 0.2, "large": 0.34}
+_JITTER = 0.1
+_SUPERSAMPLE = 2
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Obj:
+    row: int
+    col: int
+    shape: str
+    color: str
+    size: str
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.row][self.col]
+
+    def noun(self) -> str:
+        return f"{self.size} {self.color} {self.shape}"
+
+
+Scene = tuple  # tuple[Obj, ...] in reading order (row, then column)
+
+
+def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 3) -> Scene:
+    n = int(rng.integers(min_objects, max_objects + 1))
+    cells = rng.choice(9, size=n, replace=False)
+    objs = [Obj(int(c) // 3, int(c) % 3, SHAPES[rng.integers(len(SHAPES))],
+                list(COLORS)[rng.integers(len(COLORS))], SIZES[rng.integers(len(SIZES))])
+            for c in cells]
+    return tuple(sorted(objs))
+
+
+def describe(scene: Scene) -> str:
+    """The canonical content of a scene (equal iff the captions are interchangeable)."""
+    return "; ".join(f"{o.noun()} @ {o.position}" for o in scene)
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        s = r * 0.85
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
+    if shape == "star":
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+        return [(cx + q * np.cos(a), cy - q * np.sin(a)) for a, q in zip(angles, radii)]
+    if shape == "cross":
+        t = r * 0.33
+        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t),
+                (cx + r, cy + t), (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r),
+                (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
+    raise ValueError(f"no polygon for shape {shape!r}")
+
+
+def render(scene: Scene, rng: np.random.Generator, image_size: int = 128) -> np.ndarray:
+    """The scene as a (S, S, 3) uint8 image: noisy dark background, anti-aliased shapes."""
+    big = image_size * _SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    cell = big / 3
+    for o in scene:
+        cx = (o.col + 0.5 + rng.uniform(-_JITTER, _JITTER)) * cell
+        cy = (o.row + 0.5 + rng.uniform(-_JITTER, _JITTER)) * cell
+        r = _RADIUS[o.size] * cell * rng.uniform(0.9, 1.1)
+        shade = rng.uniform(0.85, 1.0)
+        fill = tuple(int(round(v * shade)) for v in COLORS[o.color])
+        if o.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill)
+    shapes = np.asarray(canvas.resize((image_size, image_size), Image.Resampling.BOX), np.int16)
+    # Noise on a grey background; shapes are opaque (where drawn, their colour replaces it).
+    noise = rng.integers(-6, 7, (image_size, image_size, 1), dtype=np.int16)
+    background = rng.integers(25, 70) + noise
+    coverage = shapes.max(axis=-1, keepdims=True) > 0
+    return np.clip(np.where(coverage, shapes + noise // 2, background), 0, 255).astype(np.uint8)
+
+
+def _place(o: Obj, rng: np.random.Generator) -> str:
+    if o.position == "center":
+        return str(rng.choice(["in the center", "in the middle"]))
+    return f"{rng.choice(['in the', 'at the'])} {o.position}"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
+    """`n` distinct paraphrases, each naming every object's size, colour, shape and position."""
+    count = NUMBERS[len(scene)] + (" shape" if len(scene) == 1 else " shapes")
+    templates = [
+        lambda p: _join([f"a {o.noun()} {q}" for o, q in p]),
+        lambda p: "there is " + _join([f"a {o.noun()} {q}" for o, q in p]),
+        lambda p: f"{count}, " + _join([f"a {o.noun()} {q}" for o, q in p]),
+        lambda p: "a picture of " + _join([f"a {o.noun()} {q}" for o, q in p]),
+        lambda p: _join([f"{q} a {o.noun()}" for o, q in p]),
+        lambda p: "a dark background with " + _join([f"a {o.noun()} {q}" for o, q in p]),
+        lambda p: _join([f"a {o.color} {o.shape} of {o.size} size {q}" for o, q in p]),
+        lambda p: f"an image with {count}, " + _join([f"a {o.noun()} {q}" for o, q in p]),
+    ]
+    order = rng.permutation(len(templates))
+    out: list[str] = []
+    for t in order:
+        text = templates[t]([(o, _place(o, rng)) for o in scene])
+        if text not in out:
+            out.append(text)
+        if len(out) == n:
+            break
+    return out
+
+
+def questions(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[str, str]]:
+    """Up to `n` (question, answer) pairs of different kinds, each answerable from the image."""
+    unique = [o for o in scene if sum((p.color, p.shape) == (o.color, o.shape) for p in scene) == 1]
+    by_shape = [o for o in scene if sum(p.shape == o.shape for p in scene) == 1]
+    makers = {
+        "count": lambda: ("how many shapes are there?", NUMBERS[len(scene)]),
+        "color": lambda: (lambda o: (f"what color is the {o.shape}?", o.color))(
+            by_shape[rng.integers(len(by_shape))]) if by_shape else None,
+        "shape": lambda: (lambda o: (f"what shape is {_place(o, rng)}?", o.shape))(
+            scene[rng.integers(len(scene))]),
+        "size": lambda: (lambda o: (f"is the {o.color} {o.shape} small or large?", o.size))(
+            unique[rng.integers(len(unique))]) if unique else None,
+        "where": lambda: (lambda o: (f"where is the {o.color} {o.shape}?", o.position))(
+            unique[rng.integers(len(unique))]) if unique else None,
+        "exists": lambda: _exists_question(scene, rng),
+    }
+    out = []
+    for kind in rng.permutation(list(makers)):
+        qa = makers[kind]()
+        if qa is not None:
+            out.append(qa)
+        if len(out) == n:
+            break
+    return out
+
+
+def _exists_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    present = {(o.color, o.shape) for o in scene}
+    if rng.random() < 0.5:
+        color, shape = sorted(present)[rng.integers(len(present))]
+        return f"is there a {color} {shape}?", "yes"
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    color, shape = absent[rng.integers(len(absent))]
+    return f"is there a {color} {shape}?", "no"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def generate(split: str, num_examples: int, *, seed: int = 0, image_size: int = 128,
+             min_objects: int = 1, max_objects: int = 3, num_captions: int = 5,
+             num_questions: int = 3) -> Iterator[dict]:
+    """Examples of one split, deterministic for (seed, split); scenes unique within the split."""
+    if split not in SPLIT_CODES:
+        raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
+    if not 1 <= min_objects <= max_objects <= 9:
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= 9, got {min_objects}, "
+                         f"{max_objects}")
+    rng = np.random.default_rng([seed, SPLIT_CODES[split]])
+    seen: set[str] = set()
+    for i in range(num_examples):
+        for _ in range(1000):
+            scene = sample_scene(rng, min_objects, max_objects)
+            if describe(scene) not in seen:
+                break
+        else:
+            raise ValueError(f"cannot draw {num_examples} distinct scenes with "
+                             f"{min_objects}-{max_objects} objects")
+        seen.add(describe(scene))
+        yield {"image": png_bytes(render(scene, rng, image_size)),
+               "image_id": f"synthetic_{split}_{i:06d}",
+               "captions": captions(scene, rng, num_captions),
+               "qa": questions(scene, rng, num_questions),
+               "scene": describe(scene)}
