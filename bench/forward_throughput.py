@@ -1,10 +1,12 @@
 """Forward throughput of the full BLIP-2 model: blip2-jax (jitted) vs HF transformers (torch).
 
-Same weights (HF save_pretrained → blip2_jax.load), same inputs, same CPU, fp32. HF runs under
-torch.inference_mode with its default attention (SDPA, its fastest stock setting) and with eager
-attention (the parity reference); the three are timed in alternating rounds.
+Same weights (HF save_pretrained → blip2_jax.load), same inputs, same CPU, fp32 (defaults; see
+--device and --dtype). HF runs under torch.inference_mode with its default attention (SDPA, its
+fastest stock setting) and with eager attention (the parity reference); the three are timed in
+alternating rounds.
 
     python bench/forward_throughput.py [--llm opt|t5] [--batch 8] [--iters 20]
+                                       [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Prints images/s for both and the ratio ours / HF (> 1 means we are faster).
 """
@@ -59,6 +61,30 @@ def add_model_args(ap: argparse.ArgumentParser, *, batch: int, width: int):
     ap.add_argument("--width", type=int, default=width, help="hidden size of every tower")
     ap.add_argument("--layers", type=int, default=4, help="layers of every tower")
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="torch device of the HF model (cpu, cuda); "
+                    "blip2-jax runs on JAX's default device")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="parameter and compute dtype of both models")
+
+
+def setup_device(args):
+    """The HF model's torch device. On CUDA, float32 means true fp32 on both sides: TF32 off for
+    torch (matmul, cuDNN) and JAX's matmul precision 'highest' (its GPU default would be TF32)."""
+    import torch
+    device = torch.device(args.device)
+    if device.type == "cuda" and args.dtype == "float32":
+        import jax
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        jax.config.update("jax_default_matmul_precision", "highest")
+    return device
+
+
+def sync(device):
+    """Wait for the torch device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        import torch
+        torch.cuda.synchronize(device)
 
 
 def build_pair(args):
@@ -68,7 +94,9 @@ def build_pair(args):
                         args.heads)
     with tempfile.TemporaryDirectory() as d:
         hf_model.save_pretrained(d)
-        return hf_model, blip2_jax.load(d)
+        ours = blip2_jax.load(d, dtype=args.dtype)
+    import torch
+    return hf_model.to(args.device, getattr(torch, args.dtype)), ours
 
 
 def timeit_interleaved(fns: dict, iters: int) -> dict:
@@ -96,6 +124,7 @@ def main():
     import jax
     import torch
 
+    device = setup_device(args)
     hf_model, ours = build_pair(args)
 
     rng = np.random.default_rng(0)
@@ -104,17 +133,21 @@ def main():
     ids = rng.integers(3, 1000, size=(b, t))
     mask = np.ones((b, t), np.int64)
     img_tok = hf_model.config.image_token_index
-    hf_inputs = dict(pixel_values=torch.from_numpy(pix.transpose(0, 3, 1, 2).copy()),
+    hf_inputs = dict(pixel_values=torch.from_numpy(pix.transpose(0, 3, 1, 2).copy()
+                                                   ).to(getattr(torch, args.dtype)),
                      input_ids=torch.from_numpy(np.concatenate([np.full((b, q), img_tok), ids], 1)),
                      attention_mask=torch.ones((b, q + t), dtype=torch.long))
     dec = np.zeros((b, t), np.int64)
     if args.llm == "t5":
         hf_inputs["decoder_input_ids"] = torch.from_numpy(dec)
+    hf_inputs = {k: v.to(device) for k, v in hf_inputs.items()}
 
     def run_hf(impl):
         hf_model.set_attn_implementation(impl)
         with torch.inference_mode():
-            return hf_model(**hf_inputs).logits
+            out = hf_model(**hf_inputs).logits
+        sync(device)
+        return out
 
     pix_j, ids_j, mask_j = jax.device_put(pix), jax.device_put(ids), jax.device_put(mask)
     dec_j = jax.device_put(dec) if args.llm == "t5" else None
@@ -126,9 +159,10 @@ def main():
 
     t = timeit_interleaved({"sdpa": lambda: run_hf("sdpa"), "eager": lambda: run_hf("eager"),
                             "ours": run_ours}, args.iters)
-    print(f"device: {jax.devices()[0].device_kind}; torch threads {torch.get_num_threads()}; "
-          f"model {args.llm}, width {args.width}, {args.layers} layers/tower, {args.heads} heads, "
-          f"batch {b}, image {args.image_size}px, {q} queries, text {args.text_len}, fp32")
+    print(f"device: jax {jax.devices()[0].device_kind}, torch {device}; torch threads "
+          f"{torch.get_num_threads()}; model {args.llm}, width {args.width}, {args.layers} "
+          f"layers/tower, {args.heads} heads, batch {b}, image {args.image_size}px, {q} queries, "
+          f"text {args.text_len}, {args.dtype}")
     for name, label in (("sdpa", "HF transformers, SDPA attention"),
                         ("eager", "HF transformers, eager attention"), ("ours", "blip2-jax, jax.jit")):
         print(f"{label:34s} {t[name] * 1e3:8.1f} ms/batch  {b / t[name]:8.1f} images/s")

@@ -17,7 +17,9 @@ keys and reasons) is kept in the dataset's `metadata.json`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import io
 import itertools
 import os
 import shutil
@@ -103,6 +105,13 @@ def _builder_class(kind: str):
 _BUILDERS: dict = {}
 
 
+def _prepare(builder) -> None:
+    # tfds prints "Downloading and preparing dataset Unknown size..." to stdout; the caller
+    # reports what was written instead.
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare()
+
+
 def build(kind: str, name: str, data_dir: str,
           splits: Mapping[str, Callable[[], Iterable[Union[dict, Skipped]]]], *,
           description: str = "", overwrite: bool = False) -> dict[str, SplitReport]:
@@ -130,14 +139,14 @@ def build(kind: str, name: str, data_dir: str,
         shutil.rmtree(backup, ignore_errors=True)
         os.rename(target, backup)
         try:
-            builder.download_and_prepare()
+            _prepare(builder)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             os.rename(backup, target)
             raise
         shutil.rmtree(backup)
     else:
-        builder.download_and_prepare()
+        _prepare(builder)
     empty = [s for s, r in reports.items() if r.examples == 0]
     if empty:
         raise ValueError(f"{target}: split(s) {empty} have no examples "

@@ -288,6 +288,10 @@ class Pipeline:
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
                                                   prefetch_buffer_size=self.prefetch))
         if self.num_workers > 0:
+            from absl import flags
+            if not flags.FLAGS.is_parsed():
+                # grain's workers read absl flags; outside an absl app use their defaults.
+                flags.FLAGS.mark_as_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
         it = _DropSkipped(it, keep=not self.train)
         return it.batch(self.local_batch_size, drop_remainder=self.train, batch_fn=_stack)
