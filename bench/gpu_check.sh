@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check, sized for a single short device run (~6 min on an H100/H200):
+# One GPU check, sized for a single short device run (at most ~7 min on an H100/H200):
 #   1. the fused attention path (jax.nn.dot_product_attention, taken off CPU) against the explicit
 #      one, on the GPU, fp32 and bf16, with padding/causal/fully-masked rows and a bias;
 #   2. the model parity tests (blip2-jax on the GPU vs HF torch on the CPU);
@@ -35,7 +35,7 @@ print("jax devices:", jax.devices(), "| torch cuda:", torch.cuda.is_available())
 EOF
 
   stage "1. fused vs explicit attention on $PLATFORM"
-  JAX_PLATFORMS=$PLATFORM timeout 120 "$PY" - <<'EOF'
+  JAX_PLATFORMS=$PLATFORM timeout -k 5 40 "$PY" - <<'EOF'
 import jax, jax.numpy as jnp, numpy as np
 from blip2_jax import nn as bnn
 
@@ -74,8 +74,8 @@ EOF
                tests/test_blip2.py tests/test_generate.py"
   local xdist=""
   "$PY" -c "import xdist" 2>/dev/null && xdist="-n ${PYTEST_WORKERS:-8}"
-  JAX_PLATFORMS=$PLATFORM XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${PYTEST_LIMIT:-200} \
-    "$PY" -m pytest -q $tests $xdist --maxfail=20 --timeout 150 -rfE -p no:cacheprovider \
+  JAX_PLATFORMS=$PLATFORM XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 ${PYTEST_LIMIT:-140} \
+    "$PY" -m pytest -v $tests $xdist --maxfail=20 --timeout 120 -rfE -p no:cacheprovider \
     --durations=5 2>&1
   echo "pytest exit: $?"
 
@@ -94,14 +94,14 @@ EOF
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
   for dtype in float32 bfloat16; do
     echo "--- forward, opt, $dtype"
-    JAX_PLATFORMS=$PLATFORM timeout ${BENCH_LIMIT:-75} "$PY" bench/forward_throughput.py $fwd \
+    JAX_PLATFORMS=$PLATFORM timeout -k 5 ${FWD_LIMIT:-55} "$PY" bench/forward_throughput.py $fwd \
       --llm opt --iters $it_f --device "$BENCH_DEVICE" --dtype $dtype 2>&1 \
       | grep -v -e "Writing model shards" -e "^\s*$"
     echo "exit: $?"
   done
   for dtype in float32 bfloat16; do
     echo "--- generate, opt, beam 5, $dtype"
-    JAX_PLATFORMS=$PLATFORM timeout ${BENCH_LIMIT:-75} "$PY" bench/generate_throughput.py $gen \
+    JAX_PLATFORMS=$PLATFORM timeout -k 5 ${GEN_LIMIT:-65} "$PY" bench/generate_throughput.py $gen \
       --llm opt --beams 5 --iters $it_g --device "$BENCH_DEVICE" --dtype $dtype 2>&1 \
       | grep -v -e "Writing model shards" -e "^\s*$"
     echo "exit: $?"

@@ -19,6 +19,7 @@ Nothing here imports torch; `transformers` is imported only when a tokenizer is 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -180,9 +181,22 @@ def normalize_pixels(rgb: np.ndarray, mean: Sequence[float] = OPENAI_CLIP_MEAN,
                      std: Sequence[float] = OPENAI_CLIP_STD) -> np.ndarray:
     """uint8 RGB (..., 3) → float32 (x / 255 - mean) / std: the rescale in float64 then cast, and
     the normalisation in float32, as HF's image processors do (torchvision's ToTensor +
-    Normalize agree up to float rounding)."""
-    x = (rgb.astype(np.float64) * (1 / 255)).astype(np.float32)
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    Normalize agree up to float rounding). Computed once per (value, channel) and looked up."""
+    table = _normalize_table(tuple(float(m) for m in np.ravel(mean)),
+                             tuple(float(s) for s in np.ravel(std)))
+    rgb = np.asarray(rgb, np.uint8)
+    out = np.empty(rgb.shape, np.float32)
+    for c in range(3):
+        np.take(table[c], rgb[..., c], out=out[..., c])
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _normalize_table(mean: tuple, std: tuple) -> np.ndarray:
+    x = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    mean32, std32 = np.asarray(mean, np.float32)[:, None], np.asarray(std, np.float32)[:, None]
+    table = (x[None, :] - mean32) / std32
+    return np.ascontiguousarray(table)    # (3, 256): table[channel, value]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -372,6 +372,15 @@ def test_flip_rate_and_randaugment():
     assert abs(np.mean(applied) - 0.5) < 0.1
 
 
+def test_normalize_pixels_is_the_float_formula_for_every_value():
+    r, g = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    rgb = np.stack([r, g, 255 - r], -1).astype(np.uint8)
+    x = (rgb.astype(np.float64) * (1 / 255)).astype(np.float32)
+    ref = ((x - np.asarray(processing.OPENAI_CLIP_MEAN, np.float32))
+           / np.asarray(processing.OPENAI_CLIP_STD, np.float32))
+    np.testing.assert_array_equal(processing.normalize_pixels(rgb), ref)
+
+
 def test_eval_processor_equals_processing_preprocess(tmp_path):
     rgb = _image(7, (70, 50))
     proc = ops.image_processor("blip_image_eval", 32)
