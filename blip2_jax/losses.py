@@ -1,0 +1,167 @@
+"""Stage-1 (ITC, ITM, ITG) and stage-2 (OPT LM, T5 prefix LM) losses: pure functions of model
+outputs over the *global* batch (LAVIS `blip2_qformer.py`, `blip2_opt.py`, `blip2_t5.py`;
+formulas in shared/reference/blip2.md §2-§3).
+
+Global batch, not per device. LAVIS computes each loss per GPU against features gathered from all
+GPUs and averages the gradients (DDP). Here the batch is one global array, sharded or not, so the
+same batch gives the same loss on any mesh. The two differ in two places:
+- ITC. LAVIS gathers with no gradient, so each direction differentiates only its own modality.
+  `itc_loss` reproduces this with `stop_gradient` on the other modality. Its loss and gradients
+  equal LAVIS's DDP average for any number of GPUs (tests/test_losses.py simulates the GPUs).
+- Token losses (ITG, LM). They are means over the global batch's tokens. LAVIS averages per-GPU
+  token means, which weights GPUs with fewer tokens more; the two agree when every GPU holds the
+  same number of tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+ITC_LABEL_SMOOTHING = 0.1
+ITG_LABEL_SMOOTHING = 0.1
+MASKED_LOGIT = -10000.0     # LAVIS's fill for positives before sampling ITM negatives
+
+
+def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, where=None):
+    """torch `CrossEntropyLoss(label_smoothing=ε)`: (1-ε)·NLL + ε·mean over classes of -log p,
+    averaged over the positions where `where` is true (all if None; 0 when there are none).
+    Computed in float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    per = nll if not label_smoothing else ((1 - label_smoothing) * nll
+                                           - label_smoothing * jnp.mean(logp, axis=-1))
+    if where is None:
+        return jnp.mean(per)
+    where = where.astype(jnp.float32)
+    return jnp.sum(per * where) / jnp.maximum(jnp.sum(where), 1.0)
+
+
+def same_image(image_ids):
+    """(B, B) bool: pairs showing the same image (retrieval fine-tuning's positives)."""
+    return image_ids[:, None] == image_ids[None, :]
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1
+# ------------------------------------------------------------------------------------------------
+def itc_similarities(image_feats, text_feats, temp):
+    """(sim_i2t, sim_t2i), both (B, B) with row = the anchor's own index: the max over queries of
+    image·text / temp. In each direction only the anchor's modality carries gradient (LAVIS's
+    no-grad all_gather).
+
+    image_feats (B, Q, E) and text_feats (B, E), L2-normalised."""
+    image_feats = image_feats.astype(jnp.float32)
+    text_feats = text_feats.astype(jnp.float32)
+    sim_i2t = jnp.max(jnp.einsum("iqe,te->itq", image_feats,
+                                 jax.lax.stop_gradient(text_feats)), axis=-1) / temp
+    sim_t2i = jnp.max(jnp.einsum("te,iqe->tiq", text_feats,
+                                 jax.lax.stop_gradient(image_feats)), axis=-1) / temp
+    return sim_i2t, sim_t2i
+
+
+def itc_loss(sim_i2t, sim_t2i, image_ids=None, label_smoothing: float = ITC_LABEL_SMOOTHING):
+    """Contrastive loss, the mean of the two directions.
+
+    Without `image_ids`: each pair's own partner is the target, with label smoothing (pre-training).
+    With `image_ids`: every item of the same image is a positive (COCO retrieval fine-tuning).
+    The targets are then 0.9 · positives / count + 0.1 / B, with no label smoothing."""
+    b = sim_i2t.shape[0]
+    if image_ids is None:
+        labels = jnp.arange(b)
+        return (cross_entropy(sim_i2t, labels, label_smoothing=label_smoothing)
+                + cross_entropy(sim_t2i, labels, label_smoothing=label_smoothing)) / 2
+    pos = same_image(image_ids).astype(jnp.float32)
+    targets = 0.9 * pos / jnp.sum(pos, axis=1, keepdims=True) + 0.1 / b
+
+    def soft_ce(sim):
+        return -jnp.mean(jnp.sum(jax.nn.log_softmax(sim, axis=1) * targets, axis=1))
+    return (soft_ce(sim_i2t) + soft_ce(sim_t2i)) / 2
+
+
+def itm_negatives(rng, sim_i2t, sim_t2i, image_ids=None):
+    """Hard negatives: (image for each text, text for each image), each (B,) int32 indices.
+
+    Each is drawn from the softmax of the similarities with the positives masked out: the own
+    pair, or every item of the same image when `image_ids` is given. No gradient flows. The draw
+    is a function of the key and the global arrays only, so it does not depend on the mesh.
+    If every candidate is a positive, the draw can return a positive."""
+    b = sim_i2t.shape[0]
+    mask = jnp.eye(b, dtype=bool) if image_ids is None else same_image(image_ids)
+    sim_i2t = jnp.where(mask, MASKED_LOGIT, jax.lax.stop_gradient(sim_i2t))
+    sim_t2i = jnp.where(mask, MASKED_LOGIT, jax.lax.stop_gradient(sim_t2i))
+    k_img, k_txt = jax.random.split(rng)
+    # categorical(logits) samples softmax(logits): torch.multinomial(softmax(sim), 1).
+    neg_image = jax.random.categorical(k_img, sim_t2i, axis=-1)
+    neg_text = jax.random.categorical(k_txt, sim_i2t, axis=-1)
+    return neg_image.astype(jnp.int32), neg_text.astype(jnp.int32)
+
+
+def itm_pairs(image_embeds, input_ids, attention_mask, neg_image, neg_text):
+    """The 3B ITM pairs: images [pos, neg, pos] with texts [pos, pos, neg]. Labels are
+    [1]·B + [0]·2B (`itm_labels`)."""
+    images = jnp.concatenate([image_embeds, image_embeds[neg_image], image_embeds], axis=0)
+    ids = jnp.concatenate([input_ids, input_ids, input_ids[neg_text]], axis=0)
+    mask = jnp.concatenate([attention_mask, attention_mask, attention_mask[neg_text]], axis=0)
+    return images, ids, mask
+
+
+def itm_labels(b: int):
+    return jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
+
+
+def itm_loss(logits):
+    """CE (no smoothing) of the (3B, 2) logits of `itm_pairs` against `itm_labels`."""
+    return cross_entropy(logits, itm_labels(logits.shape[0] // 3))
+
+
+def itg_inputs(input_ids, dec_token_id: int):
+    """The Q-Former decoder's input: the text ids with [CLS] replaced by [DEC]."""
+    return input_ids.at[:, 0].set(dec_token_id)
+
+
+def itg_loss(logits, input_ids, attention_mask, label_smoothing: float = ITG_LABEL_SMOOTHING):
+    """Q-Former LM loss: logits[:, t] predicts ids[:, t+1] (so [DEC] is never a target and the
+    final [SEP] is one); padding ignored; label smoothing 0.1; mean over the global batch's
+    target tokens."""
+    return cross_entropy(logits[:, :-1], input_ids[:, 1:], label_smoothing=label_smoothing,
+                         where=attention_mask[:, 1:])
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2
+# ------------------------------------------------------------------------------------------------
+def opt_lm_loss(text_logits, last_query_logits, input_ids, attention_mask,
+                prompt_length: int = 0):
+    """OPT loss over [queries; BOS text "\\n" pad]: LAVIS's targets (queries and padding -100, and
+    the first `prompt_length` tokens when a prompt is set) under HF's shifted causal-LM CE (mean,
+    no smoothing).
+
+    text_logits (B, T, V): the logits at the text positions (`model.logits`), where position t
+        predicts ids[:, t+1].
+    last_query_logits (B, V) or None: the logits at the last query position, which predict
+        ids[:, 0] (the BOS). With no prompt LAVIS trains this (its quirk); with a prompt, or when
+        None is passed, it is not a target.
+    prompt_length: the number of BOS + prompt tokens that are not targets (0 = no prompt)."""
+    t = input_ids.shape[1]
+    position = jnp.arange(t)
+    target_ok = (attention_mask > 0) & (position >= prompt_length)[None, :]
+    logits, labels, where = text_logits[:, :-1], input_ids[:, 1:], target_ok[:, 1:]
+    if last_query_logits is not None:
+        logits = jnp.concatenate([last_query_logits[:, None], logits], axis=1)
+        labels, where = input_ids, target_ok
+    return cross_entropy(logits, labels, where=where)
+
+
+def t5_lm_loss(logits, labels, label_mask):
+    """FlanT5 prefix-LM loss: decoder logits (B, T, V) from the shifted-right decoder input,
+    against the suffix ids, with padding ignored (LAVIS pad → -100). Mean, no smoothing."""
+    return cross_entropy(logits, labels, where=label_mask)
+
+
+def t5_decoder_inputs(labels, label_mask, decoder_start_token_id: int = 0, pad_token_id: int = 0):
+    """T5's `_shift_right`: [start, labels[:-1]] with padding (masked labels) as pad."""
+    ids = jnp.where(label_mask > 0, labels, pad_token_id)
+    start = jnp.full((labels.shape[0], 1), decoder_start_token_id, labels.dtype)
+    return jnp.concatenate([start, ids[:, :-1]], axis=1)
