@@ -65,18 +65,21 @@ def add_model_args(ap: argparse.ArgumentParser, *, batch: int, width: int):
                     "blip2-jax runs on JAX's default device")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="parameter and compute dtype of both models")
+    ap.add_argument("--tf32", action="store_true",
+                    help="float32 on CUDA: TF32 matmuls on both sides instead of true fp32")
 
 
 def setup_device(args):
-    """The HF model's torch device. On CUDA, float32 means true fp32 on both sides: TF32 off for
-    torch (matmul, cuDNN) and JAX's matmul precision 'highest' (its GPU default would be TF32)."""
+    """The HF model's torch device. On CUDA, float32 means true fp32 on both sides (TF32 off for
+    torch's matmuls and cuDNN, JAX matmul precision 'highest'), or TF32 on both with --tf32."""
     import torch
     device = torch.device(args.device)
     if device.type == "cuda" and args.dtype == "float32":
         import jax
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        jax.config.update("jax_default_matmul_precision", "highest")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+        jax.config.update("jax_default_matmul_precision",
+                          "tensorfloat32" if args.tf32 else "highest")
+        print(f"float32 matmuls on CUDA: {'TF32' if args.tf32 else 'true fp32'} on both sides")
     return device
 
 

@@ -4,9 +4,10 @@
 #      one, on the GPU, fp32 and bf16, with padding/causal/fully-masked rows and a bias;
 #   2. the model parity tests (blip2-jax on the GPU vs HF torch on the CPU);
 #   3. bench/forward_throughput.py and bench/generate_throughput.py, JAX on the GPU vs HF torch on
-#      CUDA, fp32 (TF32 off on both sides) and bf16.
+#      CUDA, fp32 (TF32 off on both sides, or on with a ":--tf32" item) and bf16.
 # Every stage has its own time limit, so a hung stage costs only its share. Everything is logged to
-# $OUT/log.txt (or ./gpu_check.log without $OUT).
+# $OUT/log.txt (or ./gpu_check.log without $OUT). Knobs (environment): STAGES ("env attn tests
+# bench"), TESTS / TESTS2 (pytest selections), BENCHES (see below), *_LIMIT (seconds per stage).
 #
 #   bash bench/gpu_check.sh              # on the GPU machine
 #   GPU_CHECK_SMALL=1 JAX_PLATFORMS=cpu BENCH_DEVICE=cpu bash bench/gpu_check.sh  # dry run on CPU
@@ -19,10 +20,21 @@ LOG=${LOG:-gpu_check.log}
 PLATFORM=${JAX_PLATFORMS:-cuda}          # JAX backend for every stage
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}       # torch device of the HF side of the benchmarks
 SMALL=${GPU_CHECK_SMALL:-0}              # 1: tiny sizes (a CPU dry run of this script)
+STAGES=" ${STAGES:-env attn tests bench} "
 
 stage() { echo; echo "=== $* ($(date +%T), ${SECONDS}s) ==="; }
 
+run_tests() {  # run_tests "pytest args" limit_s workers
+  local n=""
+  [ "$xdist" = 1 ] && [ "$3" -gt 1 ] && n="-n $3"
+  JAX_PLATFORMS=$PLATFORM XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 "$2" \
+    "$PY" -m pytest -v $1 $n --maxfail=20 --timeout 120 --tb=short -rfE -p no:cacheprovider \
+    --durations=10 2>&1
+  echo "pytest exit: $? (${SECONDS}s)"
+}
+
 main() {
+  if [[ $STAGES == *" env "* ]]; then
   stage "environment"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
     || echo "no nvidia-smi"
@@ -34,6 +46,9 @@ print("python", __import__("sys").version.split()[0], "| jax", jax.__version__, 
 print("jax devices:", jax.devices(), "| torch cuda:", torch.cuda.is_available())
 EOF
 
+  fi
+
+  if [[ $STAGES == *" attn "* ]]; then
   stage "1. fused vs explicit attention on $PLATFORM"
   JAX_PLATFORMS=$PLATFORM timeout -k 5 40 "$PY" - <<'EOF'
 import jax, jax.numpy as jnp, numpy as np
@@ -66,45 +81,44 @@ for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
 raise SystemExit(0 if worst <= 1 else 1)
 EOF
   echo "attention check exit: $?"
+  fi
 
+  if [[ $STAGES == *" tests "* ]]; then
   stage "2. model parity tests on $PLATFORM"
   # conftest uses os.environ.setdefault, so JAX_PLATFORMS set here wins; torch (the reference)
-  # stays on CPU. xdist workers share the GPU, hence no preallocation.
-  local tests="tests/test_vit.py tests/test_qformer.py tests/test_opt.py tests/test_t5.py
-               tests/test_blip2.py tests/test_generate.py"
-  local xdist=""
-  "$PY" -c "import xdist" 2>/dev/null && xdist="-n ${PYTEST_WORKERS:-8}"
-  JAX_PLATFORMS=$PLATFORM XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 ${PYTEST_LIMIT:-140} \
-    "$PY" -m pytest -v $tests $xdist --maxfail=20 --timeout 120 -rfE -p no:cacheprovider \
-    --durations=5 2>&1
-  echo "pytest exit: $?"
+  # stays on CPU. xdist workers share the GPU, hence no preallocation. TESTS (and TESTS2, a second
+  # pytest run) override the selection.
+  local xdist=0
+  "$PY" -c "import xdist" 2>/dev/null && xdist=1
+  run_tests "${TESTS:-tests/test_vit.py tests/test_qformer.py tests/test_opt.py tests/test_t5.py
+             tests/test_blip2.py tests/test_generate.py}" ${PYTEST_LIMIT:-140} ${PYTEST_WORKERS:-8}
+  [ -n "${TESTS2:-}" ] && run_tests "$TESTS2" ${PYTEST2_LIMIT:-140} ${PYTEST2_WORKERS:-8}
+  fi
+
+  [[ $STAGES == *" bench "* ]] || { stage "done"; return; }
 
   stage "3. benchmarks: jax on $PLATFORM vs HF torch on $BENCH_DEVICE"
-  local fwd gen it_f it_g
-  if [ "$SMALL" = 1 ]; then
-    fwd="--batch 2 --width 64 --layers 2 --heads 4 --image-size 56 --queries 8"
-    gen="--batch 2 --width 64 --layers 2 --heads 4 --image-size 56 --queries 8 --new-tokens 5"
-    it_f=2; it_g=1
-  else
-    fwd="--batch 32 --width 768 --layers 6 --heads 12 --image-size 224 --queries 32"
-    gen="--batch 8 --width 512 --layers 4 --heads 8 --image-size 224 --queries 32 --new-tokens 30"
-    it_f=10; it_g=2
-  fi
   # Half the GPU for JAX, the rest for torch in the same process.
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
-  for dtype in float32 bfloat16; do
-    echo "--- forward, opt, $dtype"
-    JAX_PLATFORMS=$PLATFORM timeout -k 5 ${FWD_LIMIT:-55} "$PY" bench/forward_throughput.py $fwd \
-      --llm opt --iters $it_f --device "$BENCH_DEVICE" --dtype $dtype 2>&1 \
+  # BENCHES: "forward|generate:dtype[:extra flag]" items, run in order.
+  local item kind dtype flag size
+  for item in ${BENCHES:-forward:float32 forward:bfloat16 generate:float32 generate:bfloat16}; do
+    IFS=: read -r kind dtype flag <<<"$item"
+    if [ "$kind" = forward ]; then
+      size="--batch 32 --width 768 --layers 6 --heads 12 --image-size 224 --queries 32 --iters 10"
+      [ "$SMALL" = 1 ] && size="--batch 2 --width 64 --layers 2 --heads 4 --image-size 56
+                                --queries 8 --iters 2"
+    else
+      size="--batch 8 --width 512 --layers 4 --heads 8 --image-size 224 --queries 32
+            --new-tokens 30 --beams 5 --iters 2"
+      [ "$SMALL" = 1 ] && size="--batch 2 --width 64 --layers 2 --heads 4 --image-size 56
+                                --queries 8 --new-tokens 5 --beams 5 --iters 1"
+    fi
+    echo "--- $kind, opt, $dtype $flag (start ${SECONDS}s)"
+    JAX_PLATFORMS=$PLATFORM timeout -k 5 ${BENCH_LIMIT:-60} "$PY" bench/${kind}_throughput.py \
+      $size --llm opt --device "$BENCH_DEVICE" --dtype $dtype $flag 2>&1 \
       | grep -v -e "Writing model shards" -e "^\s*$"
-    echo "exit: $?"
-  done
-  for dtype in float32 bfloat16; do
-    echo "--- generate, opt, beam 5, $dtype"
-    JAX_PLATFORMS=$PLATFORM timeout -k 5 ${GEN_LIMIT:-65} "$PY" bench/generate_throughput.py $gen \
-      --llm opt --beams 5 --iters $it_g --device "$BENCH_DEVICE" --dtype $dtype 2>&1 \
-      | grep -v -e "Writing model shards" -e "^\s*$"
-    echo "exit: $?"
+    echo "exit: ${PIPESTATUS[0]} (end ${SECONDS}s)"
   done
   stage "done"
 }

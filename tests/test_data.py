@@ -241,6 +241,12 @@ def test_build_retrieval_groups_captions_per_image(tmp_path, image_root, capsys)
     recs = sorted((src[i] for i in range(len(src))), key=lambda r: int(r["index"]))
     assert [[c.decode() for c in r["captions"]] for r in recs] == [["b one", "b two"],
                                                                    ["a one", "a two"]]
+    truth = builders.retrieval_truth(d, "blip2_captions/test", "test")
+    assert truth.image_ids == ["b", "a"]
+    assert truth.texts == ["b one", "b two", "a one", "a two"]
+    assert list(truth.text_to_image) == [0, 0, 1, 1]
+    assert truth.image_to_texts == [[0, 1], [2, 3]]
+    assert [int(src[int(r)]["index"]) for r in truth.records] == [0, 1]
     bad = _write(tmp_path / "bad.json", [{"image": "a.jpg", "caption": "x", "image_id": 1},
                                          {"image": "a.jpg", "caption": "y", "image_id": 2}])
     code, _, err = _run(["retrieval", "--annotations", bad, "--image-root", image_root,
@@ -457,9 +463,10 @@ def test_process_sharding_partitions_the_global_batch(data_dir, count):
         for p in range(count):
             local = parts[p][step]
             assert local["image"].shape[0] == 8 // count
-            # Process p holds global rows p, p + count, ...: the same examples, same content.
+            # Process p holds rows [p·b, (p+1)·b) of each global batch, with the same content.
+            b = 8 // count
             for k in ("image", "index", "text"):
-                np.testing.assert_array_equal(local[k], glob_[step][k][p::count])
+                np.testing.assert_array_equal(local[k], glob_[step][k][p * b:(p + 1) * b])
     # Evaluation: one pass, padded to whole batches; the processes' valid rows partition it.
     seen = []
     for p in range(count):

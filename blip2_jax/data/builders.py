@@ -286,5 +286,35 @@ def open_split(data_dir: str, name: str, split: str):
                                   decoders={"image": tfds.decode.SkipDecoding()})
 
 
+@dataclasses.dataclass(frozen=True)
+class RetrievalTruth:
+    """A retrieval split's ground truth, images in `index` order (the annotation file's order).
+
+    image_ids[i] and records[i] (the data-source position of image i); texts flattened image by
+    image; text_to_image[t] = i; image_to_texts[i] = the text indices of image i."""
+    image_ids: list
+    records: np.ndarray
+    texts: list
+    text_to_image: np.ndarray
+    image_to_texts: list
+
+
+def retrieval_truth(data_dir: str, name: str, split: str = "test") -> RetrievalTruth:
+    src = open_split(data_dir, name, split)
+    if kind_of(name) != CAPTIONS:
+        raise ValueError(f"retrieval needs a blip2_captions dataset, got {name!r}")
+    rows = sorted(((int(src[r]["index"]), r) for r in range(len(src))))
+    image_ids, texts, text_to_image, image_to_texts = [], [], [], []
+    for i, (_, r) in enumerate(rows):
+        rec = src[r]
+        image_ids.append(rec["image_id"].decode())
+        caps = [c.decode() for c in rec["captions"]]
+        image_to_texts.append(list(range(len(texts), len(texts) + len(caps))))
+        texts += caps
+        text_to_image += [i] * len(caps)
+    return RetrievalTruth(image_ids, np.array([r for _, r in rows]), texts,
+                          np.array(text_to_image), image_to_texts)
+
+
 def kind_of(name: str) -> str:
     return name.split("/", 1)[0]

@@ -7,10 +7,12 @@
 Order of operations (all lazy, per global example position `i`):
   source records ─ shuffle(seed, reshuffled every epoch) ─ repeat ─┐
   (one chain per dataset)                                          ├ mix(weights) ─ process(i)
-  ─ slice [process_index::process_count] ─ read threads / worker processes ─ drop bad records
+  ─ this process's rows ─ read threads / worker processes ─ drop bad records
   ─ batch(global_batch / process_count)
 `process(i)` draws its randomness (crop, flip, caption choice) from (seed, i), so an example's
-content depends neither on the number of workers nor on the number of hosts. The element-level
+content depends neither on the number of workers nor on the number of hosts. Process p of P takes
+rows [p·b, (p+1)·b) of every global batch (b = B / P): `jax.make_array_from_process_local_data`
+(`sharding.shard_batch`) then assembles exactly the batch one process would have read. The element-level
 work (decode, augment, tokenize) runs in grain's read threads, or in `num_workers` processes.
 
 Training batches (`train=True`): infinite, shuffled, full batches. Evaluation (`train=False`):
@@ -211,6 +213,18 @@ class _PadTo:
         return self.ds[min(j, self.n - 1)]
 
 
+class _ProcessRows:
+    """Local position i → global position: row i % b of this process's block of step i // b."""
+
+    def __init__(self, ds, global_batch: int, local_batch: int, process_index: int):
+        self.ds, self.global_batch, self.local_batch = ds, global_batch, local_batch
+        self.offset = process_index * local_batch
+
+    def __call__(self, i):
+        step, row = divmod(i, self.local_batch)
+        return self.ds[step * self.global_batch + self.offset + row]
+
+
 class _MarkPadding:
     def __init__(self, n: int):
         self.n = n
@@ -284,7 +298,8 @@ class Pipeline:
         ds = ds.random_map(self._process, seed=self.seed)
         if not self.train:
             ds = ds.map_with_index(_MarkPadding(n))
-        ds = ds[self.process_index::self.process_count]
+        ds = grain.MapDataset.range(len(ds) // self.process_count).map(
+            _ProcessRows(ds, self.batch_size, self.local_batch_size, self.process_index))
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
                                                   prefetch_buffer_size=self.prefetch))
         if self.num_workers > 0:
