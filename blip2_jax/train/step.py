@@ -1,0 +1,142 @@
+"""The training step: one jitted function per stage that computes the stage's losses over the
+global batch and applies the optimizer update to the trainable parameters.
+
+    step(state, frozen, batch) -> (state, metrics)      # state donated
+
+Stage 1 (`llm` absent): ITC + ITM + ITG (LAVIS `Blip2Qformer.forward`).
+- The frozen ViT runs forward only: its output is a stop_gradient, ln_vision is trainable.
+- The Q-Former's query pass gives both the ITC features and the query K/V that ITG reuses.
+- ITM pairs each text with a hard-negative image and each image with a hard-negative text.
+Stage 2 OPT: the projected queries prefix `[BOS] caption "\\n"`; LAVIS's targets.
+Stage 2 T5: the prefix LM. The encoder reads [queries; caption prefix] and the decoder
+predicts the caption suffix (`data.pipeline` splits the caption).
+
+Batch fields (from `data.pipeline` with the stage's `TextSpec`s):
+- all stages: `image` (B, S, S, 3), `valid` (B,);
+- stage 1: `qformer_ids`/`qformer_mask`, and `image_index` + `dataset_index` when the
+  config asks for image-id-aware ITC;
+- stage 2 OPT: `llm_ids`/`llm_mask`;
+- stage 2 T5: `llm_ids`/`llm_mask` (prefix) and `target_ids`/`target_mask` (suffix).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blip2_jax import losses
+from blip2_jax.config import Blip2Config, OPTConfig
+from blip2_jax.models.blip2 import Blip2Module
+from blip2_jax.train.state import TrainState, merge
+
+_IMAGE_ID_STRIDE = 1 << 24   # dataset_index * stride + image_index: one id per distinct image
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms (0 disables a term) and stage-specific options."""
+    itc: float = 1.0
+    itm: float = 1.0
+    itg: float = 1.0
+    lm: float = 1.0
+    image_id_itc: bool = False        # COCO retrieval fine-tuning: same-image positives
+    prompt_length: int = 0            # OPT: BOS + prompt tokens that are not targets
+    dec_token_id: int = 0             # the Q-Former tokenizer's [DEC] id (ITG BOS)
+
+
+def _image_embeds(m: Blip2Module, pixels):
+    # The frozen ViT: forward only. ln_vision (trainable) is differentiated.
+    return m.ln_vision(jax.lax.stop_gradient(m.vision(pixels)))
+
+
+def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
+    k_itm, _ = jax.random.split(rng)
+    ids, mask = batch["qformer_ids"], batch["qformer_mask"]
+    image_embeds = _image_embeds(m, batch["image"])
+    query_out, query_cache = m.query_output(image_embeds, return_query_cache=True,
+                                            deterministic=False)
+    image_ids = None
+    if lc.image_id_itc:
+        image_ids = batch["dataset_index"] * _IMAGE_ID_STRIDE + batch["image_index"]
+    out = {}
+    if lc.itc or lc.itm:
+        sims = losses.itc_similarities(m.image_features(query_out),
+                                       m.text_features(ids, mask, deterministic=False), m.temp)
+        out["itc"] = losses.itc_loss(*sims, image_ids=image_ids)
+    if lc.itm:
+        neg_image, neg_text = losses.itm_negatives(k_itm, *sims, image_ids=image_ids)
+        pairs = losses.itm_pairs(image_embeds, ids, mask, neg_image, neg_text)
+        out["itm"] = losses.itm_loss(m.itm_logits(*pairs, deterministic=False))
+    if lc.itg:
+        dec = losses.itg_inputs(ids, lc.dec_token_id)
+        out["itg"] = losses.itg_loss(m.itg_logits(query_cache, dec, mask, deterministic=False),
+                                     dec, mask)
+    total = sum(getattr(lc, k) * v for k, v in out.items() if getattr(lc, k))
+    return total, out
+
+
+def stage2_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
+    cfg = m.config
+    query_out, _ = m.query_output(_image_embeds(m, batch["image"]), deterministic=False)
+    prefix = m.llm_prefix(query_out)
+    ids, mask = batch["llm_ids"], batch["llm_mask"]
+    embeds = jnp.concatenate([prefix, m.llm.embed(ids).astype(prefix.dtype)], axis=1)
+    full_mask = jnp.concatenate([jnp.ones(prefix.shape[:2], mask.dtype), mask], axis=1)
+    if isinstance(cfg.llm, OPTConfig):
+        nq = cfg.num_query_tokens
+        logits, _ = m.llm(embeds, full_mask, logits_from=nq - 1)
+        lm = losses.opt_lm_loss(logits[:, 1:], logits[:, 0], ids, mask,
+                                prompt_length=lc.prompt_length)
+    else:
+        labels, label_mask = batch["target_ids"], batch["target_mask"]
+        dec_in = losses.t5_decoder_inputs(labels, label_mask, cfg.llm.decoder_start_token_id,
+                                          cfg.llm.pad_token_id)
+        encoded = m.llm.encode(embeds, full_mask)
+        logits, _ = m.llm.decode(dec_in, encoded, full_mask, decoder_attention_mask=label_mask)
+        lm = losses.t5_lm_loss(logits, labels, label_mask)
+    return lc.lm * lm, {"lm": lm}
+
+
+def loss_fn(cfg: Blip2Config, lc: LossConfig):
+    """(trainable, frozen, batch, rng) -> (total loss, {term: value})."""
+    module = Blip2Module(cfg)
+    stage = stage1_losses if cfg.llm is None else stage2_losses
+
+    def fn(trainable, frozen, batch, rng):
+        k_dropout, k_loss = jax.random.split(rng)
+        return module.apply({"params": merge(trainable, frozen)}, batch, k_loss, lc,
+                            method=stage, rngs={"dropout": k_dropout})
+    return fn
+
+
+def make_step(cfg: Blip2Config, lc: LossConfig, tx: optax.GradientTransformation,
+              schedule: Optional[optax.Schedule] = None, *, skip_nonfinite: bool = False):
+    """The un-jitted train step (the caller jits with shardings and donation).
+
+    skip_nonfinite: when the loss or the gradients are not finite, keep the params and optimizer
+    state unchanged (and count the step) instead of applying the update."""
+    compute = loss_fn(cfg, lc)
+
+    def step(state: TrainState, frozen, batch):
+        rng, step_rng = jax.random.split(state.rng)
+        step_rng = jax.random.fold_in(step_rng, state.step)
+        (loss, terms), grads = jax.value_and_grad(compute, has_aux=True)(
+            state.params, frozen, batch, step_rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(                        # noqa: E731
+                lambda n, o: jnp.where(finite, n, o), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads),
+                   "param_norm": optax.global_norm(params), "finite": finite}
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  rng=rng)
+        return new_state, metrics
+    return step

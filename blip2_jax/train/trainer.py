@@ -1,0 +1,116 @@
+"""The trainer: a mesh, the shardings of the state / frozen towers / batch, and the one jitted,
+donated step.
+
+    trainer = Trainer(model_cfg, loss_cfg, opt_cfg, total_steps=..., mesh=mesh,
+                      frozen=("vision/.*",), frozen_dtype="bfloat16")
+    state, frozen = trainer.init(params, seed=0)   # params: a full tree (host or device arrays)
+    state, metrics = trainer.step(state, frozen, trainer.place(batch))
+
+Shardings come from the parameters' logical axis names and `sharding.DEFAULT_RULES` (or the
+rules given). The optimizer state follows its parameters' shardings (`optax.tree_map_params`).
+The batch is sharded over the data axes.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from blip2_jax import sharding as sharding_lib
+from blip2_jax.config import Blip2Config
+from blip2_jax.convert.mapping import flatten, unflatten
+from blip2_jax.train import state as state_lib
+from blip2_jax.train.step import LossConfig, make_step
+
+
+class Trainer:
+    def __init__(self, cfg: Blip2Config, loss_cfg: LossConfig, opt_cfg: Mapping, *,
+                 total_steps: int, mesh: Mesh, frozen: Sequence[str] = ("vision/.*",),
+                 frozen_dtype: Optional[str] = "bfloat16",
+                 rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
+                 skip_nonfinite: bool = False):
+        self.cfg, self.loss_cfg, self.mesh, self.rules = cfg, loss_cfg, mesh, rules
+        from blip2_jax import api
+        specs, shapes = api.abstract_init(cfg)
+        paths = list(flatten(shapes))
+        state_lib.check_patterns(paths, frozen)
+        self.frozen_paths = state_lib.frozen_paths(paths, frozen)
+        self.frozen_dtype = frozen_dtype
+        shardings = sharding_lib.shardings_from_logical(specs, shapes, mesh, rules)
+        self.trainable_shardings, self.frozen_shardings = state_lib.split(shardings,
+                                                                         self.frozen_paths)
+        t_specs, t_shapes = state_lib.trainable_abstract(cfg, self.frozen_paths)
+        self.trainable_shapes = t_shapes
+        mask = state_lib.decay_mask(t_specs, t_shapes)
+        scales = state_lib.layer_lr_scales(cfg, t_shapes, dict(opt_cfg).get("vit_layer_decay"))
+        self.tx, self.schedule = state_lib.optimizer(opt_cfg, total_steps, mask, scales)
+
+        replicated = NamedSharding(mesh, P())
+        opt_shapes = jax.eval_shape(self.tx.init, t_shapes)
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, opt_shapes, self.trainable_shardings,
+            transform_non_params=lambda _: replicated)
+        self.state_shardings = state_lib.TrainState(
+            step=replicated, params=self.trainable_shardings, opt_state=opt_shardings,
+            rng=replicated)
+        self._opt_init = jax.jit(self.tx.init, out_shardings=opt_shardings)
+        step = make_step(cfg, loss_cfg, self.tx, self.schedule, skip_nonfinite=skip_nonfinite)
+        self._step = jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
+                                                 None),
+                             out_shardings=(self.state_shardings, replicated),
+                             donate_argnums=(0,))
+
+    # -- state -----------------------------------------------------------------------------------
+    def split(self, params: Mapping) -> tuple[dict, dict]:
+        """Full tree → (trainable float32, frozen in frozen_dtype), placed on the mesh."""
+        trainable, frozen = state_lib.split(params, self.frozen_paths)
+        flat_t = flatten(trainable)
+        missing = sorted(set(flatten(self.trainable_shapes)) - set(flat_t))
+        if missing:
+            raise KeyError(f"params lack trainable leaves {missing[:10]}")
+        # Copies: the step donates the state, which must not alias the caller's arrays.
+        trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
+        if self.frozen_dtype:
+            frozen = jax.tree.map(lambda x: jnp.asarray(x, self.frozen_dtype), frozen)
+        return (jax.device_put(trainable, self.trainable_shardings),
+                jax.device_put(frozen, self.frozen_shardings))
+
+    def init(self, params: Mapping, seed: int = 0):
+        """(TrainState at step 0, frozen tree) from a full parameter tree."""
+        trainable, frozen = self.split(params)
+        state = state_lib.TrainState(
+            step=jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step),
+            params=trainable, opt_state=self._opt_init(trainable),
+            rng=jax.device_put(jax.random.PRNGKey(seed), self.state_shardings.rng))
+        return state, frozen
+
+    def abstract_state(self):
+        """ShapeDtypeStructs (with shardings) of the TrainState, for restoring a checkpoint."""
+        shapes = state_lib.TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=self.trainable_shapes,
+            opt_state=jax.eval_shape(self.tx.init, self.trainable_shapes),
+            rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def place(self, batch: Mapping[str, np.ndarray]) -> dict:
+        """A host batch (this process's rows, numbers only) → global arrays on the data axes."""
+        return sharding_lib.shard_batch(dict(batch), self.mesh, self.rules)
+
+    def step(self, state, frozen, batch):
+        return self._step(state, frozen, batch)
+
+    def lower(self, state, frozen, batch):
+        return self._step.lower(state, frozen, batch)
+
+
+def full_params(trainable: Mapping, frozen: Mapping) -> dict:
+    return state_lib.merge(trainable, frozen)
+
+
+__all__ = ["Trainer", "full_params", "unflatten"]

@@ -1,0 +1,254 @@
+"""The train step: loss composition against HF logits + LAVIS targets (stage 2) and against our
+HF-checked surfaces (stage 1); the same global batch gives the same losses and updates on any
+mesh; frozen towers are bf16, untouched and without optimizer state; optimizer details."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax.sharding import Mesh
+
+import blip2_jax
+import hf_ref
+from blip2_jax import api, config, losses, sharding
+from blip2_jax.convert.mapping import flatten
+from blip2_jax.train import state as state_lib
+from blip2_jax.train.step import LossConfig, loss_fn
+from blip2_jax.train.trainer import Trainer
+from hf_ref import IMAGE_TOKEN, nchw, pixels, text_batch
+
+OPT = dict(lr=1e-3, warmup_steps=1, warmup_lr=1e-4, min_lr=1e-5, b2=0.98, weight_decay=0.05)
+
+
+def _no_dropout(cfg):
+    return cfg.replace(qformer=dataclasses.replace(cfg.qformer, hidden_dropout=0.0,
+                                                   attention_dropout=0.0))
+
+
+def _stage1_batch(b=8, t=9, seed=0):
+    ids, mask = text_batch(b, t, seed=seed, pad_side="right", pad_id=0)
+    ids[:, 0] = 1                                          # [CLS]
+    return {"image": pixels(b, seed=seed), "qformer_ids": ids.astype(np.int32),
+            "qformer_mask": mask.astype(np.int32)}
+
+
+def _opt_batch(b=4, t=7, seed=0):
+    ids, mask = text_batch(b, t, seed=seed, pad_side="right", pad_id=1)
+    ids[:, 0] = 2                                          # BOS </s>
+    return {"image": pixels(b, seed=seed), "llm_ids": ids.astype(np.int32),
+            "llm_mask": mask.astype(np.int32)}
+
+
+def _t5_batch(b=4, seed=0):
+    ids, mask = text_batch(b, 6, seed=seed, pad_side="right", pad_id=0)
+    tgt, tmask = text_batch(b, 5, seed=seed + 1, pad_side="right", pad_id=0)
+    return {"image": pixels(b, seed=seed), "llm_ids": ids.astype(np.int32),
+            "llm_mask": mask.astype(np.int32), "target_ids": tgt.astype(np.int32),
+            "target_mask": tmask.astype(np.int32)}
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def stage2_pair(request, tmp_path_factory):
+    hf_model = hf_ref.blip2_generation(request.param, seed=1)
+    path = tmp_path_factory.mktemp(f"train_{request.param}")
+    hf_model.save_pretrained(path)
+    return request.param, hf_model, blip2_jax.load(path)
+
+
+@pytest.mark.parametrize("prompt_length", [0, 2])
+def test_stage2_loss_equals_hf_logits_with_lavis_targets(stage2_pair, prompt_length):
+    kind, hf_model, model = stage2_pair
+    cfg = _no_dropout(model.config)
+    nq = cfg.num_query_tokens
+    batch = _opt_batch() if kind == "opt" else _t5_batch()
+    fn = loss_fn(cfg, LossConfig(prompt_length=prompt_length))
+    loss, terms = fn(model.params, {}, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(0))
+    ids, mask = batch["llm_ids"].astype(np.int64), batch["llm_mask"].astype(np.int64)
+    b = ids.shape[0]
+    kwargs = dict(pixel_values=nchw(batch["image"]),
+                  input_ids=torch.from_numpy(np.concatenate([np.full((b, nq), IMAGE_TOKEN), ids], 1)),
+                  attention_mask=torch.from_numpy(np.concatenate([np.ones((b, nq), np.int64),
+                                                                  mask], 1)))
+    if kind == "opt":
+        with torch.no_grad():
+            logits = hf_model(**kwargs).logits
+        targets = torch.from_numpy(np.where(mask > 0, ids, -100))
+        if prompt_length:
+            targets[:, :prompt_length] = -100
+        targets = torch.cat([torch.full((b, nq), -100), targets], 1)
+        ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                              targets[:, 1:].reshape(-1), ignore_index=-100).item()
+    else:
+        labels = torch.from_numpy(np.where(batch["target_mask"] > 0, batch["target_ids"],
+                                           -100).astype(np.int64))
+        with torch.no_grad():
+            logits = hf_model(**kwargs, labels=labels,
+                              decoder_attention_mask=torch.from_numpy(
+                                  batch["target_mask"].astype(np.int64))).logits
+        ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                              ignore_index=-100).item()
+    assert abs(float(loss) - ref) < 1e-5 * ref
+    assert float(terms["lm"]) == float(loss)
+
+
+def test_stage1_losses_equal_the_surfaces():
+    cfg = _no_dropout(config.get_preset("tiny-stage1"))
+    model = api.Blip2.random(cfg)
+    batch = _stage1_batch()
+    lc = LossConfig(dec_token_id=99)
+    rng = jax.random.PRNGKey(3)
+    loss, terms = loss_fn(cfg, lc)(model.params, {}, jax.tree.map(jnp.asarray, batch), rng)
+    temp = model.params["temp"]
+    pix, ids, mask = batch["image"], batch["qformer_ids"], batch["qformer_mask"]
+    sim = model.itc(pix, ids, mask) / temp
+    assert abs(float(terms["itc"]) - float(losses.itc_loss(sim, sim.T))) < 1e-5
+    # The step's key schedule: split(rng) -> (dropout, loss); split(loss key) -> ITM key.
+    k_itm, _ = jax.random.split(jax.random.split(rng)[1])
+    neg_image, neg_text = losses.itm_negatives(k_itm, sim, sim.T)
+    neg_image, neg_text = np.asarray(neg_image), np.asarray(neg_text)
+    itm = np.concatenate([model.itm(pix, ids, mask), model.itm(pix[neg_image], ids, mask),
+                          model.itm(pix, ids[neg_text], mask[neg_text])])
+    assert abs(float(terms["itm"]) - float(losses.itm_loss(jnp.asarray(itm)))) < 1e-5
+    dec = np.asarray(losses.itg_inputs(jnp.asarray(ids), 99))
+    itg = losses.itg_loss(model.logits(pix, dec, mask), dec, mask)
+    assert abs(float(terms["itg"]) - float(itg)) < 1e-5
+    assert abs(float(loss) - sum(float(terms[k]) for k in ("itc", "itm", "itg"))) < 1e-5
+
+
+MESHES = {"1": dict(data=1), "data4-fsdp2": dict(data=4, fsdp=2),
+          "data2-fsdp2-tensor2": dict(data=2, fsdp=2, tensor=2)}
+
+
+def _mesh(axes):
+    full = {"data": 1, "fsdp": 1, "tensor": 1, **axes}
+    n = int(np.prod(list(full.values())))
+    devices = np.array(jax.devices()[:n]).reshape(tuple(full.values()))
+    return Mesh(devices, tuple(full))
+
+
+def _run(cfg, lc, params, batch, mesh, steps=3, frozen=("vision/.*",), **kw):
+    tr = Trainer(cfg, lc, OPT, total_steps=10, mesh=mesh, frozen=frozen, frozen_dtype=None, **kw)
+    st, fr = tr.init(params, seed=0)
+    metrics = []
+    for _ in range(steps):
+        st, m = tr.step(st, fr, tr.place(batch))
+        metrics.append(jax.tree.map(float, m))
+    return tr, st, fr, metrics
+
+
+# Attention key biases have an exactly zero gradient (softmax is shift invariant), so Adam turns
+# their float noise into +-lr steps whose signs depend on summation order: not comparable.
+def _comparable(path):
+    return not path.endswith("key/bias")
+
+
+@pytest.mark.parametrize("preset", ["tiny-stage1", "tiny-opt", "tiny-t5"])
+def test_same_losses_and_updates_on_any_mesh(preset):
+    cfg = config.get_preset(preset)
+    params = api.init_params(cfg, 0)
+    batch = (_stage1_batch() if preset == "tiny-stage1" else
+             {**_opt_batch(b=8), **({} if preset == "tiny-opt" else _t5_batch(b=8))})
+    frozen = ("vision/.*",) if cfg.llm is None else ("vision/.*", "llm/.*")
+    lc = LossConfig(dec_token_id=99)
+    runs = {name: _run(cfg, lc, params, batch, _mesh(axes), frozen=frozen)
+            for name, axes in MESHES.items()}
+    _, ref_state, _, ref_metrics = runs["1"]
+    ref_params = flatten(jax.tree.map(np.asarray, ref_state.params))
+    for name, (_, st, _, metrics) in runs.items():
+        for m, r in zip(metrics, ref_metrics):
+            for k in r:
+                assert abs(m[k] - r[k]) <= 1e-5 * max(1.0, abs(r[k])), (name, k, m[k], r[k])
+        got = flatten(jax.tree.map(np.asarray, st.params))
+        for path, ref in ref_params.items():
+            if _comparable(path):
+                assert np.abs(got[path] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), (
+                    name, path)
+    assert ref_metrics[-1]["loss"] < ref_metrics[0]["loss"]       # it learns (same batch)
+
+
+def test_frozen_towers_are_bf16_untouched_and_have_no_optimizer_state():
+    cfg = config.get_preset("tiny-opt")
+    params = api.init_params(cfg, 0)
+    tr = Trainer(cfg, LossConfig(), OPT, total_steps=10, mesh=_mesh({"data": 2}),
+                 frozen=("vision/.*", "llm/.*"), frozen_dtype="bfloat16")
+    st, fr = tr.init(params, seed=0)
+    before = jax.tree.map(np.asarray, fr)
+    assert {str(x.dtype) for x in jax.tree.leaves(fr)} == {"bfloat16"}
+    assert set(fr) == {"vision", "llm"} and "vision" not in st.params and "llm" not in st.params
+    assert {str(x.dtype) for x in jax.tree.leaves(st.params)} == {"float32"}
+    opt_leaves = sum(x.size for x in jax.tree.leaves(st.opt_state))
+    trainable = sum(x.size for x in jax.tree.leaves(st.params))
+    assert opt_leaves <= 2 * trainable + 10          # Adam's mu and nu (+ counters) only
+    for _ in range(2):
+        st, m = tr.step(st, fr, tr.place(_opt_batch(b=4)))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.tree.map(np.asarray, fr))):
+        np.testing.assert_array_equal(a, b)
+    assert int(st.step) == 2 and bool(m["finite"])
+
+
+def test_decay_mask_and_layer_lr_scales():
+    cfg = config.get_preset("tiny-stage1")
+    t_specs, t_shapes = state_lib.trainable_abstract(cfg, set())
+    mask = flatten(state_lib.decay_mask(t_specs, t_shapes))
+    # LAVIS: exempt 1-D params and biases, per layer (stacked layers keep their per-layer ndim).
+    assert mask["qformer/layers/layer_0/self_attn/query/kernel"]
+    assert not mask["qformer/layers/layer_0/self_attn/query/bias"]
+    assert not mask["qformer/layers/layer_0/self_ln/scale"]           # (layers, H): 1-D per layer
+    assert not mask["ln_vision/scale"]
+    assert mask["temp"] and mask["query_tokens"]                      # 0-D and 3-D decay
+    assert mask["vision/layers/mlp/fc1/kernel"] and not mask["vision/layers/ln1/scale"]
+    scales = flatten(state_lib.layer_lr_scales(cfg, t_shapes, 0.9))
+    n = cfg.vision.num_layers
+    np.testing.assert_allclose(scales["vision/layers/mlp/fc1/kernel"].ravel(),
+                               [0.9 ** (n - i) for i in range(n)], rtol=1e-6)
+    assert scales["vision/patch_embed/kernel"] == pytest.approx(0.9 ** (n + 1))
+    assert scales["qformer/embeddings/ln/scale"] == 1.0
+    assert state_lib.layer_lr_scales(cfg, state_lib.split(t_shapes, {
+        p for p in flatten(t_shapes) if p.startswith("vision/")})[0], 0.9) is None
+
+
+def test_schedule_warmup_then_cosine():
+    s = state_lib.schedule(1e-4, 100, warmup_steps=10, warmup_lr=1e-6, min_lr=1e-5)
+    assert float(s(0)) == pytest.approx(1e-6)
+    assert float(s(10)) == pytest.approx(1e-4)
+    assert float(s(5)) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 0.5)
+    assert float(s(100)) == pytest.approx(1e-5)
+    mid = 10 + 45
+    assert float(s(mid)) == pytest.approx(1e-5 + (1e-4 - 1e-5) * 0.5, rel=1e-4)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        state_lib.schedule(1e-4, 10, warmup_steps=10)
+
+
+def test_nonfinite_update_is_skipped_when_asked():
+    cfg = config.get_preset("tiny-stage1")
+    params = api.init_params(cfg, 0)
+    batch = _stage1_batch()
+    batch["image"][0, 0, 0, 0] = np.nan
+    tr, st, fr, metrics = _run(cfg, LossConfig(dec_token_id=99), params, batch,
+                               _mesh({"data": 1}), steps=1, skip_nonfinite=True)
+    assert not metrics[0]["finite"]
+    t0, _ = state_lib.split(params, tr.frozen_paths)
+    for a, b in zip(jax.tree.leaves(t0), jax.tree.leaves(st.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="matches no parameter"):
+        Trainer(cfg, LossConfig(), OPT, total_steps=10, mesh=_mesh({"data": 1}),
+                frozen=("visoin/.*",))
+
+
+def test_sharding_of_state_follows_logical_axes():
+    cfg = config.get_preset("tiny-stage1")
+    tr = Trainer(cfg, LossConfig(dec_token_id=99), OPT, total_steps=10,
+                 mesh=_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    st, fr = tr.init(api.init_params(cfg, 0))
+    kernel = st.params["qformer"]["layers"]["layer_0"]["text_ffn"]["fc1"]["kernel"]
+    expected = sharding.param_shardings(cfg, tr.mesh)["qformer"]["layers"]["layer_0"][
+        "text_ffn"]["fc1"]["kernel"]
+    assert kernel.sharding.is_equivalent_to(expected, kernel.ndim)
+    adam = next(s for s in st.opt_state if hasattr(s, "mu"))
+    mu = adam.mu["qformer"]["layers"]["layer_0"]["text_ffn"]["fc1"]["kernel"]
+    assert mu.sharding.is_equivalent_to(expected, mu.ndim)
