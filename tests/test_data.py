@@ -127,6 +127,27 @@ def test_build_synthetic_writes_both_schemas(data_dir):
         assert len(builders.open_split(data_dir, "blip2_captions/synthetic", split)) == n
 
 
+def test_build_synthetic_writes_tokenizers_of_its_language(data_dir):
+    base = build_cli.synthetic_tokenizer_dir(data_dir)
+    caption = synthetic.captions(synthetic.sample_scene(np.random.default_rng(9)),
+                                 np.random.default_rng(9))[0]
+    qtok = processing.load_tokenizer(os.path.join(base, "qformer"), "qformer")
+    assert len(qtok) == 100 and qtok.bos_token_id == 99 and qtok.pad_token_id == 0
+    ids, _ = processing.tokenize_prompts(qtok, caption, kind="qformer")
+    assert qtok.unk_token_id not in ids[0]                      # every word is in the vocab
+    assert len(ids[0]) == len(caption.replace(",", " ,").split()) + 2
+    opt = processing.load_tokenizer(os.path.join(base, "opt"), "opt")
+    assert (opt.bos_token_id, opt.pad_token_id) == (2, 1)
+    assert len(opt("\n", add_special_tokens=False)["input_ids"]) == 1
+    ids, _ = processing.tokenize_prompts(opt, caption, kind="opt")
+    assert processing.decode(opt, ids[:, 1:]) == [caption]
+    t5 = processing.load_tokenizer(os.path.join(base, "t5"), "t5")
+    assert (t5.eos_token_id, t5.pad_token_id) == (1, 0)
+    ids, _ = processing.tokenize_prompts(t5, caption, kind="t5")
+    assert processing.decode(t5, ids, eos_token_id=1) == [caption]
+    assert len(ids[0]) == len(caption.replace(",", " ,").split()) + 1     # a piece per word
+
+
 # ------------------------------------------------------------------------------------------------
 # Builders from annotation files (fault injection included)
 # ------------------------------------------------------------------------------------------------

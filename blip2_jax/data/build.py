@@ -1,6 +1,7 @@
 """Build a dataset: `python -m blip2_jax.data.build KIND ... --data-dir DIR`.
 
     build synthetic  --data-dir DIR [--name synthetic] [--train 5000 --val 500 --test 500 --seed 0]
+                     (also writes small tokenizers of its language to DIR/tokenizers/NAME/)
     build captions   --annotations [SPLIT=]FILE.json ... --image-root DIR --data-dir DIR [--name N]
     build retrieval  --annotations [SPLIT=]FILE.json ... --image-root DIR --data-dir DIR [--name N]
     build vqa        --annotations [SPLIT=]FILE.json ... --image-root DIR --data-dir DIR [--name N]
@@ -42,6 +43,11 @@ def expand_shards(pattern: str) -> list[str]:
     if any(c in pattern for c in "*?["):
         return sorted(glob.glob(pattern))
     return [pattern]
+
+
+def synthetic_tokenizer_dir(data_dir: str, name: str = "synthetic") -> str:
+    """Where `build synthetic` writes its small qformer / opt / t5 tokenizers."""
+    return os.path.join(data_dir, "tokenizers", name)
 
 
 def _annotation_splits(items: list[str], default_split: str) -> dict[str, str]:
@@ -133,6 +139,11 @@ def main(argv=None) -> int:
                                          description=f"synthetic scenes {opts}",
                                          overwrite=args.overwrite)
                 _print_reports(kind, args.name, args.data_dir, reports)
+            texts = [t for ex in scenes.get("train", next(iter(scenes.values())))
+                     for t in ex["captions"] + [x for qa in ex["qa"] for x in qa]]
+            dirs = synthetic.write_tokenizers(texts, synthetic_tokenizer_dir(args.data_dir,
+                                                                             args.name))
+            print(f"wrote tokenizers for the synthetic language: {', '.join(dirs.values())}")
             return 0
 
         read = dict(workers=args.workers, max_size=args.max_image_size)

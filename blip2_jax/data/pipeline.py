@@ -19,14 +19,19 @@ Training batches (`train=True`): infinite, shuffled, full batches. Evaluation (`
 one pass in stored order over one dataset, the last batch padded (`valid` False on padding rows)
 so every process runs the same number of batches.
 
-A record whose image does not decode is dropped, counted and logged (`it.skipped`, with the
-first few keys in `it.first_skipped`; both are part of the checkpointed state).
+A record whose image does not decode is dropped, counted and logged (`skipped(it)` gives the
+count and the first few keys; both are part of the checkpointed state).
 
-Batch fields: `image` float32 (b, S, S, 3); `text` (caption, or the question for VQA; LAVIS-cleaned,
-prompt applied), for VQA also `answer` (one of the answers, drawn by frequency) and `answers`
-(all, as an object array); per tokenizer spec NAME: `NAME_ids`, `NAME_mask` int32 (b, L);
-`image_index`, `dataset_index`, `index` int32; `image_id` (and `question_id`) strings; `valid`
-bool. `numeric(batch)` keeps the arrays a device step takes.
+Batch fields:
+- `image` float32 (b, S, S, 3);
+- `text`: the caption, or the question for VQA; LAVIS-cleaned, prompt applied. With
+  `prefix_lm` it is the caption's prefix, and `target` holds the suffix;
+- VQA also has `answer` (one of the answers, drawn by frequency) and `answers` (all of them, as
+  an object array);
+- per tokenizer spec NAME: `NAME_ids` and `NAME_mask`, int32 (b, L);
+- `image_index`, `dataset_index`, `index` int32; `image_id` (and `question_id`) strings;
+  `valid` bool.
+`numeric(batch)` keeps the arrays a device step takes.
 """
 from __future__ import annotations
 
@@ -86,13 +91,14 @@ class _Process(grain.transforms.RandomMap):
 
     def __init__(self, kinds: Sequence[str], processors: Sequence[str], *, image_size: int,
                  flip: bool, max_words: int, prompt: str, question_template: str,
-                 texts: Sequence[TextSpec], train: bool):
+                 texts: Sequence[TextSpec], train: bool, prefix_lm: bool = False):
         self.kinds = list(kinds)
         self.image_fns = [ops.image_processor(p, image_size, flip) for p in processors]
         self.max_words, self.prompt = max_words, prompt
         self.question_template = question_template
         self.texts = list(texts)
         self.train = train
+        self.prefix_lm = prefix_lm
         self._tokenizers: dict[str, Any] = {}
         self.image_size = image_size
 
@@ -122,7 +128,10 @@ class _Process(grain.transforms.RandomMap):
         if kind == builders.CAPTIONS:
             captions = [_text(c) for c in record["captions"]]
             caption = captions[rng.integers(len(captions))] if self.train else captions[0]
-            out["text"] = self.prompt + ops.pre_caption(caption, self.max_words)
+            text = ops.pre_caption(caption, self.max_words)
+            if self.prefix_lm:
+                text, out["target"] = _split_prefix(text, rng if self.train else None)
+            out["text"] = self.prompt + text
             out["captions"] = _object(captions)
         else:
             question = ops.pre_question(_text(record["question"]), self.max_words)
@@ -143,6 +152,15 @@ class _Process(grain.transforms.RandomMap):
         if bad is not None:
             out[_SKIP] = bad
         return out
+
+
+def _split_prefix(text: str, rng: Optional[np.random.Generator]) -> tuple[str, str]:
+    """Prefix-LM split (BLIP-2 FlanT5; the paper gives no rule, this is ours): k words of the
+    caption go to the encoder, the rest (at least one word) is the decoder's target, with k
+    uniform in [0, n-1]. Evaluation (rng None) uses k = 0: the whole caption is the target."""
+    words = text.split(" ")
+    k = int(rng.integers(len(words))) if rng is not None else 0
+    return " ".join(words[:k]), " ".join(words[k:])
 
 
 class _DropSkipped(grain.IterDataset):
@@ -243,6 +261,7 @@ class Pipeline:
                  image_processor: Optional[str] = None, flip: bool = True,
                  max_words: int = 50, prompt: str = "",
                  question_template: str = "{}", texts: Sequence[TextSpec] = (),
+                 prefix_lm: bool = False,
                  process_index: int = 0, process_count: int = 1, num_workers: int = 0,
                  num_threads: int = 8, prefetch: int = 64):
         if not sources:
@@ -270,7 +289,8 @@ class Pipeline:
         self.splits = [builders.open_split(data_dir, s.name, s.split) for s in sources]
         self._process = _Process(kinds, processors, image_size=image_size, flip=flip,
                                  max_words=max_words, prompt=prompt,
-                                 question_template=question_template, texts=texts, train=train)
+                                 question_template=question_template, texts=texts, train=train,
+                                 prefix_lm=prefix_lm)
         self._weights = weights
 
     @property
@@ -353,7 +373,7 @@ def from_config(data, *, batch_size: int, seed: int = 0, train: bool = True,
     sources = [Source(**dict(s)) for s in raw]
     texts = [TextSpec(**dict(t)) for t in data.get("texts", ())]
     known = {"data_dir", "image_size", "image_processor", "flip", "max_words", "prompt",
-             "question_template", "num_workers", "num_threads", "prefetch"}
+             "question_template", "num_workers", "num_threads", "prefetch", "prefix_lm"}
     extra = set(data) - known - {"texts", split_key, "train", "eval"}
     if extra:
         raise KeyError(f"unknown data config keys {sorted(extra)} (known: {sorted(known)})")

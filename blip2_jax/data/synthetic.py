@@ -216,3 +216,61 @@ def generate(split: str, num_examples: int, *, seed: int = 0, image_size: int = 
                "captions": captions(scene, rng, num_captions),
                "qa": questions(scene, rng, num_questions),
                "scene": describe(scene)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizers for the synthetic language (tiny models need tiny vocabularies)
+# ------------------------------------------------------------------------------------------------
+QFORMER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def write_tokenizers(texts: list[str], out_dir: str, *, qformer_vocab: int = 100,
+                     opt_vocab: int = 384, t5_vocab: int = 256) -> dict[str, str]:
+    """Small tokenizers of the three families, fitted to `texts`, under `out_dir/{qformer,opt,t5}`:
+
+    qformer: a BERT `vocab.txt` with the usual specials ([PAD] = 0), every word, and [unused]
+        fillers up to `qformer_vocab - 1` entries, so that `load_tokenizer(..., "qformer")`
+        appends [DEC] as id `qformer_vocab - 1` (the model's vocab_size is `qformer_vocab`);
+    opt: GPT-2-style byte-level BPE (`vocab.json` + `merges.txt`) with OPT's specials <s> 0,
+        <pad> 1, </s> 2, <unk> 3 and "\\n" as a token, `opt_vocab` entries;
+    t5: a SentencePiece-style Unigram `tokenizer.json` with T5's <pad> 0, </s> 1, <unk> 2, one
+        piece per word plus single characters.
+    Deterministic for the same texts."""
+    import os
+    import re
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    dirs = {k: os.path.join(out_dir, k) for k in ("qformer", "opt", "t5")}
+    for d in dirs.values():
+        os.makedirs(d, exist_ok=True)
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+    vocab = list(QFORMER_SPECIALS) + words
+    if len(vocab) > qformer_vocab - 1:
+        raise ValueError(f"{len(vocab)} words and specials do not fit a Q-Former vocabulary of "
+                         f"{qformer_vocab} (one id is [DEC])")
+    vocab += [f"[unused{i}]" for i in range(qformer_vocab - 1 - len(vocab))]
+    with open(os.path.join(dirs["qformer"], "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+
+    corpus = sorted(set(texts))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus + ["\n"], trainers.BpeTrainer(
+        vocab_size=opt_vocab, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.model.save(dirs["opt"])
+
+    # Unigram pieces: each word as one piece (favoured), then single characters as a fallback.
+    # (Unigram *training* on such a small, repetitive corpus keeps mostly characters.)
+    chars = sorted({c for t in corpus for c in t if not c.isspace()})
+    pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+              + [("\u2581" + w, -1.0) for w in words] + [("\u2581", -5.0)]
+              + [(c, -10.0) for c in chars])
+    if len(pieces) > t5_vocab:
+        raise ValueError(f"{len(pieces)} pieces do not fit a T5 vocabulary of {t5_vocab}")
+    uni = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    uni.pre_tokenizer = pre_tokenizers.Metaspace()
+    uni.decoder = decoders.Metaspace()
+    uni.save(os.path.join(dirs["t5"], "tokenizer.json"))
+    return dirs

@@ -1,0 +1,117 @@
+"""Where a training run's parameters come from: every source named in `config.init`, and nothing
+that should be loaded left silently random.
+
+    config.init.checkpoint     a whole model (HF or native dir): every leaf it has
+    config.init.stage1         a stage-1 model (e.g. a stage-1 run's `final/`): vision, ln_vision,
+                               the Q-Former leaves the target model has, query_tokens
+    config.init.qformer_bert   a BERT directory (bert-base-uncased layout) → the Q-Former
+                               (`convert.bert_qformer`, LAVIS's from-scratch init)
+    config.init.vision         a model dir whose image encoder (vision/ + ln_vision/) is taken
+    config.init.llm            a model dir whose LLM (llm/) is taken
+    config.init.random         top-level names allowed to start from random init (the heads LAVIS
+                               creates fresh, e.g. "vision_proj", "llm_proj", or "*" for a toy run)
+
+Later sources override earlier ones in the order above. Every parameter not loaded must be under a
+name in `random`, or init fails listing them. `sources` records, per top-level name, where it came
+from (the checkpoint writes it beside each frozen tower's content hash).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from blip2_jax import api
+from blip2_jax.config import Blip2Config
+from blip2_jax.convert.mapping import flatten, unflatten
+
+
+class InitError(ValueError):
+    pass
+
+
+def _load_tree(path: str) -> tuple[Blip2Config, dict]:
+    model = api.load(path, dtype=None)
+    return model.config, flatten(jax.tree.map(np.asarray, model.params))
+
+
+def _take(flat: dict, loaded: dict, src: Mapping, prefixes: Sequence[str], source: str,
+          *, all_leaves: bool) -> int:
+    """Copy leaves under `prefixes` from `src`; fail on shape mismatches (and, when `all_leaves`,
+    on target leaves under those prefixes the source lacks)."""
+    n, problems = 0, []
+    for path, leaf in flat.items():
+        if not any(path == p or path.startswith(p + "/") for p in prefixes):
+            continue
+        if path not in src:
+            if all_leaves:
+                problems.append(f"{path}: missing from {source}")
+            continue
+        if tuple(src[path].shape) != tuple(leaf.shape):
+            problems.append(f"{path}: {source} has shape {tuple(src[path].shape)}, the model "
+                            f"needs {tuple(leaf.shape)}")
+            continue
+        flat[path] = np.asarray(src[path]).astype(leaf.dtype)
+        loaded[path] = source
+        n += 1
+    if problems:
+        raise InitError(f"cannot initialise from {source}:\n  " + "\n  ".join(problems))
+    if n == 0:
+        raise InitError(f"{source} provides none of {list(prefixes)}")
+    return n
+
+
+def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict, dict]:
+    """(full parameter tree, {top-level name: source}) for the start of a run."""
+    init = dict(init)
+    known = {"checkpoint", "stage1", "qformer_bert", "vision", "llm", "random"}
+    unknown = set(init) - known
+    if unknown:
+        raise KeyError(f"unknown config.init keys {sorted(unknown)} (known {sorted(known)})")
+    flat = flatten(jax.tree.map(np.asarray, api.init_params(cfg, seed)))
+    loaded: dict[str, str] = {}
+    top = sorted({p.split("/")[0] for p in flat})
+
+    if init.get("checkpoint"):
+        _, src = _load_tree(init["checkpoint"])
+        _take(flat, loaded, src, top, f"checkpoint {init['checkpoint']}", all_leaves=False)
+    if init.get("stage1"):
+        _, src = _load_tree(init["stage1"])
+        _take(flat, loaded, src, ["vision", "ln_vision", "qformer", "query_tokens"],
+              f"stage-1 model {init['stage1']}", all_leaves=False)
+    if init.get("qformer_bert"):
+        from blip2_jax.convert import bert_qformer
+        params, report = bert_qformer.init_qformer_from_bert(
+            cfg, init["qformer_bert"], jax.random.PRNGKey(seed + 1), params=unflatten(flat))
+        fresh = {f for f in report.fresh if "[" not in f}     # "leaf[i]": one new row only
+        new = flatten(jax.tree.map(np.asarray, params))
+        for path in new:
+            if path.startswith(("qformer/", "query_tokens", "lm_head/")):
+                flat[path] = new[path]
+                loaded[path] = (f"BERT init (fresh, as LAVIS) for {init['qformer_bert']}"
+                                if path in fresh else f"bert {init['qformer_bert']}")
+    if init.get("vision"):
+        _, src = _load_tree(init["vision"])
+        _take(flat, loaded, src, ["vision", "ln_vision"], f"vision from {init['vision']}",
+              all_leaves=True)
+    if init.get("llm"):
+        _, src = _load_tree(init["llm"])
+        _take(flat, loaded, src, ["llm"], f"llm from {init['llm']}", all_leaves=True)
+
+    random = tuple(init.get("random") or ())
+    allowed = lambda p: "*" in random or p.split("/")[0] in random        # noqa: E731
+    missing = sorted(p for p in flat if p not in loaded and not allowed(p))
+    if missing:
+        groups = sorted({p.split("/")[0] for p in missing})
+        raise InitError(
+            f"no source for {len(missing)} parameters under {groups} (e.g. {missing[:3]}); name "
+            "a source in config.init (checkpoint / stage1 / qformer_bert / vision / llm) or list "
+            "the names that may start random in config.init.random")
+    sources = {}
+    for name in top:
+        srcs = sorted({loaded.get(p, "random init") for p in flat if p.split("/")[0] == name})
+        sources[name] = srcs[0] if len(srcs) == 1 else "; ".join(srcs)
+    return unflatten(flat), sources

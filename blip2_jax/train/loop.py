@@ -1,0 +1,243 @@
+"""The training run behind `train.py`: config → mesh, data, parameters, trainer, checkpoints →
+steps, with metrics, resumption, preemption and a final export.
+
+`WORKDIR/` holds:
+- `checkpoints/`: orbax; see `blip2_jax.checkpoint`;
+- `metrics.jsonl`: one JSON object per logged step;
+- `tb/`: TensorBoard events;
+- `config.json`: the resolved config;
+- `final/`: at the end of the run, the whole model in our native format (`blip2_jax.load`
+  reads it; a stage-2 config names it in `init.stage1`).
+
+Re-running the same command resumes from the latest checkpoint; SIGTERM saves one and exits.
+`stop_after_steps` ends the run at that step as a preemption would, while the schedule still
+follows `total_steps`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+
+from blip2_jax import api, checkpoint as ckpt_lib, config as config_lib, processing
+from blip2_jax import sharding as sharding_lib
+from blip2_jax.data import pipeline
+from blip2_jax.train import init as init_lib
+from blip2_jax.train import state as state_lib
+from blip2_jax.train.metrics import MetricWriter
+from blip2_jax.train.step import LossConfig
+from blip2_jax.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _plain(x):
+    """ml_collections / nested containers → plain Python (dicts, lists, scalars)."""
+    if hasattr(x, "to_dict"):
+        x = x.to_dict()
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def model_config(config) -> config_lib.Blip2Config:
+    """`config.model`: a preset name, or a checkpoint dir (native or HF); then
+    `config.model_overrides` (nested dict of config fields) applied on top."""
+    name = config.model
+    if os.path.isdir(str(name)):
+        from blip2_jax.convert import native
+        cfg = (native.read_config(name) if native.is_native(name)
+               else config_lib.read_hf_config(name))
+    else:
+        cfg = config_lib.get_preset(name)
+    overrides = _plain(config.get("model_overrides") or {})
+    if overrides:
+        d = cfg.to_dict()
+
+        def update(dst, src, where):
+            for k, v in src.items():
+                if k not in dst:
+                    raise KeyError(f"config.model_overrides: {where}{k} is not a model config "
+                                   f"field (have {sorted(dst)})")
+                if isinstance(v, Mapping):
+                    update(dst[k], v, f"{where}{k}.")
+                else:
+                    dst[k] = v
+        update(d, overrides, "")
+        cfg = config_lib.Blip2Config.from_dict(d)
+    return cfg
+
+
+def text_setup(config, cfg: config_lib.Blip2Config) -> tuple[list, LossConfig, bool]:
+    """(TextSpecs for the pipeline, the LossConfig, prefix_lm) of the stage. Tokenizer paths may
+    say "{data_dir}" (config.data.data_dir)."""
+    data_dir = _plain(config.data).get("data_dir", "")
+    text = {k: v.format(data_dir=data_dir) if isinstance(v, str) else v
+            for k, v in _plain(config.text).items()}
+    max_length = int(text.get("max_length", 32))
+    lw = _plain(config.get("loss") or {})
+    if cfg.llm is None:
+        tok_dir = text["qformer_tokenizer"]
+        tok = processing.load_tokenizer(tok_dir, "qformer")
+        specs = [pipeline.TextSpec("qformer", tok_dir, "qformer", max_length)]
+        return specs, LossConfig(dec_token_id=int(tok.bos_token_id), **lw), False
+    tok_dir = text["llm_tokenizer"]
+    kind = cfg.llm_kind
+    prompt = _plain(config.data).get("prompt", "")
+    if kind == "opt":
+        tok = processing.load_tokenizer(tok_dir, "opt")
+        # LAVIS: prompt_length = BOS + prompt tokens, masked only when a prompt is set.
+        prompt_length = (1 + len(tok(prompt, add_special_tokens=False)["input_ids"])
+                         if prompt else 0)
+        specs = [pipeline.TextSpec("llm", tok_dir, "opt", max_length, suffix="\n")]
+        return specs, LossConfig(prompt_length=prompt_length, **lw), False
+    specs = [pipeline.TextSpec("llm", tok_dir, "t5", max_length),
+             pipeline.TextSpec("target", tok_dir, "t5", max_length, field="target")]
+    return specs, LossConfig(**lw), True
+
+
+def make_mesh(config):
+    m = _plain(config.mesh)
+    axes = {k: int(m.get(k, 1 if k != "data" else -1)) for k in ("data", "fsdp", "tensor")}
+    dcn = {k[4:]: int(v) for k, v in m.items() if k.startswith("dcn_") and int(v) != 1}
+    unknown = set(m) - set(axes) - {f"dcn_{k}" for k in axes}
+    if unknown:
+        raise KeyError(f"unknown config.mesh keys {sorted(unknown)}")
+    return sharding_lib.make_mesh(axes, dcn=dcn or None)
+
+
+def _export(path: str, cfg: config_lib.Blip2Config, params, frozen_dtype: Optional[str]):
+    from jax.experimental import multihost_utils
+    host = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+    if jax.process_index() != 0:
+        return
+    if frozen_dtype:
+        cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, param_dtype=frozen_dtype),
+                          llm=None if cfg.llm is None else dataclasses.replace(
+                              cfg.llm, param_dtype=frozen_dtype))
+    api.Blip2(cfg, host, check=False).save(path, format="native")
+
+
+def run(config, workdir: str) -> dict:
+    """Train (or resume) to `total_steps` (or `stop_after_steps`); returns the last metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    cfg = model_config(config)
+    total = int(config.total_steps)
+    stop_at = int(config.get("stop_after_steps") or 0) or total
+    mesh = make_mesh(config)
+    texts, loss_cfg, prefix_lm = text_setup(config, cfg)
+    data_cfg = {**_plain(config.data), "texts": [dataclasses.asdict(t) for t in texts]}
+    data_cfg.setdefault("image_size", cfg.vision.image_size)
+    if prefix_lm:
+        data_cfg["prefix_lm"] = True
+    data = pipeline.from_config(data_cfg, batch_size=int(config.batch_size),
+                                seed=int(config.seed))
+    frozen_patterns = tuple(config.get("frozen") or ())
+    frozen_dtype = config.get("frozen_dtype") or None
+    trainer = Trainer(cfg, loss_cfg, _plain(config.optimizer), total_steps=total, mesh=mesh,
+                      frozen=frozen_patterns, frozen_dtype=frozen_dtype,
+                      skip_nonfinite=config.get("on_nonfinite", "stop") == "skip")
+
+    params, sources = init_lib.initial_params(cfg, _plain(config.init), int(config.seed))
+    frozen_tops = sorted({p.split("/")[0] for p in trainer.frozen_paths})
+    _, frozen_host = state_lib.split(params, trainer.frozen_paths)
+    if frozen_dtype:
+        frozen_host = jax.tree.map(lambda x: np.asarray(x).astype(frozen_dtype), frozen_host)
+    frozen_meta = {t: {"source": sources.get(t, "?"), "sha256": ckpt_lib.tree_hash(frozen_host[t])}
+                   for t in frozen_tops}
+    state, frozen = trainer.init(params, seed=int(config.seed))
+    del params, frozen_host
+
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 3),
+        save_interval_steps=int(config.checkpoint_every_steps))
+    it = iter(data.dataset())
+    meta = {"config": _plain(config), "model": cfg.to_dict(), "frozen": frozen_meta,
+            "sources": sources}
+    if checkpointer.latest_step() is not None:
+        state, saved = checkpointer.restore(trainer.abstract_state(), it)
+        ckpt_lib.check_frozen(saved["frozen"], frozen_meta)
+        log.info("resumed from step %d", int(state.step))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    preempted = {"flag": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+    step = int(state.step)
+    last: dict = {}
+    try:
+        batch = trainer.place(pipeline.numeric(next(it)))
+        compiled = trainer.compile(state, frozen, batch)
+        flops = compiled.flops_per_step
+        bar = _progress(step, stop_at)
+        t_window, n_window = time.perf_counter(), 0
+        while step < stop_at:
+            state, metrics = compiled(state, frozen, batch)
+            step += 1
+            n_window += 1
+            if not bool(metrics["finite"]):
+                if config.get("on_nonfinite", "stop") == "stop":
+                    vals = {k: float(v) for k, v in metrics.items()}
+                    raise NonFiniteLoss(f"non-finite loss at step {step}: {vals}; the last "
+                                        f"checkpoint is step {checkpointer.latest_step()}")
+                log.warning("step %d: non-finite loss, update skipped", step)
+            if step % int(config.log_every_steps) == 0 or step in (1, stop_at):
+                dt = time.perf_counter() - t_window
+                last = {k: float(v) for k, v in metrics.items()}
+                last.update(_throughput(n_window, dt, int(config.batch_size), flops,
+                                        config.get("peak_tflops_per_device")))
+                last["data_skipped"] = pipeline.skipped(it)[0]
+                writer.write(step, last)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                t_window, n_window = time.perf_counter(), 0
+            if bar is not None:
+                bar.update(1)
+            # Saved before the next batch is drawn, so the iterator state resumes with it.
+            done = preempted["flag"] or step == stop_at
+            checkpointer.save(step, state, it, meta, force=done)
+            if done:
+                break
+            batch = trainer.place(pipeline.numeric(next(it)))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        checkpointer.close()
+        writer.close()
+    if step == total:
+        _export(os.path.join(workdir, "final"), cfg,
+                state_lib.merge(state.params, frozen), frozen_dtype)
+    return {"step": step, "preempted": preempted["flag"], **last}
+
+
+def _throughput(steps: int, seconds: float, batch_size: int, flops: Optional[float],
+                peak_tflops: Optional[float]) -> dict:
+    out = {"steps_per_s": steps / seconds, "samples_per_s": steps * batch_size / seconds}
+    if flops:
+        tflops = flops * steps / seconds / 1e12
+        out["tflops"] = tflops
+        if peak_tflops:
+            out["mfu"] = tflops / (float(peak_tflops) * jax.device_count())
+    return out
+
+
+def _progress(start: int, stop: int):
+    if jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=stop, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
