@@ -1,10 +1,20 @@
 """Test setup: 8 fake CPU devices (sharding tests) and fp32-exact matmuls, before jax is imported."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Backend optimisation level 0 halves XLA:CPU compile times (the suite's main cost); programs
+# run ~2x slower, which tiny test models do not notice. Parity tolerances are unaffected.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# One persistent compilation cache per session: programs compiled again (train.py runs that
+# resume, subprocesses) are read back instead of recompiled.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="blip2_jax_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 

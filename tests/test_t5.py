@@ -287,7 +287,8 @@ def test_remat_full_identical(flan):
         jaxpr = str(jax.make_jaxpr(lambda p: T5(c).apply({"params": p}, ids, mask, dec))(params))
         assert ("remat" in jaxpr or "checkpoint" in jaxpr) == expect
     (l0, g0), (l1, g1) = loss_and_grad(cfg), loss_and_grad(remat)
-    assert float(l0) == float(l1)
+    # Same math; the two programs may fuse (and so round) differently: 1 ulp apart is fine.
+    assert float(l0) == pytest.approx(float(l1), rel=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         assert hf_ref.rel_err(b, a) <= 1e-6
 

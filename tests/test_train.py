@@ -120,8 +120,7 @@ def test_stage1_losses_equal_the_surfaces():
     assert abs(float(loss) - sum(float(terms[k]) for k in ("itc", "itm", "itg"))) < 1e-5
 
 
-MESHES = {"1": dict(data=1), "data4-fsdp2": dict(data=4, fsdp=2),
-          "data2-fsdp2-tensor2": dict(data=2, fsdp=2, tensor=2)}
+MESHES = {"1": dict(data=1), "data2-fsdp2-tensor2": dict(data=2, fsdp=2, tensor=2)}
 
 
 def _mesh(axes):

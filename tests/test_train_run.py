@@ -1,0 +1,142 @@
+"""train.py end to end on the tiny configs and the synthetic dataset: an interrupted (SIGTERM) and
+resumed run equals an uninterrupted one; stage-2 runs export a loadable model; non-finite
+losses stop the run; parameter sources and frozen-tower hashes are enforced."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import blip2_jax
+from blip2_jax import checkpoint as ckpt_lib
+from blip2_jax.convert.mapping import flatten
+from blip2_jax.data import build as build_cli
+from blip2_jax.train import init as init_lib
+from blip2_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("synthetic"))
+    assert build_cli.main(["synthetic", "--data-dir", d, "--train", "64", "--val", "8",
+                           "--test", "8", "--image-size", "32"]) == 0
+    return d
+
+
+def _config(name, arg, **overrides):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs",
+                                                                      f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg)
+    c.total_steps, c.batch_size, c.log_every_steps, c.checkpoint_every_steps = 6, 8, 1, 2
+    c.optimizer.warmup_steps = 2
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _final(workdir):
+    return flatten(jax.tree.map(np.asarray, blip2_jax.load(os.path.join(workdir, "final"),
+                                                          dtype=None).params))
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+    whole = str(tmp_path / "whole")
+    loop.run(_config("tiny_stage1", data_dir), whole)
+
+    # The same run, preempted by SIGTERM after its first logged step, then re-run.
+    parts = str(tmp_path / "parts")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+           f"{os.path.join(ROOT, 'configs', 'tiny_stage1.py')}:{data_dir}", "--workdir", parts,
+           "--config.total_steps=6", "--config.batch_size=8", "--config.log_every_steps=1",
+           "--config.checkpoint_every_steps=2", "--config.optimizer.warmup_steps=2"]
+    env = dict(os.environ)      # the same devices as this process (tests/conftest.py)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics = os.path.join(parts, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["step"] < 6 and stopped["preempted"], stopped
+    assert ckpt_lib.Checkpointer(os.path.join(parts, "checkpoints")).latest_step() == \
+        stopped["step"]
+    assert not os.path.exists(os.path.join(parts, "final"))
+
+    result = loop.run(_config("tiny_stage1", data_dir), parts)
+    assert result["step"] == 6 and not result["preempted"]
+    a = {r["step"]: r for r in _rows(whole)}
+    b = {r["step"]: r for r in _rows(parts)}
+    assert set(b) >= set(range(1, stopped["step"] + 1)) | {6}
+    for step, row in b.items():
+        for k in ("loss", "itc", "itm", "itg", "grad_norm", "lr", "param_norm"):
+            assert row[k] == pytest.approx(a[step][k], rel=1e-6, abs=1e-7), (step, k)
+    fa, fb = _final(whole), _final(parts)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_allclose(fb[k], fa[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    # Frozen towers are recorded by source and hash; a different tower refuses to resume.
+    meta = json.load(open(os.path.join(parts, "config.json")))
+    assert set(meta["frozen"]) == {"vision"} and len(meta["frozen"]["vision"]["sha256"]) == 64
+    with pytest.raises(ckpt_lib.CheckpointError, match="vision: content hash"):
+        loop.run(_config("tiny_stage1", data_dir, seed=1, total_steps=8), parts)
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_tiny_stage2_trains_and_exports(data_dir, tmp_path, llm):
+    work = str(tmp_path / llm)
+    result = loop.run(_config("tiny_stage2", f"{llm},{data_dir}", total_steps=4), work)
+    rows = _rows(work)
+    assert result["step"] == 4 and all(np.isfinite(r["lm"]) for r in rows)
+    assert rows[-1]["lm"] < rows[0]["lm"]
+    model = blip2_jax.load(os.path.join(work, "final"), dtype=None)
+    assert model.config.llm_kind == llm
+    # The frozen LLM was trained (and is exported) in bf16; the trained parts in float32.
+    assert {str(x.dtype) for x in jax.tree.leaves(model.params["llm"])} == {"bfloat16"}
+    assert {str(x.dtype) for x in jax.tree.leaves(model.params["qformer"])} == {"float32"}
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path):
+    c = _config("tiny_stage1", data_dir, total_steps=6)
+    c.optimizer.lr = 1e12
+    c.optimizer.warmup_steps = 0
+    c.optimizer.warmup_lr = 1e12
+    with pytest.raises(loop.NonFiniteLoss, match=r"non-finite loss at step \d"):
+        loop.run(c, str(tmp_path / "nan"))
+
+
+def test_unnamed_sources_fail(data_dir, tmp_path):
+    c = _config("tiny_stage1", data_dir)
+    c.init = dict(random=("vision_proj", "text_proj", "temp", "itm_head"))
+    with pytest.raises(init_lib.InitError, match=r"no source for .* under \['lm_head', "
+                                                 r"'ln_vision', 'qformer', 'query_tokens', "
+                                                 r"'vision'\]"):
+        loop.run(c, str(tmp_path / "x"))
+    c.init = dict(random=("*",), vision=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        loop.run(c, str(tmp_path / "y"))
