@@ -29,7 +29,8 @@ def get_config(arg=None):
     c.peak_tflops_per_device = 0.0
     c.data = dict(data_dir=arg or "data",
                   train=dict(name="blip2_captions/synthetic", split="train"),
-                  image_processor="blip2_image_train", flip=False,   # captions say left/right
+                  # No crops or flips: the captions say where each object is.
+                  image_processor="blip_image_eval", flip=False,
                   num_workers=0, num_threads=2)
     c.text = dict(qformer_tokenizer="{data_dir}/tokenizers/synthetic/qformer", max_length=32)
     return c

@@ -32,7 +32,7 @@ def get_config(arg=None):
     c.peak_tflops_per_device = 0.0
     c.data = dict(data_dir=data_dir or "data",
                   train=dict(name="blip2_captions/synthetic", split="train"),
-                  image_processor="blip2_image_train", flip=False, prompt="",
+                  image_processor="blip_image_eval", flip=False, prompt="",   # no crops: captions say where
                   num_workers=0, num_threads=2)
     c.text = dict(llm_tokenizer="{data_dir}/tokenizers/synthetic/" + llm, max_length=32)
     return c

@@ -11,7 +11,8 @@ that should be loaded left silently random.
     config.init.random         top-level names allowed to start from random init (the heads LAVIS
                                creates fresh, e.g. "vision_proj", "llm_proj", or "*" for a toy run)
 
-Later sources override earlier ones in the order above. Every parameter not loaded must be under a
+Later sources override earlier ones in the order above. A ViT position table made for another
+image size (a 224-px source for 364-px fine-tuning) is resized bicubically to the model's grid. Every parameter not loaded must be under a
 name in `random`, or init fails listing them. `sources` records, per top-level name, where it came
 from (the checkpoint writes it beside each frozen tower's content hash).
 """
@@ -38,8 +39,17 @@ def _load_tree(path: str) -> tuple[Blip2Config, dict]:
     return model.config, flatten(jax.tree.map(np.asarray, model.params))
 
 
+def _fit_pos_embed(cfg: Blip2Config, table: np.ndarray) -> np.ndarray:
+    """A ViT position table made for another image size, resized to this model's patch grid
+    (bicubic, as LAVIS's `interpolate_pos_embed` when it fine-tunes at 364 / 490 px; CLS kept)."""
+    from blip2_jax.models.vit import interpolate_pos_embed
+    side = cfg.vision.image_size // cfg.vision.patch_size
+    return np.asarray(interpolate_pos_embed(np.asarray(table, np.float32)[0], (side, side),
+                                            align_corners=cfg.vision.variant == "clip"))[None]
+
+
 def _take(flat: dict, loaded: dict, src: Mapping, prefixes: Sequence[str], source: str,
-          *, all_leaves: bool) -> int:
+          *, all_leaves: bool, cfg: Optional[Blip2Config] = None) -> int:
     """Copy leaves under `prefixes` from `src`; fail on shape mismatches (and, when `all_leaves`,
     on target leaves under those prefixes the source lacks)."""
     n, problems = 0, []
@@ -50,11 +60,15 @@ def _take(flat: dict, loaded: dict, src: Mapping, prefixes: Sequence[str], sourc
             if all_leaves:
                 problems.append(f"{path}: missing from {source}")
             continue
-        if tuple(src[path].shape) != tuple(leaf.shape):
-            problems.append(f"{path}: {source} has shape {tuple(src[path].shape)}, the model "
+        value = src[path]
+        if path == "vision/pos_embed" and cfg is not None and value.shape != leaf.shape \
+                and value.shape[-1] == leaf.shape[-1]:
+            value = _fit_pos_embed(cfg, value)
+        if tuple(value.shape) != tuple(leaf.shape):
+            problems.append(f"{path}: {source} has shape {tuple(value.shape)}, the model "
                             f"needs {tuple(leaf.shape)}")
             continue
-        flat[path] = np.asarray(src[path]).astype(leaf.dtype)
+        flat[path] = np.asarray(value).astype(leaf.dtype)
         loaded[path] = source
         n += 1
     if problems:
@@ -77,11 +91,12 @@ def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict
 
     if init.get("checkpoint"):
         _, src = _load_tree(init["checkpoint"])
-        _take(flat, loaded, src, top, f"checkpoint {init['checkpoint']}", all_leaves=False)
+        _take(flat, loaded, src, top, f"checkpoint {init['checkpoint']}", all_leaves=False,
+              cfg=cfg)
     if init.get("stage1"):
         _, src = _load_tree(init["stage1"])
         _take(flat, loaded, src, ["vision", "ln_vision", "qformer", "query_tokens"],
-              f"stage-1 model {init['stage1']}", all_leaves=False)
+              f"stage-1 model {init['stage1']}", all_leaves=False, cfg=cfg)
     if init.get("qformer_bert"):
         from blip2_jax.convert import bert_qformer
         params, report = bert_qformer.init_qformer_from_bert(
@@ -96,7 +111,7 @@ def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict
     if init.get("vision"):
         _, src = _load_tree(init["vision"])
         _take(flat, loaded, src, ["vision", "ln_vision"], f"vision from {init['vision']}",
-              all_leaves=True)
+              all_leaves=True, cfg=cfg)
     if init.get("llm"):
         _, src = _load_tree(init["llm"])
         _take(flat, loaded, src, ["llm"], f"llm from {init['llm']}", all_leaves=True)

@@ -100,8 +100,9 @@ def text_setup(config, cfg: config_lib.Blip2Config) -> tuple[list, LossConfig, b
     prompt = _plain(config.data).get("prompt", "")
     if kind == "opt":
         tok = processing.load_tokenizer(tok_dir, "opt")
-        # LAVIS: prompt_length = BOS + prompt tokens, masked only when a prompt is set.
-        prompt_length = (1 + len(tok(prompt, add_special_tokens=False)["input_ids"])
+        # LAVIS: prompt_length = BOS + the model prompt's tokens ("a photo of", without the
+        # space its text processor adds before the caption), masked only when a prompt is set.
+        prompt_length = (1 + len(tok(prompt.rstrip(), add_special_tokens=False)["input_ids"])
                          if prompt else 0)
         specs = [pipeline.TextSpec("llm", tok_dir, "opt", max_length, suffix="\n")]
         return specs, LossConfig(prompt_length=prompt_length, **lw), False
@@ -120,15 +121,19 @@ def make_mesh(config):
     return sharding_lib.make_mesh(axes, dcn=dcn or None)
 
 
-def _export(path: str, cfg: config_lib.Blip2Config, params, frozen_dtype: Optional[str]):
+def _export(path: str, cfg: config_lib.Blip2Config, params, frozen_dtype: Optional[str],
+            frozen_towers: set):
+    """The whole model, native format; frozen towers keep their stored dtype (the config says
+    so), trained ones are float32."""
     from jax.experimental import multihost_utils
     host = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
     if jax.process_index() != 0:
         return
     if frozen_dtype:
-        cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, param_dtype=frozen_dtype),
-                          llm=None if cfg.llm is None else dataclasses.replace(
-                              cfg.llm, param_dtype=frozen_dtype))
+        if "vision" in frozen_towers:
+            cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, param_dtype=frozen_dtype))
+        if "llm" in frozen_towers and cfg.llm is not None:
+            cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, param_dtype=frozen_dtype))
     api.Blip2(cfg, host, check=False).save(path, format="native")
 
 
@@ -221,7 +226,7 @@ def run(config, workdir: str) -> dict:
         writer.close()
     if step == total:
         _export(os.path.join(workdir, "final"), cfg,
-                state_lib.merge(state.params, frozen), frozen_dtype)
+                state_lib.merge(state.params, frozen), frozen_dtype, set(frozen_tops))
     return {"step": step, "preempted": preempted["flag"], **last}
 
 

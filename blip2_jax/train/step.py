@@ -4,7 +4,9 @@ global batch and applies the optimizer update to the trainable parameters.
     step(state, frozen, batch) -> (state, metrics)      # state donated
 
 Stage 1 (`llm` absent): ITC + ITM + ITG (LAVIS `Blip2Qformer.forward`).
-- The frozen ViT runs forward only: its output is a stop_gradient, ln_vision is trainable.
+- A frozen ViT runs forward only: its output is a stop_gradient, ln_vision is trainable. A
+  trainable ViT (fine-tuning; `LossConfig.train_vision`, which the Trainer sets) is
+  differentiated.
 - The Q-Former's query pass gives both the ITC features and the query K/V that ITG reuses.
 - ITM pairs each text with a hard-negative image and each image with a hard-negative text.
 Stage 2 OPT: the projected queries prefix `[BOS] caption "\\n"`; LAVIS's targets.
@@ -45,17 +47,19 @@ class LossConfig:
     image_id_itc: bool = False        # COCO retrieval fine-tuning: same-image positives
     prompt_length: int = 0            # OPT: BOS + prompt tokens that are not targets
     dec_token_id: int = 0             # the Q-Former tokenizer's [DEC] id (ITG BOS)
+    train_vision: bool = False        # the ViT is trainable (fine-tuning): backprop through it
 
 
-def _image_embeds(m: Blip2Module, pixels):
-    # The frozen ViT: forward only. ln_vision (trainable) is differentiated.
-    return m.ln_vision(jax.lax.stop_gradient(m.vision(pixels)))
+def _image_embeds(m: Blip2Module, pixels, train_vision: bool):
+    # A frozen ViT runs forward only; ln_vision (trainable) is differentiated either way.
+    h = m.vision(pixels)
+    return m.ln_vision(h if train_vision else jax.lax.stop_gradient(h))
 
 
 def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     k_itm, _ = jax.random.split(rng)
     ids, mask = batch["qformer_ids"], batch["qformer_mask"]
-    image_embeds = _image_embeds(m, batch["image"])
+    image_embeds = _image_embeds(m, batch["image"], lc.train_vision)
     query_out, query_cache = m.query_output(image_embeds, return_query_cache=True,
                                             deterministic=False)
     image_ids = None
@@ -80,7 +84,8 @@ def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
 
 def stage2_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     cfg = m.config
-    query_out, _ = m.query_output(_image_embeds(m, batch["image"]), deterministic=False)
+    query_out, _ = m.query_output(_image_embeds(m, batch["image"], lc.train_vision),
+                                  deterministic=False)
     prefix = m.llm_prefix(query_out)
     ids, mask = batch["llm_ids"], batch["llm_mask"]
     embeds = jnp.concatenate([prefix, m.llm.embed(ids).astype(prefix.dtype)], axis=1)

@@ -12,6 +12,7 @@ The batch is sharded over the data axes.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -33,12 +34,14 @@ class Trainer:
                  frozen_dtype: Optional[str] = "bfloat16",
                  rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
                  skip_nonfinite: bool = False):
-        self.cfg, self.loss_cfg, self.mesh, self.rules = cfg, loss_cfg, mesh, rules
         from blip2_jax import api
         specs, shapes = api.abstract_init(cfg)
         paths = list(flatten(shapes))
         state_lib.check_patterns(paths, frozen)
         self.frozen_paths = state_lib.frozen_paths(paths, frozen)
+        train_vision = any(p.startswith("vision/") and p not in self.frozen_paths for p in paths)
+        loss_cfg = dataclasses.replace(loss_cfg, train_vision=train_vision)
+        self.cfg, self.loss_cfg, self.mesh, self.rules = cfg, loss_cfg, mesh, rules
         self.frozen_dtype = frozen_dtype
         shardings = sharding_lib.shardings_from_logical(specs, shapes, mesh, rules)
         self.trainable_shardings, self.frozen_shardings = state_lib.split(shardings,

@@ -1,0 +1,177 @@
+"""The unimodal models BLIP-2 freezes, made at toy scale for the demo on the synthetic dataset.
+
+- **Image encoder.** Our ViT is pre-trained by supervised scene parsing: from the patch tokens
+  under each of the 9 grid cells it predicts "empty" or the shape × colour × size of the object
+  there. The scenes are rendered fresh from the synthetic generator under a seed of their own,
+  so the evaluation images are never seen. This stands in for EVA-CLIP's pre-training.
+- **Language model.** Our OPT is pre-trained as a causal LM on synthetic captions (generated
+  text only, again under a seed of its own). The tokenizer is the synthetic language's byte-level
+  BPE, and every caption ends with "\\n", as BLIP-2's OPT captions do.
+
+`make_unimodal(cfg, out_dir, ...)` trains both and writes a native BLIP-2 checkpoint whose
+`vision/` and `llm/` hold them; the rest is random init and is not meant to be loaded. Stage-1
+and stage-2 configs then take the towers from it (`init.vision`, `init.llm`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+from blip2_jax import api, processing
+from blip2_jax.config import Blip2Config, OPTConfig, VisionConfig
+from blip2_jax.data import synthetic
+from blip2_jax.models.opt import OPT
+from blip2_jax.models.vit import VisionTransformer
+
+NUM_CELL_CLASSES = 1 + len(synthetic.SHAPES) * len(synthetic.COLORS) * len(synthetic.SIZES)
+_PRETRAIN_SPLIT_SEED = 10_000      # scenes and texts of their own, disjoint from the dataset's
+
+
+def cell_labels(scene) -> np.ndarray:
+    labels = np.zeros(9, np.int32)
+    colors = list(synthetic.COLORS)
+    for o in scene:
+        k = (synthetic.SHAPES.index(o.shape) * len(colors) + colors.index(o.color)) * 2 \
+            + synthetic.SIZES.index(o.size)
+        labels[o.row * 3 + o.col] = 1 + k
+    return labels
+
+
+def scene_images(n: int, image_size: int, seed: int, render_size: int = 128):
+    """(pixels (n, S, S, 3) normalised as the pipeline's eval processor, labels (n, 9))."""
+    rng = np.random.default_rng([seed, _PRETRAIN_SPLIT_SEED])
+    pixels = np.empty((n, image_size, image_size, 3), np.float32)
+    labels = np.empty((n, 9), np.int32)
+    for i in range(n):
+        scene = synthetic.sample_scene(rng)
+        img = Image.fromarray(synthetic.render(scene, rng, render_size))
+        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        pixels[i] = processing.normalize_pixels(np.asarray(img))
+        labels[i] = cell_labels(scene)
+    return pixels, labels
+
+
+class SceneParser(nn.Module):
+    """ViT + a per-cell head: the patch tokens under each grid cell, averaged, then classified
+    (the patch grid must divide into 3x3 cells)."""
+    vision: VisionConfig
+
+    @nn.compact
+    def __call__(self, pixels):
+        v = self.vision
+        side = v.image_size // v.patch_size
+        if side % 3:
+            raise ValueError(f"the {side}x{side} patch grid does not split into 3x3 cells")
+        h = VisionTransformer(v, name="vision")(pixels)[:, 1:]          # drop the class token
+        k = side // 3
+        cells = h.reshape(-1, 3, k, 3, k, v.hidden_size).mean(axis=(2, 4)).reshape(-1, 9,
+                                                                                 v.hidden_size)
+        cells = nn.gelu(nn.Dense(v.hidden_size, name="fc")(nn.LayerNorm(name="ln")(cells)))
+        return nn.Dense(NUM_CELL_CLASSES, name="out")(cells)
+
+
+def _fit(loss_fn: Callable, params, batches: Callable, steps: int, lr: float, log, what: str):
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps,
+                                                                    lr / 20),
+                                 b2=0.98, weight_decay=0.01))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, acc
+
+    t0 = time.perf_counter()
+    for i in range(steps):
+        params, opt_state, loss, acc = step(params, opt_state, batches(i))
+        if (i + 1) % max(1, steps // 5) == 0 or i == 0:
+            log(f"  {what} step {i + 1}/{steps}: loss {float(loss):.3f}, accuracy "
+                f"{float(acc):.3f} ({time.perf_counter() - t0:.0f} s)")
+    return params, float(loss), float(acc)
+
+
+def pretrain_vision(vision: VisionConfig, *, steps: int, batch_size: int, pool: int, seed: int,
+                    lr: float = 1e-3, log=print) -> tuple[dict, float]:
+    """(vision params, last batch's per-cell accuracy)."""
+    pixels, labels = scene_images(pool, vision.image_size, seed)
+    model = SceneParser(vision)
+    params = nn.unbox(model.init(jax.random.PRNGKey(seed), pixels[:1])["params"])
+
+    def loss_fn(p, batch):
+        logits = model.apply({"params": p}, batch["pixels"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+        return loss, jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
+
+    rng = np.random.default_rng(seed)
+
+    def batches(_):
+        idx = rng.integers(0, pool, batch_size)
+        return {"pixels": pixels[idx], "labels": labels[idx]}
+    params, _, acc = _fit(loss_fn, params, batches, steps, lr, log, "image encoder")
+    return params["vision"], acc
+
+
+def caption_corpus(n_scenes: int, seed: int) -> list[str]:
+    rng = np.random.default_rng([seed, _PRETRAIN_SPLIT_SEED + 1])
+    return [c for _ in range(n_scenes)
+            for c in synthetic.captions(synthetic.sample_scene(rng), rng)]
+
+
+def pretrain_llm(llm: OPTConfig, tokenizer, *, steps: int, batch_size: int, corpus: list[str],
+                 max_length: int = 40, seed: int = 0, lr: float = 2e-3, log=print
+                 ) -> tuple[dict, float]:
+    """(llm params, last batch's next-token accuracy)."""
+    ids, mask = processing.tokenize_prompts(tokenizer, [c + "\n" for c in corpus], kind="opt",
+                                            padding_side="right", max_length=max_length,
+                                            padding="max_length")
+    model = OPT(llm)
+    init = lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4, llm.hidden_size)),  # noqa
+                              jnp.ones((1, 4), jnp.int32))
+    params = nn.unbox(jax.jit(init)()["params"])
+
+    def loss_fn(p, batch):
+        embeds = model.apply({"params": p}, batch["ids"], method=OPT.embed)
+        logits, _ = model.apply({"params": p}, embeds, batch["mask"])
+        target, where = batch["ids"][:, 1:], batch["mask"][:, 1:]
+        per = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], target)
+        loss = jnp.sum(per * where) / jnp.sum(where)
+        acc = jnp.sum((jnp.argmax(logits[:, :-1], -1) == target) * where) / jnp.sum(where)
+        return loss, acc
+
+    rng = np.random.default_rng(seed)
+
+    def batches(_):
+        idx = rng.integers(0, len(ids), batch_size)
+        return {"ids": ids[idx], "mask": mask[idx]}
+    params, _, acc = _fit(loss_fn, params, batches, steps, lr, log, "language model")
+    return params, acc
+
+
+def make_unimodal(cfg: Blip2Config, out_dir: str, tokenizer, *, vision_steps: int,
+                  llm_steps: int, batch_size: int = 64, seed: int = 0, log=print) -> dict:
+    """Pre-train both towers and write them into a native checkpoint at `out_dir`."""
+    if not isinstance(cfg.llm, OPTConfig):
+        raise ValueError("the demo pre-trains an OPT-style language model")
+    log("pre-training the image encoder (scene parsing on fresh synthetic scenes)")
+    vision, vision_acc = pretrain_vision(cfg.vision, steps=vision_steps, batch_size=batch_size,
+                                         pool=max(4000, batch_size * 50), seed=seed, log=log)
+    log("pre-training the language model (causal LM on synthetic captions)")
+    llm, llm_acc = pretrain_llm(cfg.llm, tokenizer, steps=llm_steps, batch_size=batch_size,
+                                corpus=caption_corpus(3000, seed), seed=seed, log=log)
+    params = jax.tree.map(np.asarray, api.init_params(cfg, seed))
+    params["vision"] = jax.tree.map(np.asarray, vision)
+    params["llm"] = jax.tree.map(np.asarray, llm)
+    api.Blip2(cfg, params).save(out_dir, format="native")
+    return {"vision_cell_accuracy": vision_acc, "llm_token_accuracy": llm_acc}
+
+
+__all__ = ["make_unimodal", "pretrain_vision", "pretrain_llm", "scene_images", "cell_labels"]

@@ -1,0 +1,66 @@
+"""The demo: BLIP-2's recipe at toy scale on the synthetic dataset (`python -m blip2_jax.demo`).
+
+    configs/demo.py:stage1,WORK   stage 1 (ITC + ITM + ITG), frozen image encoder from WORK/unimodal
+    configs/demo.py:stage2,WORK   stage 2 (OPT LM), Q-Former from WORK/stage1/final, frozen LM from
+                                  WORK/unimodal
+
+WORK/data holds the synthetic dataset and its tokenizers; WORK/unimodal the pre-trained image
+encoder and language model (blip2_jax/train/unimodal.py).
+"""
+import ml_collections
+
+# A 72 px image is a 6x6 grid of 12 px patches: each cell of the 3x3 scene grid is 2x2 patches.
+VISION = dict(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, image_size=72,
+              patch_size=12)
+QFORMER = dict(vocab_size=100, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256,
+               max_position_embeddings=64, cross_attention_frequency=1, encoder_hidden_size=128)
+LLM = dict(vocab_size=384, hidden_size=128, num_layers=2, num_heads=4, ffn_dim=256,
+           max_position_embeddings=128, word_embed_proj_dim=128)
+NUM_QUERIES = 16
+
+
+def get_config(arg="stage1,out/demo"):
+    stage, _, work = arg.partition(",")
+    work = work or "out/demo"
+    if stage not in ("stage1", "stage2"):
+        raise ValueError(f"demo config takes 'stage1,WORK' or 'stage2,WORK', got {arg!r}")
+    c = ml_collections.ConfigDict()
+    if stage == "stage1":
+        c.model = "tiny-stage1"
+        c.model_overrides = dict(vision=VISION, qformer=QFORMER, num_query_tokens=NUM_QUERIES,
+                                 embed_dim=64)
+        c.init = dict(vision=f"{work}/unimodal",
+                      random=("qformer", "query_tokens", "vision_proj", "text_proj", "temp",
+                              "itm_head", "lm_head"))
+        c.frozen = ("vision/.*",)
+        c.loss = dict(itc=1.0, itm=1.0, itg=1.0)
+        c.total_steps = 600
+        c.text = dict(qformer_tokenizer="{data_dir}/tokenizers/synthetic/qformer", max_length=40)
+    else:
+        c.model = "tiny-opt"
+        c.model_overrides = dict(vision=VISION, qformer=QFORMER, llm=LLM,
+                                 num_query_tokens=NUM_QUERIES)
+        c.init = dict(stage1=f"{work}/stage1/final", llm=f"{work}/unimodal",
+                      random=("llm_proj",))
+        c.frozen = ("vision/.*", "llm/.*")
+        c.loss = dict(lm=1.0)
+        c.total_steps = 400
+        c.text = dict(llm_tokenizer="{data_dir}/tokenizers/synthetic/opt", max_length=48)
+    c.frozen_dtype = "float32"      # tiny towers: keep full precision
+    c.optimizer = dict(lr=1e-3, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=50, b1=0.9, b2=0.98,
+                       weight_decay=0.05)
+    c.batch_size = 64
+    c.seed = 0
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 200
+    c.keep_checkpoints = 2
+    c.stop_after_steps = 0
+    c.on_nonfinite = "stop"
+    c.peak_tflops_per_device = 0.0
+    c.data = dict(data_dir=f"{work}/data",
+                  train=dict(name="blip2_captions/synthetic", split="train"),
+                  # No crops or flips: the captions say where each object is.
+                  image_processor="blip_image_eval", flip=False, prompt="",
+                  num_workers=0, num_threads=2)
+    return c

@@ -1,0 +1,118 @@
+"""BLIP-2 stage-1 pre-training (representation learning: ITC + ITM + ITG) of the Q-Former against
+a frozen image encoder, with the paper's hyper-parameters: /work/shared/reference/blip2.md §4.1
+(paper §3.4 / Appendix), differences from LAVIS's `pretrain_stage1.yaml` (§4.2) noted inline.
+
+    python train.py --config configs/stage1.py:vit_g --workdir /runs/stage1_vit_g \\
+        --config.data.data_dir=/data/tfds \\
+        --config.init.qformer_bert=/models/bert-base-uncased \\
+        --config.text.qformer_tokenizer=/models/bert-base-uncased \\
+        --config.init.vision=/models/blip2-itm-vit-g
+
+Arg: `vit_g` (default; EVA-CLIP ViT-g/14, batch 1680) or `vit_l` (CLIP ViT-L/14, batch 2320).
+Every "/path/to/..." below is a placeholder: set it with `--config.KEY=...` as above.
+
+Parameter sources (blip2_jax/train/init.py):
+- `init.qformer_bert`: a bert-base-uncased directory (HF layout, with its MLM head). It gives the
+  Q-Former (cross-attention fresh, query FFN copied from the text FFN), `query_tokens` (fresh)
+  and the ITG head `lm_head/` (BERT's MLM head), as LAVIS `init_Qformer` does (§1.4).
+- `init.vision`: a model directory `blip2_jax.load` reads whose image encoder is the frozen
+  tower: for ViT-g any 224-px BLIP-2 checkpoint, e.g. `Salesforce/blip2-itm-vit-g` (its ViT is
+  EVA-CLIP ViT-g with the last block dropped, §1.1); for ViT-L a native directory holding LAVIS's
+  CLIP ViT-L/14 (23 blocks, §1.2). NOTE: init.vision also copies `ln_vision/`, which in a
+  released BLIP-2 checkpoint is already trained; LAVIS starts ln_vision fresh (LayerNorm
+  ones/zeros) in stage 1, and init.py has no way yet to take `vision/` alone.
+- `init.random`: the heads LAVIS creates fresh in `Blip2Qformer.__init__`: vision_proj, text_proj,
+  temp (0.07), itm_head. (`lm_head` is not listed: init.qformer_bert provides it.)
+
+Data: the paper's pre-training mixture (§4.1): COCO, Visual Genome, CC3M, CC12M, SBU and 115M
+LAION-400M images, 129M images in all, each a `blip2_captions/NAME` dataset built with
+`python -m blip2_jax.data.build captions --annotations FILE.json --image-root DIR --data-dir
+DATA_DIR --name NAME`. The web datasets (CC3M, CC12M, SBU, LAION) should be built from the CapFilt
+annotations with the two kept captions per image in each entry's "caption" list: the pipeline
+draws one of a record's captions at random every time it reads it, as §4.1 samples one of the
+top two. Visual Genome uses `blip_image_train` (RandAugment) as in LAVIS's yaml, the others
+`blip2_image_train` (random resized crop + flip, §4.1/§4.3).
+"""
+import ml_collections
+
+# Mixture weights: blip2.md gives only the totals (129M images, 115M of them LAION); the per-set
+# sizes are the BLIP / ALBEF paper's pre-training table (entries: image-caption pairs for COCO and
+# VG, whose LAVIS/BLIP annotation files hold one entry per caption; images for the web sets). A
+# uniform draw over the concatenated datasets (what BLIP's and LAVIS's loaders do) samples each
+# dataset in proportion to its entries, so the weights are the entry counts, in millions.
+# If your copies of the web datasets are smaller (dead links), use the sizes you built instead
+# (each dataset's metadata.json lists its examples).
+SOURCES = (
+    # name                             weight (M entries)  image processor (LAVIS yaml)
+    ("blip2_captions/coco_karpathy", 0.567, "blip2_image_train"),   # 113K images, 567K captions
+    ("blip2_captions/vg", 0.769, "blip_image_train"),               # 100K images, 769K captions
+    ("blip2_captions/cc3m", 2.95, "blip2_image_train"),
+    ("blip2_captions/cc12m", 10.06, "blip2_image_train"),
+    ("blip2_captions/sbu", 0.86, "blip2_image_train"),
+    ("blip2_captions/laion115m", 115.0, "blip2_image_train"),
+)
+
+VARIANTS = {
+    # arg: (model preset, global batch size)  -- batch sizes: blip2.md §4.1
+    "vit_g": ("blip2-pretrain-vit-g", 1680),
+    "vit_l": ("blip2-pretrain-vit-l", 2320),
+}
+
+
+def get_config(arg=None):
+    vit = arg or "vit_g"
+    if vit not in VARIANTS:
+        raise ValueError(f"stage1 takes one of {sorted(VARIANTS)}, got {arg!r}")
+    preset, batch = VARIANTS[vit]
+    c = ml_collections.ConfigDict()
+    c.model = preset                     # Q-Former with ITC / ITM / ITG heads; 224-px image encoder
+    c.model_overrides = {}
+    c.init = dict(
+        qformer_bert="/path/to/bert-base-uncased",
+        vision=("/path/to/blip2-itm-vit-g" if vit == "vit_g"
+                else "/path/to/clip-vit-l-native"),      # a native dir: no converter exists yet
+        random=("vision_proj", "text_proj", "temp", "itm_head"),
+    )
+    c.frozen = ("vision/.*",)
+    # Paper: frozen ViT in fp16 (§4.1); bf16 here (no fp16 loss scaling in this trainer).
+    c.frozen_dtype = "bfloat16"
+    c.loss = dict(itc=1.0, itm=1.0, itg=1.0)
+    c.optimizer = dict(
+        lr=1e-4,              # peak LR (§4.1)
+        # Paper gives a minimum LR only for stage 2; stage 1 uses LAVIS's min_lr (§4.2).
+        min_lr=1e-5,
+        warmup_lr=1e-6,       # LAVIS (§4.2); the paper does not say where the warm-up starts
+        warmup_steps=2000,    # paper (§4.1); LAVIS pretrain_stage1.yaml uses 5000
+        b1=0.9,
+        b2=0.98,              # paper (§4.1); LAVIS's AdamW default is 0.999
+        eps=1e-8,
+        weight_decay=0.05,
+        clip_norm=0.0,        # none (LAVIS does not clip)
+    )
+    # Paper: 250k steps (§4.1), cosine per step here; LAVIS: 10 epochs, cosine per epoch.
+    c.total_steps = 250_000
+    c.batch_size = batch
+    c.seed = 42                          # LAVIS's yaml seed (the paper gives none)
+    # Pure data parallelism over every device; issue 8 tunes fsdp / tensor per topology.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 5000
+    c.keep_checkpoints = 3
+    c.stop_after_steps = 0
+    c.on_nonfinite = "stop"
+    c.peak_tflops_per_device = 0.0       # set for the accelerator to log MFU
+    # Image size: the model's (224, §4.1), which the loop passes to the pipeline.
+    c.data = dict(
+        data_dir="/path/to/tfds_data",
+        train=[dict(name=name, split="train", weight=weight, image_processor=proc)
+               for name, weight, proc in SOURCES],
+        image_processor="blip2_image_train",
+        flip=True,
+        max_words=50,                    # LAVIS blip_caption (§4.3)
+        prompt="",                       # pre-training prompt (§3.3)
+        num_workers=8,                   # per host; tune to the host's cores
+        num_threads=16,
+    )
+    c.text = dict(qformer_tokenizer="/path/to/bert-base-uncased",
+                  max_length=32)         # LAVIS max_txt_len
+    return c

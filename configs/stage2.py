@@ -1,0 +1,114 @@
+"""BLIP-2 stage-2 pre-training (generative learning: the Q-Former's queries, projected by one FC
+layer, prefix a frozen LLM) with the paper's hyper-parameters: /work/shared/reference/blip2.md
+§4.1 (paper §3.4 / Appendix) and §3 (LM losses), differences from LAVIS's `pretrain_stage2.yaml`
+(§4.2) noted inline.
+
+    python train.py --config configs/stage2.py:opt-2.7b --workdir /runs/stage2_opt-2.7b \\
+        --config.data.data_dir=/data/tfds \\
+        --config.init.stage1=/runs/stage1_vit_g/final \\
+        --config.init.llm=/models/blip2-opt-2.7b \\
+        --config.text.llm_tokenizer=/models/blip2-opt-2.7b
+
+Arg: the LLM, `opt-2.7b` (default), `opt-6.7b`, `flant5-xl` or `flant5-xxl`, all with the ViT-g
+stage-1 model; `opt-2.7b,vit_l` and `flant5-xl,vit_l` give the paper's two ViT-L rows (Table 2)
+from a `stage1.py:vit_l` run. Every "/path/to/..." below is a placeholder: set it with
+`--config.KEY=...` as above.
+
+Parameter sources (blip2_jax/train/init.py):
+- `init.stage1`: a stage-1 run's `final/` directory: the frozen image encoder, ln_vision, the
+  Q-Former (its query path; the text-only parts are not in a stage-2 model) and query_tokens.
+- `init.llm`: a BLIP-2 checkpoint directory whose LLM is the frozen tower (`llm/`): the released
+  `Salesforce/blip2-opt-2.7b`, `-opt-6.7b`, `-flan-t5-xl`, `-flan-t5-xxl` hold the unchanged
+  facebook/opt-* / google/flan-t5-* weights (OPT's embedding padded to 50304 rows, §7.2,
+  §8.1). A bare facebook/opt-* or google/flan-t5-* directory is not readable by
+  `blip2_jax.load` yet.
+- `init.random`: `llm_proj`, the FC layer LAVIS creates fresh (opt_proj / t5_proj, §3).
+The LLM tokenizer is read from the same BLIP-2 directory.
+
+Data: the stage-1 mixture (same 129M images, §4.1; see configs/stage1.py for the weights and
+the dataset builds). Prompt "" (§3.3). FlanT5 trains as a prefix LM (§3.2): the pipeline splits
+each caption into an encoder prefix and a decoder target (the paper gives no split rule; ours is
+in `blip2_jax.data.pipeline._split_prefix`).
+"""
+import ml_collections
+
+# Same as configs/stage1.py (weights: million entries; see the comment there).
+SOURCES = (
+    ("blip2_captions/coco_karpathy", 0.567, "blip2_image_train"),
+    ("blip2_captions/vg", 0.769, "blip_image_train"),
+    ("blip2_captions/cc3m", 2.95, "blip2_image_train"),
+    ("blip2_captions/cc12m", 10.06, "blip2_image_train"),
+    ("blip2_captions/sbu", 0.86, "blip2_image_train"),
+    ("blip2_captions/laion115m", 115.0, "blip2_image_train"),
+)
+
+LLMS = {
+    # arg: (preset with ViT-g, preset with ViT-L or None, BLIP-2 checkpoint name, global batch)
+    # Batch sizes: blip2.md §4.1 (1920 for OPT, 1520 for FlanT5).
+    "opt-2.7b": ("blip2-opt-2.7b", "blip2-pretrain-vit-l-opt-2.7b", "blip2-opt-2.7b", 1920),
+    "opt-6.7b": ("blip2-opt-6.7b", None, "blip2-opt-6.7b", 1920),
+    "flant5-xl": ("blip2-flan-t5-xl", "blip2-pretrain-vit-l-flan-t5-xl", "blip2-flan-t5-xl", 1520),
+    "flant5-xxl": ("blip2-flan-t5-xxl", None, "blip2-flan-t5-xxl", 1520),
+}
+
+
+def get_config(arg=None):
+    llm, _, vit = (arg or "opt-2.7b").partition(",")
+    vit = vit or "vit_g"
+    if llm not in LLMS or vit not in ("vit_g", "vit_l"):
+        raise ValueError(f"stage2 takes LLM[,vit_g|vit_l] with LLM one of {sorted(LLMS)}, "
+                         f"got {arg!r}")
+    preset_g, preset_l, checkpoint, batch = LLMS[llm]
+    if vit == "vit_l" and preset_l is None:
+        raise ValueError(f"the paper trains {llm} with ViT-g only (ViT-L: opt-2.7b, flant5-xl)")
+    c = ml_collections.ConfigDict()
+    c.model = preset_g if vit == "vit_g" else preset_l     # 224-px image encoder
+    c.model_overrides = {}
+    c.init = dict(
+        stage1=f"/path/to/stage1_{vit}/final",
+        llm=f"/path/to/{checkpoint}",
+        random=("llm_proj",),
+    )
+    c.frozen = ("vision/.*", "llm/.*")
+    # Paper (§4.1): frozen ViT and OPT in fp16, FlanT5 in bf16. bf16 for all here (no fp16 loss
+    # scaling in this trainer).
+    c.frozen_dtype = "bfloat16"
+    c.loss = dict(lm=1.0)
+    c.optimizer = dict(
+        lr=1e-4,              # peak LR (§4.1)
+        min_lr=5e-5,          # paper's stage-2 minimum (§4.1); LAVIS pretrain_stage2.yaml: 1e-5
+        warmup_lr=1e-6,       # LAVIS (§4.2); the paper does not say where the warm-up starts
+        warmup_steps=2000,    # §4.1 (LAVIS: 2000 too)
+        b1=0.9,
+        b2=0.98,              # paper (§4.1); LAVIS's AdamW default is 0.999
+        eps=1e-8,
+        weight_decay=0.05,
+        clip_norm=0.0,        # none (LAVIS does not clip)
+    )
+    c.total_steps = 80_000               # §4.1 (LAVIS: 10 epochs)
+    c.batch_size = batch
+    c.seed = 42                          # LAVIS's yaml seed (the paper gives none)
+    # Pure data parallelism over every device; issue 8 tunes fsdp / tensor per topology (the
+    # frozen FlanT5-XXL, 11B parameters, will want fsdp or tensor sharding).
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 2000
+    c.keep_checkpoints = 3
+    c.stop_after_steps = 0
+    c.on_nonfinite = "stop"
+    c.peak_tflops_per_device = 0.0       # set for the accelerator to log MFU
+    # Image size: the model's (224, §4.1), which the loop passes to the pipeline.
+    c.data = dict(
+        data_dir="/path/to/tfds_data",
+        train=[dict(name=name, split="train", weight=weight, image_processor=proc)
+               for name, weight, proc in SOURCES],
+        image_processor="blip2_image_train",
+        flip=True,
+        max_words=50,                    # LAVIS blip_caption (§4.3)
+        prompt="",                       # pre-training prompt (§3.3)
+        num_workers=8,                   # per host; tune to the host's cores
+        num_threads=16,
+    )
+    c.text = dict(llm_tokenizer=f"/path/to/{checkpoint}",
+                  max_length=32)         # LAVIS max_txt_len (§3.1, §3.2)
+    return c

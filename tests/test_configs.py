@@ -1,0 +1,396 @@
+"""The paper's training configs (configs/stage1.py, stage2.py, caption_coco_ft.py,
+retrieval_coco_ft.py) hold together with the code that reads them, without allocating a full-size
+parameter: each file and arg loads; `loop.model_config` resolves; the frozen patterns match
+parameters of `api.abstract_init` (an `eval_shape`, cached per model config); every top-level
+parameter has a source in `config.init`; the optimizer (decay mask, layer-wise LR scales) builds
+and its init / update trace on the abstract trainable tree; the data config builds a Pipeline
+(the tfds reader stubbed) with valid dataset names and image processors; `LossConfig(**c.loss)`
+constructs; the batch divides the 8 fake devices and the mesh; the text setup works with real
+vocabularies; and the headline values equal blip2.md §4.
+
+The last section checks, on tiny models, what the fine-tuning configs need from the code: the
+LAVIS prompt length, a 224-px position table loaded into a larger model, and gradients through a
+trainable ViT.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blip2_jax import api, config as config_lib
+from blip2_jax.convert.mapping import flatten
+from blip2_jax.data import builders, ops, pipeline
+from blip2_jax.train import init as init_lib
+from blip2_jax.train import loop
+from blip2_jax.train import state as state_lib
+from blip2_jax.train.step import LossConfig
+import assets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CASES = [
+    ("stage1", "vit_g"), ("stage1", "vit_l"),
+    ("stage2", "opt-2.7b"), ("stage2", "opt-6.7b"), ("stage2", "flant5-xl"),
+    ("stage2", "flant5-xxl"), ("stage2", "opt-2.7b,vit_l"), ("stage2", "flant5-xl,vit_l"),
+    ("caption_coco_ft", None),
+    ("retrieval_coco_ft", "vit_g"), ("retrieval_coco_ft", "vit_l"),
+]
+IDS = [f"{n}:{a}" if a else n for n, a in CASES]
+
+# The top-level keys loop.run reads (anything else would be silently ignored).
+LOOP_KEYS = {"model", "model_overrides", "init", "frozen", "frozen_dtype", "loss", "optimizer",
+             "total_steps", "batch_size", "seed", "mesh", "log_every_steps",
+             "checkpoint_every_steps", "keep_checkpoints", "stop_after_steps", "on_nonfinite",
+             "peak_tflops_per_device", "data", "text"}
+# What each config.init source provides (blip2_jax/train/init.py), by top-level name.
+INIT_PROVIDES = {"stage1": {"vision", "ln_vision", "qformer", "query_tokens"},
+                 "qformer_bert": {"qformer", "query_tokens", "lm_head"},
+                 "vision": {"vision", "ln_vision"},
+                 "llm": {"llm"}}
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name):
+    spec = importlib.util.spec_from_file_location(f"configs_{name}",
+                                                  os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(name, arg):
+    return _module(name).get_config(arg)     # fresh each time: tests may edit it
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name, arg):
+    return loop.model_config(_config(name, arg))
+
+
+def _abstract(name, arg):
+    """(paths, shapes) of every parameter: api.abstract_init is an lru_cached eval_shape."""
+    return flatten(api.abstract_init(_model(name, arg))[1])
+
+
+def _tops(paths):
+    return {p.split("/")[0] for p in paths}
+
+
+# ------------------------------------------------------------------------------------------------
+# Per config and arg
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,arg", CASES, ids=IDS)
+def test_loads_and_resolves(name, arg):
+    c = _config(name, arg)
+    assert set(c.keys()) <= LOOP_KEYS, set(c.keys()) - LOOP_KEYS
+    assert set(c.keys()) == LOOP_KEYS        # every knob stated, as in configs/tiny_stage*.py
+    cfg = _model(name, arg)
+    stage1 = name in ("stage1", "retrieval_coco_ft")
+    assert (cfg.llm is None) == stage1
+    if stage1:
+        assert cfg.itc and cfg.itm and cfg.itg
+    else:
+        assert cfg.llm_kind == ("t5" if "flant5" in (arg or "") else "opt")
+    assert cfg.vision.variant == ("clip" if "vit_l" in (arg or "") else "eva")
+    assert cfg.vision.image_size == (364 if name.endswith("_ft") else 224)
+    # Placeholders only: no real path of anyone's machine in the committed configs.
+    paths = [v for k, v in loop._plain(c.init).items() if k != "random"]
+    paths += [c.data.data_dir] + [v for k, v in c.text.items() if k.endswith("_tokenizer")]
+    assert all(p.startswith("/path/to/") for p in paths), paths
+
+
+@pytest.mark.parametrize("name,arg", CASES, ids=IDS)
+def test_frozen_patterns_match(name, arg):
+    c = _config(name, arg)
+    paths = list(_abstract(name, arg))
+    state_lib.check_patterns(paths, c.frozen)
+    frozen = state_lib.frozen_paths(paths, c.frozen)
+    expected = {"stage1": {"vision"}, "stage2": {"vision", "llm"}, "caption_coco_ft": {"llm"},
+                "retrieval_coco_ft": set()}[name]
+    assert _tops(frozen) == expected
+    # Whole towers: nothing of a frozen tower is left trainable.
+    assert all(p in frozen for p in paths if p.split("/")[0] in expected)
+    assert (c.frozen_dtype == "bfloat16") == bool(expected)
+
+
+@pytest.mark.parametrize("name,arg", CASES, ids=IDS)
+def test_every_parameter_has_a_source(name, arg):
+    init = loop._plain(_config(name, arg).init)
+    assert set(init) <= {"checkpoint", "stage1", "qformer_bert", "vision", "llm", "random"}
+    tops = _tops(_abstract(name, arg))
+    random = set(init.get("random") or ())
+    assert "*" not in random and random <= tops, random - tops
+    provided = set(tops) if init.get("checkpoint") else set()
+    for key, names in INIT_PROVIDES.items():
+        if init.get(key):
+            provided |= names & tops
+    # No leaf left silently random, and nothing loaded is also declared random.
+    assert provided | random == tops, tops - provided - random
+    assert not provided & random
+    expected_random = {"stage1": {"vision_proj", "text_proj", "temp", "itm_head"},
+                       "stage2": {"llm_proj"}}.get(name, set())
+    assert random == expected_random
+
+
+@pytest.mark.parametrize("name,arg", CASES, ids=IDS)
+def test_optimizer_builds(name, arg):
+    c = _config(name, arg)
+    cfg = _model(name, arg)
+    opt = loop._plain(c.optimizer)
+    frozen = state_lib.frozen_paths(list(_abstract(name, arg)), c.frozen)
+    t_specs, t_shapes = state_lib.trainable_abstract(cfg, frozen)
+    mask = state_lib.decay_mask(t_specs, t_shapes)
+    scales = state_lib.layer_lr_scales(cfg, t_shapes, opt.get("vit_layer_decay"))
+    assert (scales is not None) == name.endswith("_ft")     # LLRD only for a trainable ViT
+    tx, sched = state_lib.optimizer(opt, int(c.total_steps), mask, scales)
+    opt_state = jax.eval_shape(tx.init, t_shapes)
+    updates, _ = jax.eval_shape(tx.update, t_shapes, opt_state, t_shapes)
+    assert jax.tree.structure(updates) == jax.tree.structure(t_shapes)
+    # Decay exemptions as LAVIS: biases and 1-D leaves exempt, temp and query_tokens decay.
+    flat_mask = flatten(mask)
+    assert not any(v for k, v in flat_mask.items() if k.endswith("/bias"))
+    assert flat_mask["query_tokens"]
+    if "temp" in flat_mask:
+        assert flat_mask["temp"]
+    # The schedule: warm-up from warmup_lr to lr, cosine to min_lr at total_steps.
+    np.testing.assert_allclose(float(sched(0)), opt["warmup_lr"], rtol=1e-4)
+    np.testing.assert_allclose(float(sched(opt["warmup_steps"])), opt["lr"], rtol=1e-4)
+    np.testing.assert_allclose(float(sched(int(c.total_steps))), opt["min_lr"], atol=1e-9)
+
+
+@pytest.mark.parametrize("name,arg", CASES, ids=IDS)
+def test_data_config_builds_a_pipeline(name, arg, monkeypatch, tmp_path):
+    c = _config(name, arg)
+    cfg = _model(name, arg)
+    data = loop._plain(c.data)
+    raw = data["train"] if isinstance(data["train"], list) else [data["train"]]
+    for s in raw:
+        assert re.fullmatch(r"blip2_captions/[A-Za-z0-9_-]+", s["name"]), s["name"]
+        assert builders.kind_of(s["name"]) == builders.CAPTIONS
+        with pytest.raises(FileNotFoundError, match="not found"):   # a well-formed name
+            builders.dataset_path(str(tmp_path), s["name"])
+    # The pipeline as loop.run builds it, with the tfds reader stubbed out.
+    opened = []
+    monkeypatch.setattr(pipeline.builders, "open_split",
+                        lambda d, n, s: opened.append((d, n, s)) or [])
+    data.setdefault("image_size", cfg.vision.image_size)
+    if cfg.llm_kind == "t5":
+        data["prefix_lm"] = True
+    p = pipeline.from_config(data, batch_size=int(c.batch_size), seed=int(c.seed),
+                             process_index=0, process_count=1)
+    assert [n for _, n, _ in opened] == [s["name"] for s in raw]
+    assert all(d == c.data.data_dir and s == "train" for d, _, s in opened)
+    for src in p.sources:
+        ops.image_processor(src.image_processor or data["image_processor"], cfg.vision.image_size)
+    assert p._process.prefix_lm == (cfg.llm_kind == "t5")
+
+
+@pytest.mark.parametrize("name,arg", CASES, ids=IDS)
+def test_loss_config_and_mesh(name, arg):
+    c = _config(name, arg)
+    loss = loop._plain(c.loss)
+    # loop.text_setup supplies these two itself (passing them too would be a TypeError there).
+    assert not {"dec_token_id", "prompt_length"} & set(loss)
+    lc = LossConfig(**loss)
+    if name in ("stage1", "retrieval_coco_ft"):
+        assert (lc.itc, lc.itm, lc.itg) == (1.0, 1.0, 1.0)
+        assert lc.image_id_itc == (name == "retrieval_coco_ft")
+    else:
+        assert lc.lm == 1.0
+    assert jax.device_count() == 8
+    assert c.batch_size % 8 == 0
+    mesh = loop.make_mesh(c)
+    assert mesh.shape["data"] == 8 and mesh.shape["fsdp"] == mesh.shape["tensor"] == 1
+    assert c.batch_size % mesh.shape["data"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Headline values against blip2.md §4
+# ------------------------------------------------------------------------------------------------
+# (batch, steps, peak lr, min lr, warm-up steps, beta2, vit_layer_decay)
+PAPER = {
+    ("stage1", "vit_g"): (1680, 250_000, 1e-4, 1e-5, 2000, 0.98, None),
+    ("stage1", "vit_l"): (2320, 250_000, 1e-4, 1e-5, 2000, 0.98, None),
+    ("stage2", "opt-2.7b"): (1920, 80_000, 1e-4, 5e-5, 2000, 0.98, None),
+    ("stage2", "opt-6.7b"): (1920, 80_000, 1e-4, 5e-5, 2000, 0.98, None),
+    ("stage2", "flant5-xl"): (1520, 80_000, 1e-4, 5e-5, 2000, 0.98, None),
+    ("stage2", "flant5-xxl"): (1520, 80_000, 1e-4, 5e-5, 2000, 0.98, None),
+    ("stage2", "opt-2.7b,vit_l"): (1920, 80_000, 1e-4, 5e-5, 2000, 0.98, None),
+    ("stage2", "flant5-xl,vit_l"): (1520, 80_000, 1e-4, 5e-5, 2000, 0.98, None),
+    # 5 epochs of the 566,747 Karpathy-train captions: 5 * (566747 // 256), 5 * (566747 // 224).
+    ("caption_coco_ft", None): (256, 11_065, 1e-5, 0.0, 1000, 0.999, 0.95),
+    ("retrieval_coco_ft", "vit_g"): (224, 12_650, 1e-5, 0.0, 1000, 0.999, 0.95),
+    ("retrieval_coco_ft", "vit_l"): (224, 12_650, 5e-6, 0.0, 1000, 0.98, 0.95),
+}
+
+
+@pytest.mark.parametrize("name,arg", CASES, ids=IDS)
+def test_headline_values(name, arg):
+    c = _config(name, arg)
+    batch, steps, lr, min_lr, warmup, b2, llrd = PAPER[(name, arg)]
+    o = c.optimizer
+    assert (c.batch_size, c.total_steps) == (batch, steps)
+    assert (o.lr, o.min_lr, o.warmup_steps, o.b1, o.b2, o.weight_decay) == (
+        lr, min_lr, warmup, 0.9, b2, 0.05)
+    assert o.get("vit_layer_decay") == llrd
+    assert o.warmup_lr == (1e-6 if name.startswith("stage") else 1e-8)     # LAVIS
+    assert c.text.max_length == 32
+    assert c.data.prompt == ("a photo of " if name == "caption_coco_ft" else "")
+    if name.startswith("stage"):
+        train = {s["name"]: s for s in c.data.train}
+        assert set(train) == {f"blip2_captions/{n}" for n in
+                              ("coco_karpathy", "vg", "cc3m", "cc12m", "sbu", "laion115m")}
+        assert train["blip2_captions/laion115m"]["weight"] == 115.0        # 115M LAION images
+        assert {n for n, s in train.items() if s["image_processor"] == "blip_image_train"} == {
+            "blip2_captions/vg"}
+    else:
+        assert c.data.train.name == "blip2_captions/coco_karpathy"
+        assert c.data.image_processor == ("blip_image_train" if name == "caption_coco_ft"
+                                          else "blip2_image_train")
+
+
+def test_models_and_defaults():
+    assert _config("stage1", None).model == "blip2-pretrain-vit-g"
+    assert _config("stage2", None).model == "blip2-opt-2.7b"
+    assert _config("retrieval_coco_ft", None).model == "blip2-pretrain-vit-g"
+    assert _config("caption_coco_ft", None).model == "blip2-opt-2.7b"
+    assert _config("stage2", "flant5-xxl").model == "blip2-flan-t5-xxl"
+    assert _config("stage2", "opt-2.7b,vit_l").init.stage1 == "/path/to/stage1_vit_l/final"
+    for name, bad in [("stage1", "vit_h"), ("stage2", "opt-13b"), ("stage2", "opt-6.7b,vit_l"),
+                      ("stage2", "opt-2.7b,vit_h"), ("caption_coco_ft", "flant5-xl"),
+                      ("retrieval_coco_ft", "vit_b")]:
+        with pytest.raises(ValueError):
+            _config(name, bad)
+
+
+def test_command_line_overrides():
+    """train.py's flags: `--config FILE:ARG` plus `--config.KEY=VALUE` on the placeholders."""
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ["train.py", f"--config={ROOT}/configs/stage1.py:vit_l", "--config.init.vision=/m/vitl",
+            "--config.data.data_dir=/d", "--config.total_steps=10"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    c = fv.config
+    assert (c.init.vision, c.data.data_dir, c.total_steps, c.batch_size) == ("/m/vitl", "/d", 10,
+                                                                             2320)
+
+
+# ------------------------------------------------------------------------------------------------
+# Text setup with real vocabularies (tests/assets.py)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert")
+    shutil.copy(assets.bert_vocab(), d / "vocab.txt")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def opt_dir(tmp_path_factory):
+    """GPT-2's BPE in OPT's layout (specials 0-3, then GPT-2's tokens shifted by 4)."""
+    encoder_json, vocab_bpe = assets.gpt2_bpe()
+    with open(encoder_json, encoding="utf-8") as f:
+        encoder = json.load(f)
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({t: i + 4 for t, i in sorted(encoder.items(), key=lambda kv: kv[1])
+                  if t != "<|endoftext|>"})
+    d = tmp_path_factory.mktemp("opt")
+    (d / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    shutil.copy(vocab_bpe, d / "merges.txt")
+    return str(d)
+
+
+@pytest.mark.parametrize("name,arg", [("stage1", "vit_g"), ("retrieval_coco_ft", "vit_g")])
+def test_text_setup_qformer(name, arg, bert_dir):
+    c = _config(name, arg)
+    c.text.qformer_tokenizer = bert_dir
+    specs, lc, prefix_lm = loop.text_setup(c, _model(name, arg))
+    assert [(s.name, s.kind, s.max_length) for s in specs] == [("qformer", "qformer", 32)]
+    assert lc.dec_token_id == 30522 and not prefix_lm         # [DEC] after bert-base-uncased
+    assert lc.image_id_itc == (name == "retrieval_coco_ft")
+
+
+def test_text_setup_opt_pretraining(opt_dir):
+    c = _config("stage2", "opt-2.7b")
+    c.text.llm_tokenizer = opt_dir
+    specs, lc, prefix_lm = loop.text_setup(c, _model("stage2", "opt-2.7b"))
+    assert [(s.name, s.kind, s.max_length, s.suffix) for s in specs] == [
+        ("llm", "opt", 32, "\n")]
+    assert lc.prompt_length == 0 and not prefix_lm            # prompt "": nothing masked
+
+
+# ------------------------------------------------------------------------------------------------
+# What the fine-tuning configs need from the code (on tiny models)
+# ------------------------------------------------------------------------------------------------
+def test_caption_prompt_length_matches_lavis(opt_dir):
+    c = _config("caption_coco_ft", None)
+    c.text.llm_tokenizer = opt_dir
+    _, lc, _ = loop.text_setup(c, _model("caption_coco_ft", None))
+    assert lc.prompt_length == 4
+
+
+def _random_params(cfg, seed=0):
+    """Random parameters of the right shapes without compiling the model's init."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
+                        api.abstract_params(cfg))
+
+
+def test_init_interpolates_position_table(tmp_path, monkeypatch):
+    small = config_lib.get_preset("tiny-stage1")                    # 30 px: a 5x5 patch grid
+    api.Blip2(small, _random_params(small), check=False).save(str(tmp_path), format="native")
+    big = small.replace(vision=dataclasses.replace(small.vision, image_size=42))   # 7x7
+    monkeypatch.setattr(init_lib.api, "init_params", lambda cfg, seed=0: _random_params(cfg))
+    params, _ = init_lib.initial_params(big, {"checkpoint": str(tmp_path)})
+    assert params["vision"]["pos_embed"].shape == (1, 50, small.vision.hidden_size)
+
+
+def _depends_on_inputs(closed) -> list[bool]:
+    """Per output of a traced function: whether it is computed from any input (an equation's
+    outputs count as dependent when any of its operands is: conservative through nested calls)."""
+    from jax.extend.core import Literal
+    jaxpr = closed.jaxpr
+    live = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(v, Literal) and v in live for v in eqn.invars):
+            live.update(eqn.outvars)
+    return [not isinstance(v, Literal) and v in live for v in jaxpr.outvars]
+
+
+@pytest.mark.parametrize("frozen, trains_vit", [((), True), (("vision/.*",), False)])
+def test_trainable_vit_gets_gradients(frozen, trains_vit):
+    """Traced, not run: with the ViT trainable (fine-tuning) its gradient depends on the inputs;
+    frozen, the stop_gradient makes it a constant zero. ln_vision's depends on them either way.
+    The Trainer decides from the frozen patterns."""
+    from blip2_jax.train.step import loss_fn
+    from blip2_jax.train.trainer import Trainer
+    cfg = config_lib.get_preset("tiny-stage1")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
+                             ("data", "fsdp", "tensor"))
+    trainer = Trainer(cfg, LossConfig(itc=1.0, itm=0.0, itg=0.0), {"lr": 1e-5}, total_steps=10,
+                      mesh=mesh, frozen=frozen, frozen_dtype=None)
+    assert trainer.loss_cfg.train_vision == trains_vit
+    s, b = cfg.vision.image_size, 2
+    params = api.abstract_params(cfg)
+    batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
+             "qformer_ids": jax.ShapeDtypeStruct((b, 4), jnp.int32),
+             "qformer_mask": jax.ShapeDtypeStruct((b, 4), jnp.int32)}
+    lc = trainer.loss_cfg
+    grad = jax.grad(lambda p, x: loss_fn(cfg, lc)(p, {}, x, jax.random.PRNGKey(0))[0])
+    closed, out_shape = jax.make_jaxpr(grad, return_shape=True)(params, batch)
+    dependent = jax.tree.unflatten(jax.tree.structure(out_shape), _depends_on_inputs(closed))
+    assert dependent["ln_vision"]["scale"]
+    assert dependent["vision"]["patch_embed"]["kernel"] == trains_vit
