@@ -16,7 +16,7 @@ QFORMER = dict(vocab_size=100, hidden_size=128, num_layers=2, num_heads=4, inter
                max_position_embeddings=64, cross_attention_frequency=1, encoder_hidden_size=128)
 LLM = dict(vocab_size=384, hidden_size=128, num_layers=2, num_heads=4, ffn_dim=256,
            max_position_embeddings=128, word_embed_proj_dim=128)
-NUM_QUERIES = 16
+NUM_QUERIES = 8
 
 
 def get_config(arg="stage1,out/demo"):
@@ -35,7 +35,7 @@ def get_config(arg="stage1,out/demo"):
         c.frozen = ("vision/.*",)
         c.loss = dict(itc=1.0, itm=1.0, itg=1.0)
         c.total_steps = 600
-        c.text = dict(qformer_tokenizer="{data_dir}/tokenizers/synthetic/qformer", max_length=40)
+        c.text = dict(qformer_tokenizer="{data_dir}/tokenizers/synthetic/qformer", max_length=32)
     else:
         c.model = "tiny-opt"
         c.model_overrides = dict(vision=VISION, qformer=QFORMER, llm=LLM,
@@ -49,7 +49,7 @@ def get_config(arg="stage1,out/demo"):
     c.frozen_dtype = "float32"      # tiny towers: keep full precision
     c.optimizer = dict(lr=1e-3, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=50, b1=0.9, b2=0.98,
                        weight_decay=0.05)
-    c.batch_size = 64
+    c.batch_size = 32
     c.seed = 0
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every_steps = 50
