@@ -35,7 +35,7 @@ What the code lacks for this recipe (besides the position-table interpolation ab
 - loop._export marks the vision tower with frozen_dtype (bf16) in `final/` even though it was
   fine-tuned here.
 """
-import ml_collections
+from blip2_jax.train import defaults
 
 KARPATHY_TRAIN_CAPTIONS = 566_747
 BATCH = 256                                             # Table 7; LAVIS 16 x 16 GPUs
@@ -46,7 +46,7 @@ STEPS = EPOCHS * (KARPATHY_TRAIN_CAPTIONS // BATCH)     # 11,065
 def get_config(arg=None):
     if arg not in (None, "", "opt-2.7b"):
         raise ValueError(f"caption_coco_ft is the OPT-2.7B recipe (Table 7); got {arg!r}")
-    c = ml_collections.ConfigDict()
+    c = defaults.base_config()
     c.model = "blip2-opt-2.7b"
     c.model_overrides = dict(vision=dict(image_size=364,          # Table 7 / LAVIS image_size
                                          remat_policy="full"))    # LAVIS use_grad_checkpoint
@@ -71,14 +71,8 @@ def get_config(arg=None):
     c.total_steps = STEPS
     c.batch_size = BATCH
     c.seed = 42                           # LAVIS's yaml seed
-    # Pure data parallelism over every device; issue 8 tunes fsdp / tensor per topology.
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
-    c.stop_after_steps = 0
-    c.on_nonfinite = "stop"
-    c.peak_tflops_per_device = 0.0        # set for the accelerator to log MFU
     # Image size: the model's (364), which the loop passes to the pipeline.
     c.data = dict(
         data_dir="/path/to/tfds_data",

@@ -7,7 +7,7 @@
 WORK/data holds the synthetic dataset and its tokenizers; WORK/unimodal the pre-trained image
 encoder and language model (blip2_jax/train/unimodal.py).
 """
-import ml_collections
+from blip2_jax.train import defaults
 
 # A 72 px image is a 6x6 grid of 12 px patches: each cell of the 3x3 scene grid is 2x2 patches.
 VISION = dict(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, image_size=72,
@@ -24,7 +24,7 @@ def get_config(arg="stage1,out/demo"):
     work = work or "out/demo"
     if stage not in ("stage1", "stage2"):
         raise ValueError(f"demo config takes 'stage1,WORK' or 'stage2,WORK', got {arg!r}")
-    c = ml_collections.ConfigDict()
+    c = defaults.base_config()
     if stage == "stage1":
         c.model = "tiny-stage1"
         c.model_overrides = dict(vision=VISION, qformer=QFORMER, num_query_tokens=NUM_QUERIES,
@@ -51,13 +51,9 @@ def get_config(arg="stage1,out/demo"):
                        weight_decay=0.05)
     c.batch_size = 32
     c.seed = 0
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every_steps = 50
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
-    c.stop_after_steps = 0
-    c.on_nonfinite = "stop"
-    c.peak_tflops_per_device = 0.0
     c.data = dict(data_dir=f"{work}/data",
                   train=dict(name="blip2_captions/synthetic", split="train"),
                   # No crops or flips: the captions say where each object is.

@@ -31,7 +31,7 @@ What the code lacks for this recipe (besides the interpolation above): blip2_jax
 applies stop_gradient to the ViT output unconditionally, so the trainable ViT gets zero gradients
 (only the decoupled weight decay moves it).
 """
-import ml_collections
+from blip2_jax.train import defaults
 
 KARPATHY_TRAIN_CAPTIONS = 566_747
 BATCH = 224                                             # Table 9; LAVIS 14 x 16 GPUs
@@ -50,7 +50,7 @@ def get_config(arg=None):
     if vit not in VARIANTS:
         raise ValueError(f"retrieval_coco_ft takes one of {sorted(VARIANTS)}, got {arg!r}")
     preset, lr, b2 = VARIANTS[vit]
-    c = ml_collections.ConfigDict()
+    c = defaults.base_config()
     c.model = preset
     c.model_overrides = dict(vision=dict(image_size=364,          # Table 9 / LAVIS image_size
                                          remat_policy="full"))    # LAVIS use_grad_checkpoint
@@ -77,14 +77,8 @@ def get_config(arg=None):
     c.total_steps = STEPS
     c.batch_size = BATCH
     c.seed = 42                            # LAVIS's yaml seed
-    # Pure data parallelism over every device; issue 8 tunes fsdp / tensor per topology.
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
-    c.stop_after_steps = 0
-    c.on_nonfinite = "stop"
-    c.peak_tflops_per_device = 0.0         # set for the accelerator to log MFU
     # Image size: the model's (364), which the loop passes to the pipeline.
     c.data = dict(
         data_dir="/path/to/tfds_data",

@@ -33,7 +33,7 @@ draws one of a record's captions at random every time it reads it, as §4.1 samp
 top two. Visual Genome uses `blip_image_train` (RandAugment) as in LAVIS's yaml, the others
 `blip2_image_train` (random resized crop + flip, §4.1/§4.3).
 """
-import ml_collections
+from blip2_jax.train import defaults
 
 # Mixture weights: blip2.md gives only the totals (129M images, 115M of them LAION); the per-set
 # sizes are the BLIP / ALBEF paper's pre-training table (entries: image-caption pairs for COCO and
@@ -64,7 +64,7 @@ def get_config(arg=None):
     if vit not in VARIANTS:
         raise ValueError(f"stage1 takes one of {sorted(VARIANTS)}, got {arg!r}")
     preset, batch = VARIANTS[vit]
-    c = ml_collections.ConfigDict()
+    c = defaults.base_config()
     c.model = preset                     # Q-Former with ITC / ITM / ITG heads; 224-px image encoder
     c.model_overrides = {}
     c.init = dict(
@@ -93,14 +93,8 @@ def get_config(arg=None):
     c.total_steps = 250_000
     c.batch_size = batch
     c.seed = 42                          # LAVIS's yaml seed (the paper gives none)
-    # Pure data parallelism over every device; issue 8 tunes fsdp / tensor per topology.
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every_steps = 100
     c.checkpoint_every_steps = 5000
-    c.keep_checkpoints = 3
-    c.stop_after_steps = 0
-    c.on_nonfinite = "stop"
-    c.peak_tflops_per_device = 0.0       # set for the accelerator to log MFU
     # Image size: the model's (224, §4.1), which the loop passes to the pipeline.
     c.data = dict(
         data_dir="/path/to/tfds_data",

@@ -30,7 +30,7 @@ the dataset builds). Prompt "" (§3.3). FlanT5 trains as a prefix LM (§3.2): th
 each caption into an encoder prefix and a decoder target (the paper gives no split rule; ours is
 in `blip2_jax.data.pipeline._split_prefix`).
 """
-import ml_collections
+from blip2_jax.train import defaults
 
 # Same as configs/stage1.py (weights: million entries; see the comment there).
 SOURCES = (
@@ -61,7 +61,7 @@ def get_config(arg=None):
     preset_g, preset_l, checkpoint, batch = LLMS[llm]
     if vit == "vit_l" and preset_l is None:
         raise ValueError(f"the paper trains {llm} with ViT-g only (ViT-L: opt-2.7b, flant5-xl)")
-    c = ml_collections.ConfigDict()
+    c = defaults.base_config()
     c.model = preset_g if vit == "vit_g" else preset_l     # 224-px image encoder
     c.model_overrides = {}
     c.init = dict(
@@ -88,15 +88,9 @@ def get_config(arg=None):
     c.total_steps = 80_000               # §4.1 (LAVIS: 10 epochs)
     c.batch_size = batch
     c.seed = 42                          # LAVIS's yaml seed (the paper gives none)
-    # Pure data parallelism over every device; issue 8 tunes fsdp / tensor per topology (the
+    # The default mesh is pure data parallelism; issue 8 tunes fsdp / tensor per topology (the
     # frozen FlanT5-XXL, 11B parameters, will want fsdp or tensor sharding).
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
-    c.log_every_steps = 100
     c.checkpoint_every_steps = 2000
-    c.keep_checkpoints = 3
-    c.stop_after_steps = 0
-    c.on_nonfinite = "stop"
-    c.peak_tflops_per_device = 0.0       # set for the accelerator to log MFU
     # Image size: the model's (224, §4.1), which the loop passes to the pipeline.
     c.data = dict(
         data_dir="/path/to/tfds_data",

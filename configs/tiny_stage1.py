@@ -3,30 +3,23 @@ per step on a CPU. Build the data first: `python -m blip2_jax.data.build synthet
 
     python train.py --config configs/tiny_stage1.py[:DATA_DIR] --workdir /tmp/tiny1
 """
-import ml_collections
+from blip2_jax.train import defaults
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
+    c = defaults.base_config()
     c.model = "tiny-stage1"
     c.model_overrides = {}
     # Tiny and from scratch: every tower starts random (real configs name their sources).
     c.init = dict(random=("*",))
     c.frozen = ("vision/.*",)
-    c.frozen_dtype = "bfloat16"
     c.loss = dict(itc=1.0, itm=1.0, itg=1.0)
     c.optimizer = dict(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5, b1=0.9, b2=0.98,
                        weight_decay=0.05)
     c.total_steps = 40
     c.batch_size = 16
-    c.seed = 0
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every_steps = 10
     c.checkpoint_every_steps = 20
-    c.keep_checkpoints = 3
-    c.stop_after_steps = 0
-    c.on_nonfinite = "stop"
-    c.peak_tflops_per_device = 0.0
     c.data = dict(data_dir=arg or "data",
                   train=dict(name="blip2_captions/synthetic", split="train"),
                   # No crops or flips: the captions say where each object is.

@@ -3,33 +3,26 @@ The frozen LLM is the config's own tiny one (random here; the demo pre-trains on
 
     python train.py --config configs/tiny_stage2.py[:opt|t5[,DATA_DIR]] --workdir /tmp/tiny2
 """
-import ml_collections
+from blip2_jax.train import defaults
 
 
 def get_config(arg=None):
     llm, _, data_dir = (arg or "opt").partition(",")
     if llm not in ("opt", "t5"):
         raise ValueError(f"tiny_stage2 takes 'opt' or 't5', got {llm!r}")
-    c = ml_collections.ConfigDict()
+    c = defaults.base_config()
     c.model = f"tiny-{llm}"
     # The synthetic language's tokenizers (blip2_jax.data.build synthetic) set the vocabularies.
     c.model_overrides = dict(llm=dict(vocab_size=384 if llm == "opt" else 256))
     c.init = dict(random=("*",))
     c.frozen = ("vision/.*", "llm/.*")
-    c.frozen_dtype = "bfloat16"
     c.loss = dict(lm=1.0)
     c.optimizer = dict(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5, b1=0.9, b2=0.98,
                        weight_decay=0.05)
     c.total_steps = 40
     c.batch_size = 16
-    c.seed = 0
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every_steps = 10
     c.checkpoint_every_steps = 20
-    c.keep_checkpoints = 3
-    c.stop_after_steps = 0
-    c.on_nonfinite = "stop"
-    c.peak_tflops_per_device = 0.0
     c.data = dict(data_dir=data_dir or "data",
                   train=dict(name="blip2_captions/synthetic", split="train"),
                   image_processor="blip_image_eval", flip=False, prompt="",   # no crops: captions say where

@@ -1,0 +1,19 @@
+"""What every training config starts from (configs/*.py: `c = defaults.base_config()`), so a
+config file holds only what is particular to it. `train/loop.py` documents each key."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.frozen_dtype = "bfloat16"
+    c.optimizer = dict(b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05, clip_norm=0.0)
+    # Pure data parallelism over every device unless a config says otherwise.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.stop_after_steps = 0            # > 0: end the run at that step, as a preemption would
+    c.on_nonfinite = "stop"           # or "skip" (the update)
+    c.peak_tflops_per_device = 0.0    # set for the accelerator to log MFU
+    return c
