@@ -166,8 +166,7 @@ def main(argv=None) -> int:
             parse = {"captions": records.caption_entries, "retrieval": records.retrieval_entries,
                      "vqa": records.vqa_entries}[args.kind]
             entries = {split: parse(path) for split, path in files.items()}
-            make = builders.vqa_examples if args.kind == "vqa" else builders.caption_examples
-            splits = {split: (lambda e=e: make(e, args.image_root, **read))
+            splits = {split: (lambda e=e: builders.entry_examples(e, args.image_root, **read))
                       for split, e in entries.items()}
             kind = builders.VQA if args.kind == "vqa" else builders.CAPTIONS
         reports = builders.build(kind, name, args.data_dir, splits,

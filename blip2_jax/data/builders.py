@@ -173,31 +173,26 @@ def _dense_ids(keys: Iterable[str]) -> dict[str, int]:
     return out
 
 
-def caption_examples(entries: list[records.CaptionEntry], image_root: str, *,
-                     max_size: Optional[int] = None, workers: int = 8) -> Iterator:
+def entry_examples(entries: list[Union[records.CaptionEntry, records.VqaEntry]],
+                   image_root: str, *, max_size: Optional[int] = None,
+                   workers: int = 8) -> Iterator:
+    """Examples (or `Skipped`) of annotation entries, images read on a thread pool: captions for
+    `CaptionEntry`s, questions and answers for `VqaEntry`s."""
     image_index = _dense_ids(e.image for e in entries)
 
     def load(args):
         i, e = args
+        vqa = isinstance(e, records.VqaEntry)
         image = records.read_image(image_root, e.image, max_size)
         if isinstance(image, Skipped):
-            return Skipped(f"entry {i} ({e.image})", image.reason)
-        return {"image": image, "image_id": e.image_id, "image_index": image_index[e.image],
-                "captions": list(e.captions), "index": i}
-    return _parallel(load, enumerate(entries), workers)
-
-
-def vqa_examples(entries: list[records.VqaEntry], image_root: str, *,
-                 max_size: Optional[int] = None, workers: int = 8) -> Iterator:
-    image_index = _dense_ids(e.image for e in entries)
-    def load(args):
-        i, e = args
-        image = records.read_image(image_root, e.image, max_size)
-        if isinstance(image, Skipped):
-            return Skipped(f"entry {i} (question {e.question_id}, {e.image})", image.reason)
-        return {"image": image, "image_id": e.image_id, "image_index": image_index[e.image],
-                "question_id": e.question_id, "question": e.question,
-                "answers": list(e.answers), "index": i}
+            what = f"question {e.question_id}, {e.image}" if vqa else e.image
+            return Skipped(f"entry {i} ({what})", image.reason)
+        out = {"image": image, "image_id": e.image_id, "image_index": image_index[e.image],
+               "index": i}
+        if vqa:
+            return {**out, "question_id": e.question_id, "question": e.question,
+                    "answers": list(e.answers)}
+        return {**out, "captions": list(e.captions)}
     return _parallel(load, enumerate(entries), workers)
 
 
