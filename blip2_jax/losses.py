@@ -14,8 +14,6 @@ same batch gives the same loss on any mesh. The two differ in two places:
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 

@@ -18,8 +18,6 @@ from (the checkpoint writes it beside each frozen tower's content hash).
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 from typing import Mapping, Optional, Sequence
 
 import jax

@@ -18,11 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import time
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import jax
 import numpy as np

@@ -23,7 +23,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

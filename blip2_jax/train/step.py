@@ -23,7 +23,7 @@ Batch fields (from `data.pipeline` with the stage's `TextSpec`s):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
