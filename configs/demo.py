@@ -47,16 +47,10 @@ def get_config(arg="stage1,out/demo"):
         c.total_steps = 400
         c.text = dict(llm_tokenizer="{data_dir}/tokenizers/synthetic/opt", max_length=48)
     c.frozen_dtype = "float32"      # tiny towers: keep full precision
-    c.optimizer = dict(lr=1e-3, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=50, b1=0.9, b2=0.98,
-                       weight_decay=0.05)
+    c.optimizer.update(lr=1e-3, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=50)
     c.batch_size = 32
-    c.seed = 0
     c.log_every_steps = 50
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
-    c.data = dict(data_dir=f"{work}/data",
-                  train=dict(name="blip2_captions/synthetic", split="train"),
-                  # No crops or flips: the captions say where each object is.
-                  image_processor="blip_image_eval", flip=False, prompt="",
-                  num_workers=0, num_threads=2)
+    c.data = defaults.synthetic_data(f"{work}/data")
     return c

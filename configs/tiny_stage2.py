@@ -17,15 +17,11 @@ def get_config(arg=None):
     c.init = dict(random=("*",))
     c.frozen = ("vision/.*", "llm/.*")
     c.loss = dict(lm=1.0)
-    c.optimizer = dict(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5, b1=0.9, b2=0.98,
-                       weight_decay=0.05)
+    c.optimizer.update(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5)
     c.total_steps = 40
     c.batch_size = 16
     c.log_every_steps = 10
     c.checkpoint_every_steps = 20
-    c.data = dict(data_dir=data_dir or "data",
-                  train=dict(name="blip2_captions/synthetic", split="train"),
-                  image_processor="blip_image_eval", flip=False, prompt="",   # no crops: captions say where
-                  num_workers=0, num_threads=2)
+    c.data = defaults.synthetic_data(data_dir or "data")
     c.text = dict(llm_tokenizer="{data_dir}/tokenizers/synthetic/" + llm, max_length=32)
     return c

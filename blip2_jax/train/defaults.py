@@ -17,3 +17,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.on_nonfinite = "stop"           # or "skip" (the update)
     c.peak_tflops_per_device = 0.0    # set for the accelerator to log MFU
     return c
+
+
+def synthetic_data(data_dir: str, **overrides) -> dict:
+    """`config.data` for training on the built-in synthetic dataset."""
+    return dict(data_dir=data_dir, train=dict(name="blip2_captions/synthetic", split="train"),
+                # No crops or flips: the captions say where each object is.
+                image_processor="blip_image_eval", flip=False, prompt="",
+                num_workers=0, num_threads=2, **overrides)
