@@ -5,10 +5,11 @@
    each pre-trained briefly (WORK/unimodal; blip2_jax/train/unimodal.py);
 3. stage 1 with train.py's loop (configs/demo.py:stage1 → WORK/stage1);
 4. stage 2 (configs/demo.py:stage2 → WORK/stage2);
-5. evaluate on the held-out test split:
-   - image→text and text→image R@1 by ITC (chance is 1/500 and 1/2500);
-   - captions generated for test images, and the share that are exactly right (equal to one of
-     the image's reference captions).
+5. evaluate on the held-out test split (100 scenes never trained on):
+   - image→text and text→image R@1 by ITC (chance 1/100);
+   - captions generated for the test images, and the share that are right: that name every
+     object with its size, colour, shape and position and nothing else, in any of the
+     paraphrases the dataset uses (`synthetic.parse_caption`).
 Every finished step is kept, so re-running continues where it stopped. Results are printed and
 written to WORK/results.json.
 """
@@ -22,6 +23,7 @@ import time
 
 import numpy as np
 
+TEST_IMAGES = 100
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -72,14 +74,15 @@ def main(argv=None) -> dict:
 
     import blip2_jax
     from blip2_jax import processing
-    from blip2_jax.data import build as build_cli
+    from blip2_jax.data import build as build_cli, synthetic
     from blip2_jax.train import loop, unimodal
 
     data_dir = os.path.join(work, "data")
     tok_dir = build_cli.synthetic_tokenizer_dir(data_dir)
     if not os.path.isdir(tok_dir):
         log("1/5 building the synthetic dataset")
-        if build_cli.main(["synthetic", "--data-dir", data_dir, "--overwrite"]) != 0:
+        if build_cli.main(["synthetic", "--data-dir", data_dir, "--test", str(TEST_IMAGES),
+                           "--overwrite"]) != 0:
             raise SystemExit("building the synthetic dataset failed")
     opt_tok = processing.load_tokenizer(os.path.join(tok_dir, "opt"), "opt")
     qtok = processing.load_tokenizer(os.path.join(tok_dir, "qformer"), "qformer")
@@ -90,7 +93,7 @@ def main(argv=None) -> dict:
     if not os.path.isdir(unimodal_dir):
         log("2/5 pre-training the unimodal models BLIP-2 freezes")
         stats = unimodal.make_unimodal(stage2_cfg, unimodal_dir, opt_tok, vision_steps=400,
-                                       llm_steps=200, seed=0, log=log)
+                                       llm_steps=600, seed=0, log=log)
         log(f"    {stats}")
     for name, c in (("stage1", s1), ("stage2", s2)):
         if not os.path.isdir(os.path.join(work, name, "final")):
@@ -109,22 +112,26 @@ def main(argv=None) -> dict:
     generated = stage2.caption(r["pixels"][:n], num_beams=3, max_new_tokens=48)
     refs = [[processing.pre_caption(r["truth"].texts[t]) for t in r["truth"].image_to_texts[i]]
             for i in range(n)]
-    right = [g in ref for g, ref in zip(generated, refs)]
+    scenes = [synthetic.parse_caption(ref[0]) for ref in refs]
+    right = [synthetic.parse_caption(g) == scene for g, scene in zip(generated, scenes)]
     results = {"image_to_text_R@1": r["i2t_r1"], "text_to_image_R@1": r["t2i_r1"],
                "chance_i2t": 1 / r["images"], "chance_t2i": 1 / r["images"],
                "test_images": r["images"], "test_texts": r["texts"],
-               "captions_exactly_right": float(np.mean(right)), "captioned_images": n,
+               "captions_right": float(np.mean(right)), "captioned_images": n,
+               # The first few right captions and the first few wrong ones.
                "examples": [{"image_id": r["truth"].image_ids[i], "generated": generated[i],
-                             "right": right[i], "references": refs[i][:2]} for i in range(5)],
+                             "right": right[i], "reference": refs[i][0]}
+                            for i in ([i for i in range(n) if right[i]][:4]
+                                      + [i for i in range(n) if not right[i]][:2])],
                "seconds": time.perf_counter() - t_start}
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     log(f"held-out retrieval R@1: image→text {r['i2t_r1']:.3f}, text→image {r['t2i_r1']:.3f} "
         f"(chance {1 / r['images']:.3f})")
-    log(f"captions exactly right: {np.mean(right):.2f} of {n} test images; e.g.")
+    log(f"captions right: {np.mean(right):.2f} of {n} test images; e.g.")
     for e in results["examples"]:
         log(f"    {'✓' if e['right'] else '✗'} {e['generated']!r}   (reference: "
-            f"{e['references'][0]!r})")
+            f"{e['reference']!r})")
     return results
 
 

@@ -84,6 +84,22 @@ def test_synthetic_captions_and_answers_are_determined_by_the_scene():
                 assert [o.position for o in scene if (o.color, o.shape) == (color, shape)] == [a]
 
 
+def test_synthetic_captions_parse_back_to_their_scene():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        scene = synthetic.sample_scene(rng)
+        for cap in synthetic.captions(scene, rng, 8):
+            assert synthetic.parse_caption(cap) == synthetic.describe(scene), cap
+    one = "a small red star in the top"
+    assert synthetic.parse_caption(one) == "small red star @ top"
+    assert synthetic.parse_caption("a red star of small size at the top") == "small red star @ top"
+    for wrong in ("", "garbage", "a small red star", "a red star in the top",   # missing parts
+                  "two shapes, " + one,                                          # wrong count
+                  one + " and a large blue circle in the top",                   # same cell twice
+                  one + " and", one + ", a small red star in the left extra"):
+        assert synthetic.parse_caption(wrong) is None, wrong
+
+
 def test_synthetic_render_draws_each_object_in_its_cell():
     rng = np.random.default_rng(1)
     size = 96

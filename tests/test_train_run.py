@@ -119,6 +119,9 @@ def test_tiny_stage2_trains_and_exports(data_dir, tmp_path, llm):
     # The frozen LLM was trained (and is exported) in bf16; the trained parts in float32.
     assert {str(x.dtype) for x in jax.tree.leaves(model.params["llm"])} == {"bfloat16"}
     assert {str(x.dtype) for x in jax.tree.leaves(model.params["qformer"])} == {"float32"}
+    if llm == "opt":     # BLIP-2 OPT captions end with "\n": the exported model stops there
+        newline = model.tokenizer("\n", add_special_tokens=False)["input_ids"]
+        assert [model.config.llm.eos_token_id] == newline != [2]
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path):

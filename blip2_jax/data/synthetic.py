@@ -149,6 +149,48 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
     return out
 
 
+def _caption_grammar():
+    """(object-then-place, place-then-object, caption frame) regexes of the caption templates."""
+    import re
+    alt = lambda words: "|".join(sorted(words, key=len, reverse=True))  # noqa: E731 longest first
+    colors, shapes, sizes = alt(COLORS), alt(SHAPES), alt(SIZES)
+    places = alt([p for row in POSITIONS for p in row] + ["middle"])
+    # Group names start with the attribute's letter (two spellings of an object: s1/s2, ...).
+    obj = (rf"(?:(?P<s1>{sizes}) (?P<c1>{colors}) (?P<h1>{shapes})"
+           rf"|(?P<c2>{colors}) (?P<h2>{shapes}) of (?P<s2>{sizes}) size)")
+    place = rf"(?:in|at) the (?P<p>{places})"
+    frame = (rf"(?:there is |a picture of |a dark background with )?"
+             rf"(?:(?:an image with )?(?P<n>{alt(NUMBERS)}) shapes?, )?(?P<rest>.*)")
+    return re.compile(rf"a {obj} {place}"), re.compile(rf"{place} a {obj}"), re.compile(frame)
+
+
+_CAPTION_GRAMMAR = _caption_grammar()
+
+
+def parse_caption(text: str) -> str | None:
+    """The scene a caption describes, as `describe(scene)`, or None when the text is not a
+    caption of this language (every object needs its size, colour, shape and position, in
+    distinct cells, agreeing with a stated count). Any paraphrase of a scene parses to the same
+    string, so a generated caption is right iff it parses to its image's scene."""
+    after, before, frame = _CAPTION_GRAMMAR
+    m = frame.fullmatch(text.strip())
+    parts = [p for p in m["rest"].replace(" and ", ", ").split(", ")] if m else []
+    cells = {p: (r, c) for r, row in enumerate(POSITIONS) for c, p in enumerate(row)}
+    cells["middle"] = cells["center"]
+    objs = []
+    for part in parts:
+        g = after.fullmatch(part) or before.fullmatch(part)
+        if g is None:
+            return None
+        d = {k[0]: v for k, v in g.groupdict().items() if v is not None}
+        objs.append(Obj(*cells[d["p"]], d["h"], d["c"], d["s"]))
+    if not objs or len({(o.row, o.col) for o in objs}) != len(objs):
+        return None
+    if m["n"] is not None and NUMBERS.index(m["n"]) != len(objs):
+        return None
+    return describe(tuple(sorted(objs)))
+
+
 def questions(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[str, str]]:
     """Up to `n` (question, answer) pairs of different kinds, each answerable from the image."""
     unique = [o for o in scene if sum((p.color, p.shape) == (o.color, o.shape) for p in scene) == 1]

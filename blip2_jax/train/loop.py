@@ -110,6 +110,21 @@ def text_setup(config, cfg: config_lib.Blip2Config) -> tuple[list, LossConfig, b
     return specs, LossConfig(**lw), True
 
 
+def with_caption_eos(config, cfg: config_lib.Blip2Config) -> config_lib.Blip2Config:
+    """BLIP-2 OPT ends every training caption with "\\n" and generates up to it: the model's
+    EOS becomes the "\\n" token (LAVIS `eos_token_id`, HF blip2-opt's text_config 50118), so
+    the exported checkpoint captions as trained."""
+    if cfg.llm is None or cfg.llm_kind != "opt":
+        return cfg
+    tok_dir = _plain(config.text)["llm_tokenizer"].format(
+        data_dir=_plain(config.data).get("data_dir", ""))
+    ids = processing.load_tokenizer(tok_dir, "opt")("\n", add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the OPT tokenizer at {tok_dir} splits '\\n' into {ids}; BLIP-2 OPT "
+                         "needs it as one token (its caption EOS)")
+    return cfg.replace(llm=dataclasses.replace(cfg.llm, eos_token_id=int(ids[0])))
+
+
 def make_mesh(config):
     m = _plain(config.mesh)
     axes = {k: int(m.get(k, 1 if k != "data" else -1)) for k in ("data", "fsdp", "tensor")}
@@ -144,6 +159,7 @@ def run(config, workdir: str) -> dict:
     stop_at = int(config.get("stop_after_steps") or 0) or total
     mesh = make_mesh(config)
     texts, loss_cfg, prefix_lm = text_setup(config, cfg)
+    cfg = with_caption_eos(config, cfg)
     data_cfg = {**_plain(config.data), "texts": [dataclasses.asdict(t) for t in texts]}
     data_cfg.setdefault("image_size", cfg.vision.image_size)
     if prefix_lm:

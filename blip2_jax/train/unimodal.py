@@ -2,10 +2,14 @@
 
 - **Image encoder.** Our ViT is pre-trained by supervised scene parsing: from the patch tokens
   under each of the 9 grid cells it predicts "empty" or the shape × colour × size of the object
-  there. The scenes are rendered fresh from the synthetic generator under a seed of their own,
-  so the evaluation images are never seen. This stands in for EVA-CLIP's pre-training.
-- **Language model.** Our OPT is pre-trained as a causal LM on synthetic captions (generated
-  text only, again under a seed of its own). The tokenizer is the synthetic language's byte-level
+  there, and from each patch token that patch's place in the grid (without this the features
+  lose where things are: a linear probe of the stage-1 query outputs then finds an object's
+  cell at chance). The scenes are rendered fresh from the synthetic generator under a seed of
+  their own, so the evaluation images are never seen. This stands in for EVA-CLIP's
+  pre-training.
+- **Language model.** Our OPT is pre-trained as a causal LM on documents of synthetic captions
+  (generated text only, again under a seed of its own): paraphrases of one scene, each as
+  `[BOS] caption "\\n"` (`document_ids`). The tokenizer is the synthetic language's byte-level
   BPE, and every caption ends with "\\n", as BLIP-2's OPT captions do.
 
 `make_unimodal(cfg, out_dir, ...)` trains both and writes a native BLIP-2 checkpoint whose
@@ -59,8 +63,10 @@ def scene_images(n: int, image_size: int, seed: int, render_size: int = 128):
 
 
 class SceneParser(nn.Module):
-    """ViT + a per-cell head: the patch tokens under each grid cell, averaged, then classified
-    (the patch grid must divide into 3x3 cells)."""
+    """ViT + two heads: the patch tokens under each grid cell, averaged, are classified (what is
+    in the cell), and each patch token is classified into its own grid position (where it is), so
+    the features keep position as a query's attention pooling in the Q-Former needs it. The patch
+    grid must divide into 3x3 cells."""
     vision: VisionConfig
 
     @nn.compact
@@ -74,7 +80,8 @@ class SceneParser(nn.Module):
         cells = h.reshape(-1, 3, k, 3, k, v.hidden_size).mean(axis=(2, 4)).reshape(-1, 9,
                                                                                  v.hidden_size)
         cells = nn.gelu(nn.Dense(v.hidden_size, name="fc")(nn.LayerNorm(name="ln")(cells)))
-        return nn.Dense(NUM_CELL_CLASSES, name="out")(cells)
+        where = nn.Dense(side * side, name="where")(nn.LayerNorm(name="ln_where")(h))
+        return nn.Dense(NUM_CELL_CLASSES, name="out")(cells), where
 
 
 def _fit(loss_fn: Callable, params, batches: Callable, steps: int, lr: float, log, what: str):
@@ -107,8 +114,10 @@ def pretrain_vision(vision: VisionConfig, *, steps: int, batch_size: int, pool: 
     params = nn.unbox(model.init(jax.random.PRNGKey(seed), pixels[:1])["params"])
 
     def loss_fn(p, batch):
-        logits = model.apply({"params": p}, batch["pixels"])
+        logits, where = model.apply({"params": p}, batch["pixels"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+        patches = jnp.broadcast_to(jnp.arange(where.shape[1]), where.shape[:2])
+        loss += optax.softmax_cross_entropy_with_integer_labels(where, patches).mean()
         return loss, jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
 
     rng = np.random.default_rng(seed)
@@ -120,19 +129,32 @@ def pretrain_vision(vision: VisionConfig, *, steps: int, batch_size: int, pool: 
     return params["vision"], acc
 
 
-def caption_corpus(n_scenes: int, seed: int) -> list[str]:
+def caption_corpus(n_scenes: int, seed: int, per_document: int = 2) -> list[list[str]]:
+    """Documents: `per_document` paraphrases of one scene each."""
     rng = np.random.default_rng([seed, _PRETRAIN_SPLIT_SEED + 1])
-    return [c for _ in range(n_scenes)
-            for c in synthetic.captions(synthetic.sample_scene(rng), rng)]
+    return [synthetic.captions(synthetic.sample_scene(rng), rng, per_document)
+            for _ in range(n_scenes)]
 
 
-def pretrain_llm(llm: OPTConfig, tokenizer, *, steps: int, batch_size: int, corpus: list[str],
-                 max_length: int = 40, seed: int = 0, lr: float = 2e-3, log=print
-                 ) -> tuple[dict, float]:
-    """(llm params, last batch's next-token accuracy)."""
-    ids, mask = processing.tokenize_prompts(tokenizer, [c + "\n" for c in corpus], kind="opt",
-                                            padding_side="right", max_length=max_length,
-                                            padding="max_length")
+def document_ids(tokenizer, documents: list[list[str]], max_length: int):
+    """(ids, mask) (N, max_length), right padded: each caption as `[BOS] caption "\\n"`, a
+    document's captions back to back — as OPT's pre-training joins texts with its BOS (</s>).
+    Within a document the text before a BOS describes the scene after it, so the LM learns to
+    use what precedes BOS: exactly where BLIP-2 puts its soft visual prompt."""
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    ids = np.full((len(documents), max_length), pad, np.int32)
+    for row, doc in enumerate(documents):
+        toks = [t for c in doc for t in
+                [bos] + tokenizer(c + "\n", add_special_tokens=False)["input_ids"]][:max_length]
+        ids[row, :len(toks)] = toks
+    return ids, (ids != pad).astype(np.int32)
+
+
+def pretrain_llm(llm: OPTConfig, tokenizer, *, steps: int, batch_size: int,
+                 corpus: list[list[str]], max_length: int = 96, seed: int = 0, lr: float = 2e-3,
+                 log=print) -> tuple[dict, float]:
+    """(llm params, last batch's next-token accuracy). `corpus`: documents (`caption_corpus`)."""
+    ids, mask = document_ids(tokenizer, corpus, max_length)
     model = OPT(llm)
     init = lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4, llm.hidden_size)),  # noqa
                               jnp.ones((1, 4), jnp.int32))
