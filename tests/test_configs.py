@@ -394,3 +394,41 @@ def test_trainable_vit_gets_gradients(frozen, trains_vit):
     dependent = jax.tree.unflatten(jax.tree.structure(out_shape), _depends_on_inputs(closed))
     assert dependent["ln_vision"]["scale"]
     assert dependent["vision"]["patch_embed"]["kernel"] == trains_vit
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_init_llm_from_a_plain_hf_language_model(tmp_path, monkeypatch, kind):
+    """config.init.llm may name an `OPTForCausalLM` / `T5ForConditionalGeneration` directory
+    (facebook/opt-*, google/flan-t5-*): its weights land in llm/, through the same tables as
+    HF BLIP-2 checkpoints; a model of another family or shape is refused."""
+    import torch
+    from transformers import OPTForCausalLM, T5ForConditionalGeneration
+    import hf_ref
+    from blip2_jax.convert import hf_opt, hf_t5, mapping
+    hcfg = hf_ref.opt_config() if kind == "opt" else hf_ref.t5_config()
+    torch.manual_seed(0)
+    hf_model = hf_ref.randomize((OPTForCausalLM if kind == "opt"
+                                 else T5ForConditionalGeneration)(hcfg))
+    hf_model.save_pretrained(str(tmp_path / "lm"))
+    llm = config_lib.llm_from_hf(hcfg.to_dict())
+    cfg = config_lib.get_preset(f"tiny-{kind}").replace(llm=llm)
+    monkeypatch.setattr(init_lib.api, "init_params", lambda c, seed=0: _random_params(c))
+    params, sources = init_lib.initial_params(cfg, {"llm": str(tmp_path / "lm"), "random": ["*"]})
+
+    sd = hf_ref.state_dict_numpy(hf_model)
+    table = hf_opt if kind == "opt" else hf_t5
+    expected = mapping.load(table.rules(llm, ours="", theirs=""), sd.keys(), sd.__getitem__,
+                            ignore=[re.escape(k) for k in table.tied_keys(llm, theirs="")])
+    got, want = flatten(params["llm"]), flatten(expected)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert sources["llm"] == f"llm from {tmp_path / 'lm'}"
+
+    other = config_lib.get_preset("tiny-t5" if kind == "opt" else "tiny-opt")
+    with pytest.raises(init_lib.InitError, match=f"HF {kind} model"):
+        init_lib.initial_params(other, {"llm": str(tmp_path / "lm"), "random": ["*"]})
+    wider = cfg.replace(llm=dataclasses.replace(llm, **{("ffn_dim" if kind == "opt"
+                                                         else "d_ff"): 40}))
+    with pytest.raises((init_lib.InitError, ValueError), match="shape"):
+        init_lib.initial_params(wider, {"llm": str(tmp_path / "lm"), "random": ["*"]})

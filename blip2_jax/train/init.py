@@ -7,7 +7,9 @@ that should be loaded left silently random.
     config.init.qformer_bert   a BERT directory (bert-base-uncased layout) → the Q-Former
                                (`convert.bert_qformer`, LAVIS's from-scratch init)
     config.init.vision         a model dir whose image encoder (vision/ + ln_vision/) is taken
-    config.init.llm            a model dir whose LLM (llm/) is taken
+    config.init.llm            a model dir whose LLM (llm/) is taken, or a plain HF language-model
+                               directory (`OPTForCausalLM`, `T5ForConditionalGeneration`
+                               `save_pretrained`: facebook/opt-2.7b, google/flan-t5-xl)
     config.init.random         top-level names allowed to start from random init (the heads LAVIS
                                creates fresh, e.g. "vision_proj", "llm_proj", or "*" for a toy run)
 
@@ -18,6 +20,7 @@ from (the checkpoint writes it beside each frozen tower's content hash).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -35,6 +38,46 @@ class InitError(ValueError):
 def _load_tree(path: str) -> tuple[Blip2Config, dict]:
     model = api.load(path, dtype=None)
     return model.config, flatten(jax.tree.map(np.asarray, model.params))
+
+
+def _load_llm(path: str, cfg: Blip2Config) -> dict:
+    """Flat params with the `llm/` subtree from a BLIP-2 model dir, or from a plain HF OPT/T5
+    directory (its config must describe the model's LLM: same family, same shapes)."""
+    import json
+    import os
+    import re
+    from blip2_jax import config as config_lib
+    from blip2_jax.convert import hf, hf_opt, hf_t5, mapping
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type not in ("opt", "t5"):
+        return _load_tree(path)[1]
+    if cfg.llm is None or cfg.llm_kind != model_type:
+        raise InitError(f"config.init.llm {path} is an HF {model_type} model, but the model's "
+                        f"LLM is {cfg.llm_kind}")
+    with open(os.path.join(path, "config.json")) as f:
+        theirs = config_lib.llm_from_hf(json.load(f))
+    reader = hf.SafetensorsReader(path)
+    table = hf_opt if model_type == "opt" else hf_t5
+    llm = cfg.llm
+    if model_type == "t5":   # as hf.read: the checkpoint, not the flag, says whether it is tied
+        untied = "lm_head.weight" in reader.keys() and not np.array_equal(
+            reader.get("lm_head.weight"), reader.get("shared.weight"))
+        theirs = dataclasses.replace(theirs, tie_word_embeddings=not untied)
+    if theirs.tie_word_embeddings != llm.tie_word_embeddings:
+        raise InitError(f"config.init.llm {path}: tie_word_embeddings is "
+                        f"{theirs.tie_word_embeddings} there and {llm.tie_word_embeddings} in the "
+                        "model's LLM config")
+    ignore = list(hf.HF_BUFFERS) + [re.escape(k) for k in table.tied_keys(llm, theirs="")]
+    try:
+        params = mapping.load(table.rules(llm, ours="llm", theirs=""), reader.keys(), reader.get,
+                              ignore=ignore, source=path)
+    except mapping.MappingError as e:
+        raise InitError(str(e)) from None
+    return flatten(params)
 
 
 def _fit_pos_embed(cfg: Blip2Config, table: np.ndarray) -> np.ndarray:
@@ -111,7 +154,7 @@ def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict
         _take(flat, loaded, src, ["vision", "ln_vision"], f"vision from {init['vision']}",
               all_leaves=True, cfg=cfg)
     if init.get("llm"):
-        _, src = _load_tree(init["llm"])
+        src = _load_llm(init["llm"], cfg)
         _take(flat, loaded, src, ["llm"], f"llm from {init['llm']}", all_leaves=True)
 
     random = tuple(init.get("random") or ())
