@@ -17,6 +17,7 @@ import pytest
 
 import blip2_jax
 from blip2_jax import checkpoint as ckpt_lib
+from blip2_jax import processing
 from blip2_jax.convert.mapping import flatten
 from blip2_jax.data import build as build_cli
 from blip2_jax.train import init as init_lib
@@ -110,17 +111,29 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
 @pytest.mark.parametrize("llm", ["opt", "t5"])
 def test_tiny_stage2_trains_and_exports(data_dir, tmp_path, llm):
     work = str(tmp_path / llm)
-    result = loop.run(_config("tiny_stage2", f"{llm},{data_dir}", total_steps=4), work)
+    c = _config("tiny_stage2", f"{llm},{data_dir}", total_steps=4, peak_tflops_per_device=0.5)
+    result = loop.run(c, work)
     rows = _rows(work)
     assert result["step"] == 4 and all(np.isfinite(r["lm"]) for r in rows)
     assert rows[-1]["lm"] < rows[0]["lm"]
+    # Throughput from counted model FLOPs of the global batch (train/flops.py), all devices.
+    from blip2_jax.train import flops as flops_lib
+    from blip2_jax.train.step import LossConfig
+    n = c.text.max_length
+    count = flops_lib.train_step_flops(loop.model_config(c), LossConfig(), c.batch_size, n,
+                                       target_len=n if llm == "t5" else None)
+    for r in rows[1:]:
+        np.testing.assert_allclose(r["tflops"], count * r["steps_per_s"] / 1e12, rtol=1e-6)
+        np.testing.assert_allclose(r["mfu"], r["tflops"] / jax.device_count() / 0.5, rtol=1e-6)
     model = blip2_jax.load(os.path.join(work, "final"), dtype=None)
     assert model.config.llm_kind == llm
     # The frozen LLM was trained (and is exported) in bf16; the trained parts in float32.
     assert {str(x.dtype) for x in jax.tree.leaves(model.params["llm"])} == {"bfloat16"}
     assert {str(x.dtype) for x in jax.tree.leaves(model.params["qformer"])} == {"float32"}
     if llm == "opt":     # BLIP-2 OPT captions end with "\n": the exported model stops there
-        newline = model.tokenizer("\n", add_special_tokens=False)["input_ids"]
+        tok = processing.load_tokenizer(build_cli.synthetic_tokenizer_dir(data_dir) + "/opt",
+                                        "opt")
+        newline = tok("\n", add_special_tokens=False)["input_ids"]
         assert [model.config.llm.eos_token_id] == newline != [2]
 
 

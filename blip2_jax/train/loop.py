@@ -204,7 +204,7 @@ def run(config, workdir: str) -> dict:
     try:
         batch = trainer.place(pipeline.numeric(next(it)))
         compiled = trainer.compile(state, frozen, batch)
-        flops = compiled.flops_per_step
+        flops = trainer.model_flops(batch)    # global batch; the compile fixes the shapes
         bar = _progress(step, stop_at)
         t_window, n_window = time.perf_counter(), 0
         while step < stop_at:
@@ -249,10 +249,11 @@ def _throughput(steps: int, seconds: float, batch_size: int, flops: Optional[flo
                 peak_tflops: Optional[float]) -> dict:
     out = {"steps_per_s": steps / seconds, "samples_per_s": steps * batch_size / seconds}
     if flops:
-        tflops = flops * steps / seconds / 1e12
+        tflops = flops * steps / seconds / 1e12            # counted model TFLOP/s, all devices
         out["tflops"] = tflops
+        out["tflops_per_device"] = tflops / jax.device_count()
         if peak_tflops:
-            out["mfu"] = tflops / (float(peak_tflops) * jax.device_count())
+            out["mfu"] = out["tflops_per_device"] / float(peak_tflops)
     return out
 
 

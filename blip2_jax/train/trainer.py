@@ -41,6 +41,7 @@ class Trainer:
         self.frozen_paths = state_lib.frozen_paths(paths, frozen)
         train_vision = any(p.startswith("vision/") and p not in self.frozen_paths for p in paths)
         loss_cfg = dataclasses.replace(loss_cfg, train_vision=train_vision)
+        self.train_llm = any(p.startswith("llm/") and p not in self.frozen_paths for p in paths)
         self.cfg, self.loss_cfg, self.mesh, self.rules = cfg, loss_cfg, mesh, rules
         self.frozen_dtype = frozen_dtype
         shardings = sharding_lib.shardings_from_logical(specs, shapes, mesh, rules)
@@ -112,11 +113,22 @@ class Trainer:
         """The step compiled ahead of time for these shapes, with XLA's FLOP count."""
         return CompiledStep(self._step.lower(state, frozen, batch).compile())
 
+    def model_flops(self, batch) -> float:
+        """Counted model FLOPs (matmuls, forward + backward) of one step over the global
+        `batch` (train/flops.py): the basis of the logged TFLOP/s and MFU."""
+        from blip2_jax.train import flops as flops_lib
+        return flops_lib.train_step_flops_for_batch(self.cfg, self.loss_cfg, batch,
+                                                    train_llm=self.train_llm)
+
     def lower(self, state, frozen, batch):
         return self._step.lower(state, frozen, batch)
 
 
 class CompiledStep:
+    """A compiled step. `flops_per_step` is XLA's cost analysis: one device's share, with loop
+    (scanned layer) bodies counted once — for comparing programs, not for MFU
+    (`Trainer.model_flops` is)."""
+
     def __init__(self, compiled):
         self.compiled = compiled
         cost = compiled.cost_analysis()
