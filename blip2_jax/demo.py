@@ -66,7 +66,14 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m blip2_jax.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="out/demo", help="output directory (kept between runs)")
     ap.add_argument("--captions", type=int, default=100, help="test images to caption")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run (tests): a small dataset and a few dozen steps per stage; "
+                         "its figures mean nothing")
     args = ap.parse_args(argv)
+    sizes = (dict(train=256, test=20, vision_steps=30, vision_pool=256, llm_steps=30, steps=40)
+             if args.quick else
+             dict(train=5000, test=TEST_IMAGES, vision_steps=400, vision_pool=4000,
+                  llm_steps=600, steps=None))
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
     t_start = time.perf_counter()
@@ -81,19 +88,23 @@ def main(argv=None) -> dict:
     tok_dir = build_cli.synthetic_tokenizer_dir(data_dir)
     if not os.path.isdir(tok_dir):
         log("1/5 building the synthetic dataset")
-        if build_cli.main(["synthetic", "--data-dir", data_dir, "--test", str(TEST_IMAGES),
-                           "--overwrite"]) != 0:
+        if build_cli.main(["synthetic", "--data-dir", data_dir, "--train", str(sizes["train"]),
+                           "--test", str(sizes["test"]), "--overwrite"]) != 0:
             raise SystemExit("building the synthetic dataset failed")
     opt_tok = processing.load_tokenizer(os.path.join(tok_dir, "opt"), "opt")
     qtok = processing.load_tokenizer(os.path.join(tok_dir, "qformer"), "qformer")
 
-    s1, s2 = _demo_config("stage1", work), _demo_config("stage2", work)
+    quick = (dict(total_steps=sizes["steps"], checkpoint_every_steps=20, log_every_steps=5)
+             if args.quick else {})
+    s1, s2 = _demo_config("stage1", work, **quick), _demo_config("stage2", work, **quick)
     stage2_cfg = loop.model_config(s2)
     unimodal_dir = os.path.join(work, "unimodal")
     if not os.path.isdir(unimodal_dir):
         log("2/5 pre-training the unimodal models BLIP-2 freezes")
-        stats = unimodal.make_unimodal(stage2_cfg, unimodal_dir, opt_tok, vision_steps=400,
-                                       llm_steps=600, seed=0, log=log)
+        stats = unimodal.make_unimodal(stage2_cfg, unimodal_dir, opt_tok,
+                                       vision_steps=sizes["vision_steps"],
+                                       vision_pool=sizes["vision_pool"],
+                                       llm_steps=sizes["llm_steps"], seed=0, log=log)
         log(f"    {stats}")
     for name, c in (("stage1", s1), ("stage2", s2)):
         if not os.path.isdir(os.path.join(work, name, "final")):

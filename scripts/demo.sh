@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -r requirements.txt
-export TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error   # no "PyTorch was not found" notice
 .venv/bin/python -m blip2_jax.demo "$@"

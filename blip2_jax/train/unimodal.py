@@ -183,13 +183,14 @@ def pretrain_llm(llm: OPTConfig, tokenizer, *, steps: int, batch_size: int,
 
 
 def make_unimodal(cfg: Blip2Config, out_dir: str, tokenizer, *, vision_steps: int,
-                  llm_steps: int, batch_size: int = 64, seed: int = 0, log=print) -> dict:
+                  llm_steps: int, batch_size: int = 64, vision_pool: int = 4000, seed: int = 0,
+                  log=print) -> dict:
     """Pre-train both towers and write them into a native checkpoint at `out_dir`."""
     if not isinstance(cfg.llm, OPTConfig):
         raise ValueError("the demo pre-trains an OPT-style language model")
     log("pre-training the image encoder (scene parsing on fresh synthetic scenes)")
     vision, vision_acc = pretrain_vision(cfg.vision, steps=vision_steps, batch_size=batch_size,
-                                         pool=max(4000, batch_size * 50), seed=seed, log=log)
+                                         pool=vision_pool, seed=seed, log=log)
     log("pre-training the language model (causal LM on synthetic captions)")
     llm, llm_acc = pretrain_llm(cfg.llm, tokenizer, steps=llm_steps, batch_size=batch_size,
                                 corpus=caption_corpus(3000, seed), seed=seed, log=log)
