@@ -1,0 +1,1 @@
+"""Evaluation metrics: official VQA accuracy, GQA exact match, COCO caption metrics."""
