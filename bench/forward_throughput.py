@@ -25,18 +25,26 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]   # the package and tests/hf_ref.py
 
 
+def hf_towers(width: int, layers: int, heads: int, image_size: int, vocab: int,
+              max_positions: int, **qformer_extra) -> tuple[dict, dict]:
+    """HF vision and Q-Former config dicts of the benchmark shape (patch 14, MLP 4x width,
+    cross-attention every 2 layers), shared by the benchmarks."""
+    vision = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                  num_attention_heads=heads, image_size=image_size, patch_size=14)
+    qformer = dict(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
+                   num_attention_heads=heads, intermediate_size=4 * width,
+                   cross_attention_frequency=2, encoder_hidden_size=width,
+                   max_position_embeddings=max_positions, **qformer_extra)
+    return vision, qformer
+
+
 def build_hf(llm: str, image_size: int, num_query_tokens: int, width: int = 512, layers: int = 4,
              heads: int = 8, vocab: int = 4096):
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, T5Config
     import hf_ref
 
-    vision = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                  num_attention_heads=heads, image_size=image_size, patch_size=14)
-    qformer = dict(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
-                   num_attention_heads=heads, intermediate_size=4 * width,
-                   cross_attention_frequency=2, encoder_hidden_size=width,
-                   max_position_embeddings=128)
+    vision, qformer = hf_towers(width, layers, heads, image_size, vocab, max_positions=128)
     if llm == "opt":
         text = OPTConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
                          ffn_dim=4 * width, num_attention_heads=heads,

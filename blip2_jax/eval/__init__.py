@@ -1,0 +1,1 @@
+"""Evaluation procedures (retrieval: `blip2_jax.eval.retrieval`)."""
