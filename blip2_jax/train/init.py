@@ -50,16 +50,16 @@ def _load_llm(path: str, cfg: Blip2Config) -> dict:
     from blip2_jax.convert import hf, hf_opt, hf_t5, mapping
     try:
         with open(os.path.join(path, "config.json")) as f:
-            model_type = json.load(f).get("model_type")
+            hf_config = json.load(f)
     except (OSError, ValueError):
-        model_type = None
+        hf_config = {}
+    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
     if model_type not in ("opt", "t5"):
         return _load_tree(path)[1]
     if cfg.llm is None or cfg.llm_kind != model_type:
         raise InitError(f"config.init.llm {path} is an HF {model_type} model, but the model's "
                         f"LLM is {cfg.llm_kind}")
-    with open(os.path.join(path, "config.json")) as f:
-        theirs = config_lib.llm_from_hf(json.load(f))
+    theirs = config_lib.llm_from_hf(hf_config)
     reader = hf.SafetensorsReader(path)
     table = hf_opt if model_type == "opt" else hf_t5
     llm = cfg.llm
