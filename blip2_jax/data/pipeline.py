@@ -30,7 +30,8 @@ Batch fields:
   an object array);
 - per tokenizer spec NAME: `NAME_ids` and `NAME_mask`, int32 (b, L);
 - `image_index`, `dataset_index`, `index` int32; `image_id` (and `question_id`) strings;
-  `valid` bool.
+  `valid` bool; evaluation batches also have `position` int32, the record's position in the
+  split's data source (`builders.open_split(...)[position]`).
 `numeric(batch)` keeps the arrays a device step takes.
 """
 from __future__ import annotations
@@ -121,6 +122,7 @@ class _Process(grain.transforms.RandomMap):
             pixels = np.zeros((self.image_size, self.image_size, 3), np.float32)
             bad = f"{_text(record['image_id'])} (index {int(record['index'])}): {e}"
         out = {"image": pixels,
+               **({"position": np.int32(record[_POSITION])} if _POSITION in record else {}),
                "image_index": np.int32(record["image_index"]),
                "dataset_index": np.int32(dataset_index),
                "index": np.int32(record["index"]),
@@ -209,6 +211,17 @@ class _DropSkippedIterator(grain.DatasetIterator):
 
 def _stack(examples: Sequence[dict]) -> dict:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+_POSITION = "__position__"
+
+
+class _WithPosition:
+    """Evaluation: a record remembers its position in the data source (batch field
+    `position`), so its original image can be read back (`source[position]`)."""
+
+    def __call__(self, position, record):
+        return {**record, _POSITION: position}
 
 
 class _Tag:
@@ -307,6 +320,8 @@ class Pipeline:
         chains = []
         for i, src in enumerate(self.splits):
             ds = grain.MapDataset.source(src)
+            if not self.train:
+                ds = ds.map_with_index(_WithPosition())
             if self.train:
                 ds = ds.shuffle(seed=self.seed * 1000 + i).repeat(None)
             chains.append(ds.map(_Tag(i)))

