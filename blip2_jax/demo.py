@@ -9,7 +9,9 @@
    - image→text and text→image R@1 by ITC (chance 1/100);
    - captions generated for the test images, and the share that are right: that name every
      object with its size, colour, shape and position and nothing else, in any of the
-     paraphrases the dataset uses (`synthetic.parse_caption`).
+     paraphrases the dataset uses (`synthetic.parse_caption`);
+   - the configs' evaluators (blip2_jax/eval): retrieval with ITM re-ranking, caption metrics,
+     zero-shot VQA, each stage with an HTML report (WORK/eval/stage1|stage2/report.html).
 Every finished step is kept, so re-running continues where it stopped. Results are printed and
 written to WORK/results.json.
 """
@@ -97,6 +99,8 @@ def main(argv=None) -> dict:
     quick = (dict(total_steps=sizes["steps"], checkpoint_every_steps=20, log_every_steps=5)
              if args.quick else {})
     s1, s2 = _demo_config("stage1", work, **quick), _demo_config("stage2", work, **quick)
+    if args.quick:
+        s1.eval.every_steps = s2.eval.every_steps = 0   # the reports below evaluate once
     stage2_cfg = loop.model_config(s2)
     unimodal_dir = os.path.join(work, "unimodal")
     if not os.path.isdir(unimodal_dir):
@@ -135,6 +139,21 @@ def main(argv=None) -> dict:
                             for i in ([i for i in range(n) if right[i]][:4]
                                       + [i for i in range(n) if not right[i]][:2])],
                "seconds": time.perf_counter() - t_start}
+    # The configs' evaluators (retrieval with ITM re-ranking; captioning and zero-shot VQA
+    # metrics), with an HTML report per stage.
+    from blip2_jax.eval import runner
+    results["evaluators"], reports = {}, []
+    for name, c, model in (("stage1", s1, stage1), ("stage2", s2, stage2)):
+        evs, toks = loop.evaluators(c)
+        out = os.path.join(work, "eval", name)
+        done = runner.run(model, evs, mesh=loop.make_mesh(c), tokenizers=toks, out_dir=out,
+                          info={"model": os.path.join(work, name, "final"), "demo": name},
+                          metrics_jsonl=os.path.join(work, name, "metrics.jsonl"),
+                          progress=False)
+        results["evaluators"].update({r.name: r.numeric_metrics() for r in done})
+        reports.append(os.path.join(out, "report.html"))
+    results["reports"] = reports
+    results["seconds"] = time.perf_counter() - t_start
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     log(f"held-out retrieval R@1: image→text {r['i2t_r1']:.3f}, text→image {r['t2i_r1']:.3f} "
@@ -143,6 +162,13 @@ def main(argv=None) -> dict:
     for e in results["examples"]:
         log(f"    {'✓' if e['right'] else '✗'} {e['generated']!r}   (reference: "
             f"{e['reference']!r})")
+    ev = results["evaluators"]
+    log(f"retrieval with ITM re-ranking: R@1 image→text {ev['retrieval_test']['txt_r1']:.1f}%, "
+        f"text→image {ev['retrieval_test']['img_r1']:.1f}%; captions CIDEr "
+        f"{ev['caption_test']['CIDEr']:.3f}, BLEU-4 {ev['caption_test']['Bleu_4']:.3f}; "
+        f"zero-shot VQA accuracy {ev['vqa_test']['overall']:.1f}%")
+    for r in reports:
+        log(f"report: {r}")
     return results
 
 

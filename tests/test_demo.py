@@ -32,6 +32,11 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
         assert json.load(f)["text_to_image_R@1"] == results["text_to_image_R@1"]
     out = capsys.readouterr().out
     assert "held-out retrieval R@1" in out and "captions right" in out
+    # The configs' evaluators ran and wrote a report per stage.
+    assert {"retrieval_test", "caption_test", "vqa_test"} <= set(results["evaluators"])
+    assert results["evaluators"]["retrieval_test"]["images"] == 20
+    for report in results["reports"]:
+        assert os.path.isfile(report) and report in out
     # A re-run finds every stage done and only evaluates again, to the same figures.
     again = demo.main(["--work", work, "--quick", "--captions", "8"])
     assert again["image_to_text_R@1"] == results["image_to_text_R@1"]
