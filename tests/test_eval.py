@@ -234,3 +234,21 @@ def test_bad_evaluator_settings_are_refused_by_name(data_dir):
     model = blip2_jax.Blip2.random("tiny-opt")
     with pytest.raises(eval_lib.EvalConfigError, match="ITC and ITM heads"):
         ev.run(model, tokenizers=eval_lib.Tokenizers(qformer=object()))
+
+
+def test_paper_eval_config_builds_every_evaluator():
+    spec = importlib.util.spec_from_file_location("eval_blip2", os.path.join(ROOT, "configs",
+                                                                            "eval_blip2.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(",".join(module.EVALUATORS))
+    evs = eval_lib.from_config(c.eval, data_dir=c.data.data_dir)
+    kinds = {ev.name: ev.kind for ev in evs}
+    assert kinds == {"coco_caption": "caption", "nocaps": "caption", "vqav2": "vqa",
+                     "okvqa": "vqa", "gqa": "vqa", "coco_retrieval": "retrieval",
+                     "flickr_retrieval": "retrieval"}
+    coco = next(ev for ev in evs if ev.name == "coco_caption")
+    assert coco._generation_kwargs() == dict(num_beams=5, max_new_tokens=30, min_new_tokens=8,
+                                             length_penalty=1.0, repetition_penalty=1.0)
+    with pytest.raises(ValueError, match="eval_blip2 takes"):
+        module.get_config("coco")
