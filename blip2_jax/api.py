@@ -248,7 +248,12 @@ class Blip2:
             if img is not None and np.any((ids == img) & (mask > 0)):
                 raise ValueError(f"input_ids contain the image token {img}: pass text tokens "
                                  "only, the queries are prepended inside")
-        ids, mask = pack_prompts(ids, mask, left=is_opt, pad_id=pad)
+        # Every process of a multi-host batch must build the same program: the widest prompt
+        # of any process sets the bucket.
+        from blip2_jax import sharding
+        width = int(sharding.gather_rows(np.array([(np.asarray(mask) > 0).sum(1).max(
+            initial=0)])).max())
+        ids, mask = pack_prompts(ids, mask, left=is_opt, pad_id=pad, min_width=width)
         if is_opt and ids.shape[1] and not mask[:, -1].all():
             raise ValueError("every prompt row needs at least one unmasked token (e.g. BOS) "
                              "when other rows have some")
@@ -570,15 +575,18 @@ class Blip2:
 
 
 def pack_prompts(input_ids, attention_mask, *, left: bool, pad_id: int,
-                 multiple: int = PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:
+                 multiple: int = PROMPT_BUCKET, min_width: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Prompts re-laid out for decoding: each row's unmasked tokens (in order) moved to the right
-    end (`left=True`: left padding, OPT) or the left end (T5), the width rounded up to a multiple
-    of `multiple` (the compile bucket), pad_id / mask 0 elsewhere. Masked positions are dropped,
-    so any padding side gives each row the tokens it would have alone."""
+    end (`left=True`: left padding, OPT) or the left end (T5), the width (at least `min_width`)
+    rounded up to a multiple of `multiple` (the compile bucket), pad_id / mask 0 elsewhere.
+    Masked positions are dropped, so any padding side gives each row the tokens it would have
+    alone."""
     ids = np.asarray(input_ids)
     keep = np.asarray(attention_mask) > 0
     lengths = keep.sum(1)
-    width = int(-(-int(lengths.max(initial=0)) // multiple) * multiple)
+    width = max(int(lengths.max(initial=0)), int(min_width))
+    width = int(-(-width // multiple) * multiple)
     out = np.full((ids.shape[0], width), pad_id, np.int32)
     mask = np.zeros((ids.shape[0], width), np.int32)
     for r, n in enumerate(lengths):
