@@ -3,7 +3,7 @@ loop in PyTorch on HF modules (`Blip2ForImageTextRetrieval`), same weights, same
 
     python bench/retrieval_eval.py [--images 1000] [--texts 5000] [--k 128] [--small]
                                    [--width 256] [--layers 2] [--queries 32] [--image-size 224]
-                                   [--lavis-rows N] [--batch 128] [--no-warm]
+                                   [--lavis-rows N] [--batch B] [--no-warm]
 
 The HF model is randomly initialised (std 0.02, so ITM logits are not ~0), saved with
 save_pretrained and loaded with `blip2_jax.load`. The LAVIS side is `compute_sim_matrix`
@@ -11,8 +11,8 @@ transcribed onto HF's modules: text features in batches of 256 (max_length 35), 
 per data-loader batch, the ITC matrix image by image, then a Python loop over every image (ITM of
 its top-k texts, one batch of k pairs) and over every text (ITM of its top-k images), under
 torch.inference_mode with HF's default (SDPA) attention. Ours: `evaluate` (streamed features,
-jitted ITC/top-k, deduplicated pairs reranked in fixed-size jitted batches), timed cold (with
-compilation) and warm.
+jitted ITC/top-k, deduplicated pairs reranked in fixed-size jitted batches that project each
+distinct image's cross-attention keys/values once), timed cold (with compilation) and warm.
 
 --lavis-rows N runs LAVIS's two rerank loops on the first N images and first N texts only and
 extrapolates their time linearly to all rows (the full loop at the default size takes hours on a
@@ -171,7 +171,8 @@ def main():
     ap.add_argument("--queries", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--image-batch", type=int, default=64, help="images per data-loader batch")
-    ap.add_argument("--batch", type=int, default=128, help="pairs per ITM call (ours)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="pairs per ITM call (ours; default: retrieval.itm_scores's, 64 on CPU)")
     ap.add_argument("--no-warm", action="store_true",
                     help="time ours once (cold, compilation included) instead of cold + warm")
     ap.add_argument("--lavis-rows", type=int, default=0,

@@ -204,6 +204,23 @@ def test_k_is_capped_and_features_match_surfaces(setup):
     np.testing.assert_allclose(i2t, t2i.T, atol=1e-6)
 
 
+def test_itm_image_index_equals_per_pair_images(setup):
+    """`itm_logits` with image_index (each distinct image's cross-attention K/V projected once,
+    then gathered per pair: the rerank program) == the plain call on per-pair image features."""
+    model, pixels, ids, mask, _, _ = setup
+    vit = np.asarray(model.vision_embeds(pixels[:3]))               # U = 3 distinct images
+    index = np.array([2, 0, 0, 1, 2, 2, 1], np.int32)               # unsorted, repeated
+    n = len(index)
+
+    def itm(*args, **kw):
+        return np.asarray(model.module.apply({"params": model.params}, *args,
+                                             method="itm_logits", **kw))
+    ref = itm(vit[index], ids[:n], mask[:n])
+    np.testing.assert_allclose(itm(vit, ids[:n], mask[:n], image_index=index), ref,
+                               atol=1e-5, rtol=0)
+    assert np.abs(ref - ref[:1]).max() > 1e-4          # the pairs really differ
+
+
 def test_sharded_equals_one_device(setup, one_device):
     model, pixels, ids, mask, txt2img, img2txt = setup
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})   # the 8 fake CPU devices

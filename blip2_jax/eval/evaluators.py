@@ -13,7 +13,8 @@
                metric ("vqa": official VQA accuracy | "gqa": exact match), rules ("lavis" |
                "vqa-master"), lemmatize (False; True = spaCy en_core_web_sm, as LAVIS OK-VQA)
     retrieval: dataset ("blip2_captions/NAME", one record per image with all its captions),
-               split, k (128), itm_batch_size (256), max_length (35)
+               split, k (128), itm_batch_size (0: `retrieval.itm_scores`'s default),
+               max_length (35)
     every kind: limit (0 = all; else the first `limit` records of the split in stored order),
                image_size (the model's), image_processor ("blip_image_eval"), max_words (50),
                data_dir (default: the config's data_dir), batch_size (default: config.eval's)
@@ -46,7 +47,7 @@ CAPTION_DEFAULTS = dict(prompt="", num_beams=5, max_new_tokens=30, min_new_token
 VQA_DEFAULTS = dict(template="Question: {} Short answer:", num_beams=5, max_new_tokens=10,
                     min_new_tokens=1, length_penalty=-1.0, repetition_penalty=1.0, metric="vqa",
                     rules="lavis", lemmatize=False)
-RETRIEVAL_DEFAULTS = dict(k=128, itm_batch_size=256, max_length=35)
+RETRIEVAL_DEFAULTS = dict(k=128, itm_batch_size=0, max_length=35)
 COMMON_DEFAULTS = dict(dataset=None, split="test", limit=0, image_size=0,
                        image_processor="blip_image_eval", max_words=50, data_dir=None,
                        batch_size=0)
@@ -361,7 +362,7 @@ class RetrievalEvaluator(Evaluator):
         texts = truth.texts[:n_texts]
         metrics, score_i2t, score_t2i = retrieval.evaluate(
             model, batches, texts, truth.text_to_image[:n_texts], image_to_texts,
-            k=int(o["k"]), batch_size=int(o["itm_batch_size"]),
+            k=int(o["k"]), batch_size=int(o["itm_batch_size"]) or None,
             image_batch_size=pipe.batch_size, tokenizer=tokenizers.qformer,
             max_length=int(o["max_length"]))
         metrics = dict(metrics, images=keep_images, texts=n_texts)

@@ -99,13 +99,19 @@ class Blip2Module(nn.Module):
         txt = self.text_features(input_ids, attention_mask)
         return jnp.max(jnp.einsum("iqe,te->itq", img, txt), axis=-1)
 
-    def itm_logits(self, image_embeds, input_ids, attention_mask, *, deterministic=True):
-        """(B, 2) ITM logits of image b with text b: itm_head over the query outputs, averaged."""
+    def itm_logits(self, image_embeds, input_ids, attention_mask, *, image_index=None,
+                   deterministic=True):
+        """(B, 2) ITM logits of image b with text b: itm_head over the query outputs, averaged.
+
+        With image_index (B,) int, image_embeds (U, N, Dv) holds distinct images and text b is
+        paired with image_embeds[image_index[b]]; the Q-Former then projects each image's
+        cross-attention keys/values once instead of once per pair (retrieval re-ranking)."""
         dt = bnn.dtype_of(self.config.qformer.dtype)
         b = input_ids.shape[0]
         queries = jnp.broadcast_to(self.query_tokens, (b,) + self.query_tokens.shape[1:])
         h, _ = self.qformer(queries.astype(dt), input_ids, attention_mask,
-                            image_embeds.astype(dt), deterministic=deterministic)
+                            image_embeds.astype(dt), image_index=image_index,
+                            deterministic=deterministic)
         return jnp.mean(self.itm_head(h[:, :self.config.num_query_tokens]), axis=1)
 
     def itm(self, pixel_values, input_ids, attention_mask):

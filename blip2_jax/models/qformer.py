@@ -10,9 +10,13 @@ Modes of `QFormer.__call__` (Q queries, T text tokens):
   c. queries + text, bidirectional                      → (B, Q+T, H) ITM
   d. queries + text, `causal=True` (UniLM)              → (B, Q+T, H) ITG in one call
   e. text + `query_cache` from (a), `causal=True`       → (B, T, H)   ITG as LAVIS runs it
+With `image_index` (B,), `image_embeds` holds U distinct images and row b attends to image
+`image_index[b]`: every cross-attention layer projects the U images' keys/values once and gathers
+them per row (ITM re-ranking, where each image meets many texts).
 Tests: tests/test_qformer.py — (a), (b), (c) against HF's Q-Former calls, (d) against HF fed the
 explicit 4-D UniLM mask, (e) against (d), the query cache against HF's per-layer key/value
-projections, dropout / remat behaviour and the HF weight round trip.
+projections, dropout / remat behaviour and the HF weight round trip; tests/test_retrieval_eval.py
+— `image_index` against the per-row images.
 
 Parameter tree (`cross_attention_frequency` = F, `num_layers` = L, G = L // F groups):
   embeddings/{word, position}/embedding   only with `has_text_input`
@@ -88,8 +92,9 @@ class QFormerLayer(nn.Module):
 
     The first `query_len` positions of `h` are queries (cross-attention + query FFN), the rest text
     (text FFN). `kv_prefix=(k, v)` (B, P, heads, head_dim): keys/values prepended to the
-    self-attention keys (the query cache in mode e). Returns (h, (k, v) of the query positions or
-    None).
+    self-attention keys (the query cache in mode e). `image_index` (B,): row b cross-attends to
+    `image_embeds[image_index[b]]` (keys/values projected once per image). Returns (h, (k, v) of
+    the query positions or None).
     """
     config: QFormerConfig
     has_cross: bool
@@ -98,7 +103,7 @@ class QFormerLayer(nn.Module):
     return_kv: bool = False
 
     @nn.compact
-    def __call__(self, h, mask, image_embeds, kv_prefix=None):
+    def __call__(self, h, mask, image_embeds, kv_prefix=None, image_index=None):
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         det = self.deterministic
@@ -120,8 +125,12 @@ class QFormerLayer(nn.Module):
         def query_ffn(x):
             return ln(name="query_ffn_ln")(x + drop(mlp(name="query_ffn")(x)))
 
-        def cross(x, context):
-            c, _ = attn(name="cross_attn")(x, context=context.astype(dt), deterministic=det)
+        def cross(x, context, index=None):
+            a = attn(name="cross_attn")
+            context, kv = context.astype(dt), None
+            if index is not None:      # project each distinct image once, then gather per row
+                kv = tuple(jnp.take(t, index, axis=0) for t in a.project_kv(context))
+            c, _ = a(x, context=context, kv=kv, deterministic=det)
             return ln(name="cross_ln")(x + drop(c))
 
         q_len = self.query_len
@@ -139,7 +148,7 @@ class QFormerLayer(nn.Module):
             if self.has_cross:
                 if image_embeds is None:
                     raise ValueError("queries need image_embeds (layer with cross-attention)")
-                x = cross(x, image_embeds)
+                x = cross(x, image_embeds, image_index)
             x = query_ffn(x)
             if h.shape[1] > q_len:
                 x = jnp.concatenate([x, text_ffn(h[:, q_len:])], axis=1)
@@ -162,14 +171,15 @@ class QFormerGroup(nn.Module):
     return_kv: bool = False
 
     @nn.compact
-    def __call__(self, h, mask, image_embeds, kv_prefix):
+    def __call__(self, h, mask, image_embeds, kv_prefix, image_index=None):
         cfg = self.config
         kvs = []
         for j in range(cfg.cross_attention_frequency):
             prefix = None if kv_prefix is None else (kv_prefix["k"][j], kv_prefix["v"][j])
             h, kv = QFormerLayer(cfg, has_cross=(j == 0), query_len=self.query_len,
                                  deterministic=self.deterministic, return_kv=self.return_kv,
-                                 name=f"layer_{j}")(h, mask, image_embeds, prefix)
+                                 name=f"layer_{j}")(h, mask, image_embeds, prefix,
+                                                    image_index)
             kvs.append(kv)
         out = None
         if self.return_kv:
@@ -193,14 +203,16 @@ class QFormer(nn.Module):
     @nn.compact
     def __call__(self, query_embeds: Optional[Array] = None, input_ids: Optional[Array] = None,
                  attention_mask: Optional[Array] = None, image_embeds: Optional[Array] = None, *,
-                 causal: bool = False, query_cache: Optional[dict] = None,
-                 return_query_cache: bool = False, deterministic: bool = True
-                 ) -> tuple[Array, Optional[dict]]:
+                 image_index: Optional[Array] = None, causal: bool = False,
+                 query_cache: Optional[dict] = None, return_query_cache: bool = False,
+                 deterministic: bool = True) -> tuple[Array, Optional[dict]]:
         """Hidden states, and (with `return_query_cache`) the queries' self-attention K/V.
 
         query_embeds: (B, Q, H) query tokens (already broadcast to the batch).
         input_ids: (B, T) text ids; attention_mask: (B, T) 1 = real token, 0 = padding (text
-          positions only; queries are always valid). image_embeds: (B, N, encoder_hidden_size).
+          positions only; queries are always valid). image_embeds: (B, N, encoder_hidden_size),
+          or (U, N, encoder_hidden_size) with image_index (B,) int: row b's image is
+          image_embeds[image_index[b]] (cross-attention keys/values computed once per image).
         causal: UniLM mask — queries see only queries, text t sees all queries and text <= t.
         query_cache: {"k", "v"} each (L, B, Q, heads, head_dim), as returned by a queries-only
           call with `return_query_cache=True`; the text then attends to [cached queries ; text]
@@ -227,6 +239,8 @@ class QFormer(nn.Module):
                                  f"Q-Former {cfg.num_layers}")
         if return_query_cache and query_embeds is None:
             raise ValueError("return_query_cache needs query_embeds")
+        if image_index is not None and image_embeds is None:
+            raise ValueError("image_index selects rows of image_embeds; it needs image_embeds")
 
         q_len = 0 if query_embeds is None else query_embeds.shape[1]
         prefix_len = q_len if query_cache is None else query_cache["k"].shape[2]
@@ -255,10 +269,11 @@ class QFormer(nn.Module):
         if query_cache is not None:
             kv_prefix = {n: query_cache[n].reshape(groups, freq, *query_cache[n].shape[1:])
                          for n in ("k", "v")}
-        stack = scan_layers(QFormerGroup, groups, in_axes=(nn.broadcast, nn.broadcast, 0),
+        stack = scan_layers(QFormerGroup, groups,
+                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                             remat=cfg.remat_policy, name="layers", config=cfg, query_len=q_len,
                             deterministic=deterministic, return_kv=return_query_cache)
-        h, kv = stack(h, mask, image_embeds, kv_prefix)
+        h, kv = stack(h, mask, image_embeds, kv_prefix, image_index)
         if return_query_cache:
             kv = {n: kv[n].reshape(cfg.num_layers, *kv[n].shape[2:]) for n in ("k", "v")}
         return h, kv

@@ -225,6 +225,7 @@ def run(config, workdir: str) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
     step = int(state.step)
     last: dict = {}
+    eval_model = None
     try:
         batch = trainer.place(pipeline.numeric(next(it)))
         compiled = trainer.compile(state, frozen, batch)
@@ -257,7 +258,8 @@ def run(config, workdir: str) -> dict:
             done = preempted["flag"] or step == stop_at
             checkpointer.save(step, state, it, meta, force=done)
             if evs and not preempted["flag"] and (step % eval_every == 0 or step == total):
-                _evaluate(evs, eval_tokenizers, cfg, state, frozen, mesh, workdir, step, writer)
+                eval_model = _evaluate(evs, eval_tokenizers, cfg, state, frozen, mesh, workdir,
+                                       step, writer, eval_model)
                 t_window, n_window = time.perf_counter(), 0     # eval time is not step time
             if done:
                 break
@@ -320,16 +322,22 @@ def load_trained(config, workdir: str) -> tuple[api.Blip2, dict]:
 
 
 def _evaluate(evs, tokenizers, cfg, state, frozen, mesh, workdir: str, step: int,
-              writer: MetricWriter) -> None:
+              writer: MetricWriter, model: Optional[api.Blip2] = None) -> api.Blip2:
     """config.eval's evaluators on the current parameters: metrics logged as
-    `eval/NAME/METRIC` at this step, results and predictions in WORKDIR/eval/step_N/."""
+    `eval/NAME/METRIC` at this step, results and predictions in WORKDIR/eval/step_N/. Returns
+    the model, to be passed back next time: its compiled programs are reused with new params."""
     from blip2_jax.eval import runner
-    model = api.Blip2(cfg, state_lib.merge(state.params, frozen), check=False).shard(mesh)
+    params = state_lib.merge(state.params, frozen)
+    if model is None:
+        model = api.Blip2(cfg, params, check=False).shard(mesh)
+    else:
+        model.params = params       # the same shardings: the step keeps the trainer's
     results = runner.run(model, evs, mesh=mesh, tokenizers=tokenizers,
                          out_dir=os.path.join(workdir, "eval", f"step_{step}"),
                          info={"step": step}, report=False, progress=False)
     writer.write(step, {f"eval/{r.name}/{k}": v for r in results
                         for k, v in r.numeric_metrics().items()})
+    return model
 
 
 def _throughput(steps: int, seconds: float, batch_size: int, flops: Optional[float],
