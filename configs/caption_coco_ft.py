@@ -86,4 +86,8 @@ def get_config(arg=None):
     )
     c.text = dict(llm_tokenizer="/path/to/blip2-opt-2.7b",
                   max_length=32)              # LAVIS max_txt_len
+    # LAVIS evaluates Karpathy val after every epoch (test once at the end: eval_blip2.py).
+    c.eval.evaluators = dict(coco_caption_val=dict(defaults.PAPER_EVALUATORS["coco_caption"],
+                                                   split="val"))
+    c.eval.every_steps = STEPS // EPOCHS
     return c

@@ -92,4 +92,8 @@ def get_config(arg=None):
     )
     c.text = dict(qformer_tokenizer="/path/to/bert-base-uncased",
                   max_length=32)               # LAVIS max_txt_len
+    # LAVIS evaluates Karpathy val after every epoch (test once at the end: eval_blip2.py).
+    c.eval.evaluators = dict(coco_retrieval_val=dict(
+        defaults.PAPER_EVALUATORS["coco_retrieval"], split="val"))
+    c.eval.every_steps = STEPS // EPOCHS
     return c

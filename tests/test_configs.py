@@ -30,6 +30,7 @@ import pytest
 from blip2_jax import api, config as config_lib
 from blip2_jax.convert.mapping import flatten
 from blip2_jax.data import builders, ops, pipeline
+from blip2_jax.eval import evaluators as eval_lib
 from blip2_jax.train import init as init_lib
 from blip2_jax.train import loop
 from blip2_jax.train import state as state_lib
@@ -51,7 +52,7 @@ IDS = [f"{n}:{a}" if a else n for n, a in CASES]
 LOOP_KEYS = {"model", "model_overrides", "init", "frozen", "frozen_dtype", "loss", "optimizer",
              "total_steps", "batch_size", "seed", "mesh", "log_every_steps",
              "checkpoint_every_steps", "keep_checkpoints", "stop_after_steps", "on_nonfinite",
-             "peak_tflops_per_device", "data", "text"}
+             "peak_tflops_per_device", "data", "text", "eval"}
 # What each config.init source provides (blip2_jax/train/init.py), by top-level name.
 INIT_PROVIDES = {"stage1": {"vision", "ln_vision", "qformer", "query_tokens"},
                  "qformer_bert": {"qformer", "query_tokens", "lm_head"},
@@ -107,6 +108,12 @@ def test_loads_and_resolves(name, arg):
     paths = [v for k, v in loop._plain(c.init).items() if k != "random"]
     paths += [c.data.data_dir] + [v for k, v in c.text.items() if k.endswith("_tokenizer")]
     assert all(p.startswith("/path/to/") for p in paths), paths
+    # Its evaluators build (names, kinds and settings checked) and fit the model.
+    evs = eval_lib.from_config(c.eval, data_dir=c.data.data_dir) if c.eval.evaluators else []
+    for ev in evs:
+        assert (ev.needs()[0] == "generate") == (not stage1), ev
+    if name.endswith("_ft"):
+        assert evs and c.eval.every_steps == c.total_steps // 5     # once per epoch
 
 
 @pytest.mark.parametrize("name,arg", CASES, ids=IDS)

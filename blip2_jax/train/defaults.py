@@ -2,6 +2,36 @@
 config file holds only what is particular to it. `train/loop.py` documents each key."""
 import ml_collections
 
+VQA_PROMPT = "Question: {} Short answer:"     # §3.3: LAVIS's zero-shot VQA prompt (OPT and T5)
+# The paper's evaluations (blip2.md §5, LAVIS eval yamls): configs/eval_blip2.py, and the
+# fine-tune configs' in-training evaluation.
+PAPER_EVALUATORS = {
+    # §5.2: beam 5, 8-30 tokens, "a photo of" (LAVIS@release passed only these).
+    "coco_caption": dict(kind="caption", dataset="blip2_captions/coco_karpathy", split="test",
+                         prompt="a photo of", num_beams=5, min_new_tokens=8,
+                         max_new_tokens=30),
+    # §5.2: LAVIS's NoCaps yaml (beam 5, 10-80 tokens, length penalty 1).
+    "nocaps": dict(kind="caption", dataset="blip2_captions/nocaps", split="val",
+                   prompt="a photo of", num_beams=5, min_new_tokens=10, max_new_tokens=80,
+                   length_penalty=1.0),
+    # §5.1: beam 5, ≤ 10 tokens, at least 1, length penalty -1 (the paper; LAVIS's OPT path
+    # uses 0: set --config.eval.evaluators.vqav2.length_penalty=0 to follow it).
+    "vqav2": dict(kind="vqa", dataset="blip2_vqa/vqav2", split="val", template=VQA_PROMPT,
+                  num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0),
+    "okvqa": dict(kind="vqa", dataset="blip2_vqa/okvqa", split="test", template=VQA_PROMPT,
+                  num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0,
+                  lemmatize=True),            # LAVIS apply_lemmatizer (spaCy en_core_web_sm)
+    "gqa": dict(kind="vqa", dataset="blip2_vqa/gqa", split="testdev", template=VQA_PROMPT,
+                num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0,
+                metric="gqa"),
+    # §5.3: k_test 128, text max_length 35.
+    "coco_retrieval": dict(kind="retrieval", dataset="blip2_captions/coco_karpathy",
+                           split="test", k=128, max_length=35),
+    # Zero-shot Flickr uses the COCO-finetuned retrieval model (§5.3).
+    "flickr_retrieval": dict(kind="retrieval", dataset="blip2_captions/flickr30k", split="test",
+                             k=128, max_length=35),
+}
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
