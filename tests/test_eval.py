@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import blip2_jax
+import runs
 from blip2_jax import processing
-from blip2_jax.data import build as build_cli, ops
+from blip2_jax.data import ops
 from blip2_jax.eval import evaluators as eval_lib
 from blip2_jax.eval import retrieval
 from blip2_jax.metrics import caption as caption_metrics
@@ -28,28 +29,13 @@ TEST_IMAGES = 6
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("synthetic_eval"))
-    assert build_cli.main(["synthetic", "--data-dir", d, "--train", "48", "--val", "0",
-                           "--test", str(TEST_IMAGES), "--image-size", "32"]) == 0
-    return d
+    return runs.synthetic_data(str(tmp_path_factory.mktemp("synthetic_eval")), train=48,
+                               test=TEST_IMAGES)
 
 
 def _config(name, arg, **overrides):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs",
-                                                                      f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
-    c.total_steps, c.batch_size, c.log_every_steps, c.checkpoint_every_steps = 4, 8, 1, 2
-    c.optimizer.warmup_steps = 2
-    c.eval.batch_size = 4           # 6 test images: a padded, masked last batch
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    # 6 test images in evaluation batches of 4: a padded, masked last batch.
+    return runs.config(name, arg, **{"total_steps": 4, "eval.batch_size": 4, **overrides})
 
 
 def _eval_cmd(config_arg, *args):

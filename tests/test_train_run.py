@@ -3,7 +3,6 @@ resumed run equals an uninterrupted one; stage-2 runs export a loadable model; n
 losses stop the run; parameter sources and frozen-tower hashes are enforced."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 import blip2_jax
+import runs
 from blip2_jax import checkpoint as ckpt_lib
 from blip2_jax import processing
 from blip2_jax.convert.mapping import flatten
@@ -28,27 +28,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("synthetic"))
-    assert build_cli.main(["synthetic", "--data-dir", d, "--train", "64", "--val", "8",
-                           "--test", "8", "--image-size", "32"]) == 0
-    return d
+    return runs.synthetic_data(str(tmp_path_factory.mktemp("synthetic")), train=64, val=8,
+                               test=8)
 
 
 def _config(name, arg, **overrides):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs",
-                                                                      f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
-    c.total_steps, c.batch_size, c.log_every_steps, c.checkpoint_every_steps = 6, 8, 1, 2
-    c.optimizer.warmup_steps = 2
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return runs.config(name, arg, **{"total_steps": 6, **overrides})
 
 
 def _rows(workdir):

@@ -1,0 +1,36 @@
+"""Shared by the tests that run train.py / eval.py: a small synthetic dataset and the repo's
+configs loaded with test-sized overrides."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from blip2_jax.data import build as build_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def synthetic_data(directory: str, *, train: int, test: int, val: int = 0) -> str:
+    """The synthetic dataset (32 px images) and its tokenizers, built into `directory`."""
+    assert build_cli.main(["synthetic", "--data-dir", directory, "--train", str(train),
+                           "--val", str(val), "--test", str(test), "--image-size", "32"]) == 0
+    return directory
+
+
+def config(name: str, arg, *, total_steps: int, **overrides):
+    """configs/NAME.py:ARG with total_steps, batch 8, a log every step, a checkpoint every 2
+    steps and 2 warm-up steps; `overrides` are dotted keys ("eval.every_steps": 2)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs",
+                                                                      f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg)
+    c.total_steps, c.batch_size, c.log_every_steps, c.checkpoint_every_steps = total_steps, 8, 1, 2
+    c.optimizer.warmup_steps = 2
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
