@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -191,6 +191,41 @@ class Evaluator:
             if bar is not None:
                 bar.close()
 
+    def _check_model(self, model, tokenizers: Tokenizers):
+        surface, tok = self.needs()
+        cfg = model.config
+        if surface == "generate" and cfg.llm is None:
+            raise EvalConfigError(f"evaluator {self.name!r} ({self.kind}) needs a model with a "
+                                  "language model (a stage-2 model); this one is stage-1 only")
+        if surface == "retrieval" and not (cfg.itc and cfg.itm):
+            raise EvalConfigError(f"evaluator {self.name!r} (retrieval) needs a model with ITC "
+                                  "and ITM heads (a stage-1 model)")
+        if getattr(tokenizers, tok) is None:
+            raise EvalConfigError(f"evaluator {self.name!r} needs the {tok} tokenizer "
+                                  f"(config.text.{'llm_tokenizer' if tok == 'llm' else 'qformer_tokenizer'}"
+                                  " or the checkpoint's own)")
+
+
+class GenerationEvaluator(Evaluator):
+    """What captioning and VQA share: generate from every valid record's image and prompt
+    (`prompts`), decode, then `score` the (record positions, texts)."""
+
+    def needs(self):
+        return "generate", "llm"
+
+    def question_template(self) -> str:
+        return "{}"
+
+    def prompts(self, batch: dict) -> list[str]:
+        raise NotImplementedError
+
+    def score(self, positions: list[int], texts: list[str]) -> EvalResult:
+        raise NotImplementedError
+
+    def run(self, model, *, mesh=None, tokenizers=Tokenizers(), progress=True) -> EvalResult:
+        self._check_model(model, tokenizers)
+        return self.score(*self._generated_rows(model, tokenizers, mesh, progress))
+
     def _generate(self, model, tokenizers: Tokenizers, prompts: list[str], pixels,
                   generate_kwargs: dict) -> np.ndarray:
         """Generated token rows of the GLOBAL batch (every process's rows, in process order)."""
@@ -214,29 +249,15 @@ class Evaluator:
                     length_penalty=float(o["length_penalty"]),
                     repetition_penalty=float(o["repetition_penalty"]))
 
-    def _check_model(self, model, tokenizers: Tokenizers):
-        surface, tok = self.needs()
-        cfg = model.config
-        if surface == "generate" and cfg.llm is None:
-            raise EvalConfigError(f"evaluator {self.name!r} ({self.kind}) needs a model with a "
-                                  "language model (a stage-2 model); this one is stage-1 only")
-        if surface == "retrieval" and not (cfg.itc and cfg.itm):
-            raise EvalConfigError(f"evaluator {self.name!r} (retrieval) needs a model with ITC "
-                                  "and ITM heads (a stage-1 model)")
-        if getattr(tokenizers, tok) is None:
-            raise EvalConfigError(f"evaluator {self.name!r} needs the {tok} tokenizer "
-                                  f"(config.text.{'llm_tokenizer' if tok == 'llm' else 'qformer_tokenizer'}"
-                                  " or the checkpoint's own)")
-
-    def _generated_rows(self, model, tokenizers, mesh, progress, question_template="{}",
-                        prompt_of: Callable[[dict], list[str]] = None):
+    def _generated_rows(self, model, tokenizers, mesh, progress):
         """(positions, texts) of every valid row of the split (all processes' rows)."""
         model = _on_mesh(model, mesh)
-        pipe = self._pipeline(model, mesh, question_template)
+        pipe = self._pipeline(model, mesh, self.question_template())
         kwargs = self._generation_kwargs()
         positions, texts = [], []
         for batch in self._batches(pipe, progress):
-            tokens = self._generate(model, tokenizers, prompt_of(batch), batch["image"], kwargs)
+            tokens = self._generate(model, tokenizers, self.prompts(batch), batch["image"],
+                                    kwargs)
             valid = sharding_lib.gather_rows(batch["valid"])
             pos = sharding_lib.gather_rows(batch["position"])
             decoded = self._decode(model, tokenizers, tokens)
@@ -248,21 +269,17 @@ class Evaluator:
         return positions, texts
 
 
-class CaptionEvaluator(Evaluator):
+class CaptionEvaluator(GenerationEvaluator):
     """Captioning: beam search from `prompt` (the prompt is not part of the caption), scored
     with `metrics.caption.caption_metrics` (BLEU-1..4, METEOR when Java exists, ROUGE-L,
     CIDEr-D; SPICE reported unavailable)."""
     kind = "caption"
 
-    def needs(self):
-        return "generate", "llm"
+    def prompts(self, batch):
+        return [self.opts["prompt"] or ""] * len(batch["image"])
 
-    def run(self, model, *, mesh=None, tokenizers=Tokenizers(), progress=True) -> EvalResult:
+    def score(self, positions, generated):
         from blip2_jax.metrics import caption as caption_metrics
-        self._check_model(model, tokenizers)
-        prompt = self.opts["prompt"] or ""
-        positions, generated = self._generated_rows(
-            model, tokenizers, mesh, progress, prompt_of=lambda b: [prompt] * len(b["image"]))
         src = self.source()
         refs: dict[str, list[str]] = {}
         for r in range(len(src)):            # references: every record of every scored image
@@ -286,21 +303,19 @@ class CaptionEvaluator(Evaluator):
         return EvalResult(self.name, self.kind, metrics, predictions, examples)
 
 
-class VqaEvaluator(Evaluator):
+class VqaEvaluator(GenerationEvaluator):
     """VQA: beam search from `template.format(question)` (the question cleaned as LAVIS's
     `blip_question`), scored with the official VQA accuracy or GQA exact match."""
     kind = "vqa"
 
-    def needs(self):
-        return "generate", "llm"
+    def question_template(self):
+        return self.opts["template"] or "{}"
 
-    def run(self, model, *, mesh=None, tokenizers=Tokenizers(), progress=True) -> EvalResult:
+    def prompts(self, batch):
+        return list(batch["text"])
+
+    def score(self, positions, answers):
         from blip2_jax.metrics import vqa as vqa_metrics
-        self._check_model(model, tokenizers)
-        template = self.opts["template"] or "{}"
-        positions, answers = self._generated_rows(model, tokenizers, mesh, progress,
-                                                  question_template=template,
-                                                  prompt_of=lambda b: list(b["text"]))
         src = self.source()
         records = {p: src[p] for p in positions}
         qid = {p: _text(records[p]["question_id"]) for p in positions}
