@@ -5,8 +5,8 @@
     python eval.py --config configs/eval_blip2.py:vqav2,okvqa,gqa --checkpoint /ckpt/blip2-flan-t5-xl \\
         --config.data.data_dir=/data
 
-Arg: one or more of coco_caption, nocaps, vqav2, okvqa, gqa, coco_retrieval, flickr_retrieval
-(comma-separated). The image size is the checkpoint's (364 px for the COCO fine-tuned models,
+Arg: one or more of coco_caption, nocaps, flickr_caption, vqav2, okvqa, gqa, coco_retrieval,
+flickr_retrieval (comma-separated). The image size is the checkpoint's (364 px for the COCO fine-tuned models,
 224 px for the pre-trained ones used zero-shot). Tokenizers come from the checkpoint directory
 unless `--config.text.llm_tokenizer` / `--config.text.qformer_tokenizer` name others.
 

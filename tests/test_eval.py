@@ -230,7 +230,8 @@ def test_paper_eval_config_builds_every_evaluator():
     c = module.get_config(",".join(module.EVALUATORS))
     evs = eval_lib.from_config(c.eval, data_dir=c.data.data_dir)
     kinds = {ev.name: ev.kind for ev in evs}
-    assert kinds == {"coco_caption": "caption", "nocaps": "caption", "vqav2": "vqa",
+    assert kinds == {"coco_caption": "caption", "nocaps": "caption",
+                     "flickr_caption": "caption", "vqav2": "vqa",
                      "okvqa": "vqa", "gqa": "vqa", "coco_retrieval": "retrieval",
                      "flickr_retrieval": "retrieval"}
     coco = next(ev for ev in evs if ev.name == "coco_caption")

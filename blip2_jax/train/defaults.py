@@ -14,6 +14,10 @@ PAPER_EVALUATORS = {
     "nocaps": dict(kind="caption", dataset="blip2_captions/nocaps", split="val",
                    prompt="a photo of", num_beams=5, min_new_tokens=10, max_new_tokens=80,
                    length_penalty=1.0),
+    # Flickr30K captioning (zero-shot transfer of a COCO-finetuned model): COCO's settings.
+    "flickr_caption": dict(kind="caption", dataset="blip2_captions/flickr30k", split="test",
+                           prompt="a photo of", num_beams=5, min_new_tokens=8,
+                           max_new_tokens=30),
     # §5.1: beam 5, ≤ 10 tokens, at least 1, length penalty -1 (the paper; LAVIS's OPT path
     # uses 0: set --config.eval.evaluators.vqav2.length_penalty=0 to follow it).
     "vqav2": dict(kind="vqa", dataset="blip2_vqa/vqav2", split="val", template=VQA_PROMPT,
