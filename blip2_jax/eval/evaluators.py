@@ -174,10 +174,11 @@ class Evaluator:
             question_template=question_template, process_index=jax.process_index(),
             process_count=jax.process_count(), num_threads=4, prefetch=8)
 
-    def _batches(self, pipe: pipeline.Pipeline, progress: bool) -> Iterable[dict]:
-        """The split's batches, stopping after `limit` records (the same number of batches on
-        every process)."""
-        limit = int(self.opts["limit"] or 0)
+    def _batches(self, pipe: pipeline.Pipeline, progress: bool,
+                 limited: bool = True) -> Iterable[dict]:
+        """The split's batches, stopping after `limit` records when `limited` (the same number
+        of batches on every process)."""
+        limit = int(self.opts["limit"] or 0) if limited else 0
         n = len(pipe) if not limit else min(len(pipe), -(-limit // pipe.batch_size))
         bar = _progress(n, self.name) if progress else None
         try:
@@ -371,7 +372,7 @@ class RetrievalEvaluator(Evaluator):
         # A limit keeps the first images in `index` order (the truth's order) and their texts.
         batches = ({"image": b["image"], "index": b["index"],
                     "valid": b["valid"] & (b["index"] < keep_images)}
-                   for b in _all_batches(pipe, self.name, progress))
+                   for b in self._batches(pipe, progress, limited=False))
         image_to_texts = truth.image_to_texts[:keep_images]
         n_texts = sum(len(t) for t in image_to_texts)
         texts = truth.texts[:n_texts]
@@ -447,18 +448,6 @@ def _on_mesh(model, mesh):
     if mesh is None or isinstance(model, sharding_lib.ShardedBlip2):
         return model
     return model.shard(mesh)
-
-
-def _all_batches(pipe, name, progress):
-    bar = _progress(len(pipe), name) if progress else None
-    try:
-        for b in pipe:
-            yield b
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def _progress(total: int, name: str):
