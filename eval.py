@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -39,6 +40,20 @@ def main(argv):
     if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
         raise app.UsageError("give exactly one of --workdir and --checkpoint")
     cli.setup()
+    from blip2_jax.checkpoint import CheckpointError
+    from blip2_jax.config import ConfigError
+    from blip2_jax.convert.mapping import MappingError
+    from blip2_jax.eval.evaluators import EvalConfigError
+    try:
+        evaluate()
+    except (FileNotFoundError, ConfigError, EvalConfigError, MappingError, CheckpointError,
+            KeyError) as e:
+        # Bad input (paths, configs, evaluator settings): the message, not a traceback.
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def evaluate():
     import blip2_jax
     from blip2_jax.eval import evaluators as eval_lib, runner
     from blip2_jax.train import loop

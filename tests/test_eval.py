@@ -275,3 +275,16 @@ def test_two_processes_evaluate_as_one(stage2_run, data_dir, tmp_path):
     a, b = _jsonl(os.path.join(one, "predictions.jsonl")), _jsonl(os.path.join(two,
                                                                               "predictions.jsonl"))
     assert a == b and len(a) > TEST_IMAGES
+
+
+def test_eval_py_bad_input_is_one_clear_line(data_dir, tmp_path):
+    cfg = f"{os.path.join(ROOT, 'configs', 'tiny_stage2.py')}:opt,{data_dir}"
+    proc = subprocess.run(_eval_cmd(cfg, "--workdir", str(tmp_path / "nothing")),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "eval.py: error:" in proc.stderr and "neither a final/ export nor checkpoints/" in \
+        proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(_eval_cmd(cfg, "--workdir", str(tmp_path),
+                                    "--config.eval.evaluators.caption_test.kind=captioning"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "'caption_test': kind must be one of" in proc.stderr
