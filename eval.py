@@ -55,30 +55,31 @@ def main(argv):
 
 def evaluate():
     import blip2_jax
-    from blip2_jax.eval import evaluators as eval_lib, runner
+    from blip2_jax.eval import runner
     from blip2_jax.train import loop
 
     config = _CONFIG.value
     evs, tokenizers = loop.evaluators(config)
     if not evs:
         raise app.UsageError("the config names no evaluators (config.eval.evaluators)")
-    eval_cfg = loop._plain(config.get("eval") or {})
     if _WORKDIR.value:
         model, source = loop.load_trained(config, _WORKDIR.value)
         out = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval", f"step_{source['step']}")
         curves = os.path.join(_WORKDIR.value, "metrics.jsonl")
     else:
         path = _CHECKPOINT.value
-        model = blip2_jax.load(path, dtype=eval_cfg.get("dtype") or None)
+        model = blip2_jax.load(path, dtype=(config.get("eval") or {}).get("dtype") or None)
         source = {"source": os.path.abspath(path), "step": None}
         out = _OUTPUT.value or f"eval_{os.path.basename(os.path.normpath(path))}"
         curves = None
-    # The checkpoint's own tokenizers when the config names none.
-    tokenizers = eval_lib.Tokenizers(
-        llm=tokenizers.llm if tokenizers.llm is not None or model.config.llm is None
-        else model.tokenizer,
-        qformer=tokenizers.qformer if tokenizers.qformer is not None
-        or not model.config.qformer.has_text_input else model.qformer_tokenizer)
+    # A tokenizer the evaluators need and the config does not name: the checkpoint's own
+    # (a model without the tower is refused by the evaluator, naming it).
+    needed = {ev.needs()[1] for ev in evs}
+    if "llm" in needed and tokenizers.llm is None and model.config.llm is not None:
+        tokenizers.llm = model.tokenizer
+    if ("qformer" in needed and tokenizers.qformer is None
+            and model.config.qformer.has_text_input):
+        tokenizers.qformer = model.qformer_tokenizer
     mesh = loop.make_mesh(config)
     info = {"model": source["source"], "step": source["step"],
             "config": config_flags.get_config_filename(flags.FLAGS["config"]),

@@ -301,6 +301,14 @@ def batch_axes(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
     return ()
 
 
+def batch_shards(mesh: Optional[Mesh], rules: Rules = DEFAULT_RULES) -> int:
+    """How many ways the batch dimension is split on `mesh` (1 without a mesh): batch sizes
+    must be multiples of it to be sharded rather than replicated."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, size: Optional[int] = None,
                    rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Leading dimension over the batch axes (("data", "fsdp") by default), the rest replicated.
@@ -336,7 +344,7 @@ def shard_batch(batch, mesh: Mesh, rules: Rules = DEFAULT_RULES):
             return jax.device_put(x, batch_sharding(mesh, x.ndim, x.shape[0], rules))
         sharding = batch_sharding(mesh, x.ndim, None, rules)
         global_rows = x.shape[0] * jax.process_count()
-        n = math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+        n = batch_shards(mesh, rules)
         if global_rows % n:
             raise ValueError(f"global batch {global_rows} (= {x.shape[0]} per process × "
                              f"{jax.process_count()}) is not divisible by the batch axes' size {n}")

@@ -324,16 +324,13 @@ class VqaEvaluator(GenerationEvaluator):
         truth = {qid[p]: [_text(a) for a in records[p]["answers"]] for p in positions}
         o = self.opts
         if o["metric"] == "gqa":
-            gt = {q: a[0] for q, a in truth.items()}
-            metrics = vqa_metrics.exact_match(gt, preds)
-            norm = lambda a: vqa_metrics.process_digit_article(        # noqa: E731
-                vqa_metrics.process_punctuation(a))
-            per = {q: float(norm(preds[q]) == gt[q]) for q in preds}
+            metrics = vqa_metrics.exact_match({q: a[0] for q, a in truth.items()}, preds,
+                                              per_question=True)
         else:
             lemmatize = vqa_metrics.spacy_lemmatizer() if o["lemmatize"] else None
             metrics = vqa_metrics.vqa_accuracy(truth, preds, rules=o["rules"],
                                                lemmatize=lemmatize, per_question=True)
-            per = {q: v / 100.0 for q, v in metrics.pop("per_question").items()}
+        per = {q: v / 100.0 for q, v in metrics.pop("per_question").items()}
         metrics = _flat(metrics)
         metrics["questions"] = len(preds)
         predictions = [{"evaluator": self.name, "question_id": qid[p], "position": p,
@@ -382,24 +379,25 @@ class RetrievalEvaluator(Evaluator):
             image_batch_size=pipe.batch_size, tokenizer=tokenizers.qformer,
             max_length=int(o["max_length"]))
         metrics = dict(metrics, images=keep_images, texts=n_texts)
-        top_t = np.argsort(-score_i2t, axis=1, kind="stable")[:, :5]
-        top_i = np.argsort(-score_t2i, axis=1, kind="stable")[:, :5]
+        # LAVIS's order and ranks (the metrics' own), for the predictions and the report.
+        top_t = retrieval.ranked(score_i2t)[:, :5]
+        top_i = retrieval.ranked(score_t2i)[:, :5]
+        rank_i2t, rank_t2i = retrieval.ranks(score_i2t, score_t2i,
+                                             truth.text_to_image[:n_texts], image_to_texts)
         ids = truth.image_ids
         predictions = []
         for i in range(keep_images):
-            gt = set(image_to_texts[i])
-            rank = next((r for r, t in enumerate(np.argsort(-score_i2t[i], kind="stable"))
-                         if t in gt), None)
             predictions.append({"evaluator": self.name, "query": "image", "image_id": ids[i],
                                 "top5_texts": [texts[t] for t in top_t[i]],
                                 "top5_text_indices": [int(t) for t in top_t[i]],
-                                "gt_text_indices": sorted(gt), "best_gt_rank": rank})
+                                "gt_text_indices": sorted(image_to_texts[i]),
+                                "best_gt_rank": (int(rank_i2t[i]) if image_to_texts[i]
+                                                 else None)})
         for t in range(n_texts):
             gt = int(truth.text_to_image[t])
-            rank = int(np.nonzero(np.argsort(-score_t2i[t], kind="stable") == gt)[0][0])
             predictions.append({"evaluator": self.name, "query": "text", "text_index": t,
                                 "text": texts[t], "top5_image_ids": [ids[i] for i in top_i[t]],
-                                "gt_image_id": ids[gt], "gt_rank": rank})
+                                "gt_image_id": ids[gt], "gt_rank": int(rank_t2i[t])})
         src = self.source()
         image = lambda i: bytes(src[int(truth.records[i])]["image"])     # noqa: E731
         n = min(self.examples, keep_images)
@@ -434,13 +432,11 @@ def _flat(metrics: Mapping, prefix: str = "") -> dict:
 
 
 def _round_to_mesh(batch_size: int, mesh) -> int:
+    """`batch_size` rounded up so that it splits over the mesh's batch axes and the processes."""
+    import math
+
     import jax
-    if mesh is None:
-        n = 1
-    else:
-        import math
-        n = math.prod(mesh.shape[a] for a in sharding_lib.batch_axes(mesh))
-    n = max(n, jax.process_count())
+    n = math.lcm(sharding_lib.batch_shards(mesh), jax.process_count())
     return -(-int(batch_size) // n) * n
 
 

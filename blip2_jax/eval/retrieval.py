@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Iterable, Mapping, Optional, Sequence
 
 import jax
@@ -141,8 +140,7 @@ class _Placement:
         from blip2_jax import sharding
         self.mesh = mesh
         self.rules = sharding.DEFAULT_RULES if rules is None else tuple(rules)
-        self.n = (math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, self.rules))
-                  if mesh is not None else 1)
+        self.n = sharding.batch_shards(mesh, self.rules)
 
     def round(self, b: int) -> int:
         """`b` rounded up to a multiple of the batch axes' size (so the batch is sharded)."""
@@ -402,20 +400,23 @@ def rerank(model: api.Blip2, img: ImageFeatures, txt: TextFeatures, sims: np.nda
 # ----------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------
+def ranked(scores: np.ndarray) -> np.ndarray:
+    """Every row's columns best first, as LAVIS orders them (`np.argsort(row)[::-1]`, the same
+    default-kind argsort, so ties fall as they do in LAVIS)."""
+    return np.argsort(scores, axis=-1)[:, ::-1]
+
+
 def _positions(scores: np.ndarray) -> np.ndarray:
-    """pos[r, c] = the rank of column c in row r under LAVIS's `np.argsort(row)[::-1]`."""
-    inds = np.argsort(scores, axis=-1)[:, ::-1]       # same argsort (default kind) per row
+    """pos[r, c] = the rank of column c in row r under `ranked`."""
+    inds = ranked(scores)
     pos = np.empty(inds.shape, np.int64)
     pos[np.arange(inds.shape[0])[:, None], inds] = np.arange(inds.shape[1])[None, :]
     return pos
 
 
-def recall_metrics(score_i2t, score_t2i, text_to_image, image_to_texts) -> dict:
-    """LAVIS `RetrievalTask._report_metrics`: i2t rank of image i = the best rank among its gt
-    captions (1e20 when it has none), t2i rank of text t = the rank of its gt image; ranks from
-    `np.argsort(score)[::-1]` (ties: see the module docstring). Percentages (×100):
-    txt_r1/5/10 (i2t), img_r1/5/10 (t2i), txt_r_mean, img_r_mean, r_mean, agg_metrics
-    (= txt_r_mean, as LAVIS)."""
+def ranks(score_i2t, score_t2i, text_to_image, image_to_texts) -> tuple[np.ndarray, np.ndarray]:
+    """LAVIS's ranks: (ranks_i2t (N_i,) float, the best rank among each image's gt captions, 1e20
+    when it has none; ranks_t2i (N_t,) int, the rank of each text's gt image)."""
     score_i2t, score_t2i = np.asarray(score_i2t), np.asarray(score_t2i)
     text_to_image = np.asarray(text_to_image)
     n_i = score_i2t.shape[0]
@@ -429,6 +430,14 @@ def recall_metrics(score_i2t, score_t2i, text_to_image, image_to_texts) -> dict:
     ranks_i2t = np.full(n_i, 1e20)
     np.minimum.at(ranks_i2t, owner, pos[owner, gt].astype(np.float64))
     ranks_t2i = _positions(score_t2i)[np.arange(len(text_to_image)), text_to_image]
+    return ranks_i2t, ranks_t2i
+
+
+def recall_metrics(score_i2t, score_t2i, text_to_image, image_to_texts) -> dict:
+    """LAVIS `RetrievalTask._report_metrics` on `ranks` (ties: see the module docstring).
+    Percentages (×100): txt_r1/5/10 (i2t), img_r1/5/10 (t2i), txt_r_mean, img_r_mean, r_mean,
+    agg_metrics (= txt_r_mean, as LAVIS)."""
+    ranks_i2t, ranks_t2i = ranks(score_i2t, score_t2i, text_to_image, image_to_texts)
 
     def r(ranks, n):
         return 100.0 * len(np.where(ranks < n)[0]) / len(ranks)

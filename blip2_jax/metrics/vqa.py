@@ -310,7 +310,7 @@ def vqa_accuracy(references: Mapping[Hashable, Sequence[str]],
 def exact_match(references: Mapping[Hashable, str], predictions: Mapping[Hashable, str], *,
                 normalize: bool = True,
                 lemmatize: Callable[[str], str] | None = None,
-                ndigits: int | None = None) -> dict[str, Any]:
+                ndigits: int | None = None, per_question: bool = False) -> dict[str, Any]:
     """GQA accuracy as LAVIS computes it (``GQATask._report_metrics``), in percent.
 
     With generated answers (``inference_method="generate"``, always the case for BLIP-2) LAVIS
@@ -319,7 +319,8 @@ def exact_match(references: Mapping[Hashable, str], predictions: Mapping[Hashabl
     ``normalize=False`` compares the raw strings (LAVIS's ``rank`` inference). LAVIS does not
     round (``ndigits=None``).
 
-    Returns ``{"accuracy": float, "num_questions": int}``.
+    Returns ``{"accuracy": float, "num_questions": int}``, plus ``per_question`` =
+    ``{question_id: 100.0 or 0.0}`` when asked.
     """
     if not references:
         raise ValueError("references are empty")
@@ -329,16 +330,20 @@ def exact_match(references: Mapping[Hashable, str], predictions: Mapping[Hashabl
     if bad:
         raise ValueError(f"each reference must be a single answer string; not for question "
                          f"id(s) {_some(bad)} (e.g. {references[bad[0]]!r})")
-    correct = 0
+    hits: dict[Hashable, bool] = {}
     for q, gt in references.items():
         pred = predictions[q]
         if lemmatize is not None:
             pred = lemmatize(pred)
         if normalize:
             pred = process_digit_article(process_punctuation(pred))
-        correct += pred == gt
-    return {"accuracy": _round(100.0 * correct / len(references), ndigits),
-            "num_questions": len(references)}
+        hits[q] = pred == gt
+    out: dict[str, Any] = {"accuracy": _round(100.0 * sum(hits.values()) / len(references),
+                                              ndigits),
+                           "num_questions": len(references)}
+    if per_question:
+        out["per_question"] = {q: 100.0 * h for q, h in hits.items()}
+    return out
 
 
 def spacy_lemmatizer(model: str = "en_core_web_sm", nlp: Callable | None = None
