@@ -21,7 +21,8 @@ import hf_ref
 from blip2_jax import nn as bnn
 from blip2_jax.config import TINY_CLIP, TINY_VISION, VisionConfig
 from blip2_jax.convert import mapping
-from blip2_jax.convert.hf_vision import adapt_legacy_qkv_bias, rules
+from blip2_jax.convert import stream
+from blip2_jax.convert.hf_vision import rules, split_qkv_bias
 from blip2_jax.convert.lavis_vision import lavis_clip_rules
 from blip2_jax.models.vit import VisionTransformer, bicubic_matrix, interpolate_pos_embed
 
@@ -189,29 +190,34 @@ def test_legacy_qkv_bias_checkpoint():
             legacy[k] = v
     calls = []
 
-    def get(k):
-        calls.append(k)
-        return legacy[k]
+    class Counting(stream.DictSource):
+        def get(self, key, index=None):
+            calls.append(key)
+            return super().get(key, index)
 
-    keys, get2 = adapt_legacy_qkv_bias(legacy.keys(), get)
+    source = stream.fuse_present(Counting(legacy), split_qkv_bias(legacy.keys(), dim))
     assert not calls                             # lazy
-    assert keys == set(sd)
+    assert source.keys() == set(sd)
     cfg = our_config(hf)
     params, post = load_hf(cfg, sd)
-    params_legacy, _ = load_hf(cfg, sd, keys, get2)
+    params_legacy, _ = load_hf(cfg, sd, source.keys(), source.get)
     jax.tree.map(np.testing.assert_array_equal, params_legacy, params)
     x = hf_ref.pixels(2, 30, seed=5)
     err = hf_ref.rel_err(forward(cfg, params_legacy, x, post), hf_forward(model, x))
     print(f"legacy q/v bias: rel err {err:.2e}")
     assert err <= TOL
 
-    # a current-layout source passes through unchanged; a half legacy one is refused
-    same_keys, same_get = adapt_legacy_qkv_bias(sd.keys(), sd.__getitem__)
-    assert same_keys == set(sd) and same_get == sd.__getitem__
-    broken = {k for k in keys if not k.endswith("0.self_attn.qkv.bias")}
-    broken.add("vision_model.encoder.layers.0.self_attn.q_bias")
-    with pytest.raises(mapping.MappingError):
-        adapt_legacy_qkv_bias(broken, get)
+    # a current-layout source passes through unchanged; a half legacy one, or one with both
+    # layouts in a layer, is refused naming the layer
+    current = stream.DictSource(sd)
+    assert stream.fuse_present(current, split_qkv_bias(sd.keys(), dim)) is current
+    half = {k: v for k, v in legacy.items() if k != "vision_model.encoder.layers.0.self_attn.v_bias"}
+    with pytest.raises(mapping.MappingError, match=r"layers\.0\.self_attn\.qkv\.bias"):
+        stream.fuse_present(stream.DictSource(half), split_qkv_bias(half.keys(), dim))
+    both = dict(legacy, **{"vision_model.encoder.layers.1.self_attn.qkv.bias":
+                           sd["vision_model.encoder.layers.1.self_attn.qkv.bias"]})
+    with pytest.raises(mapping.MappingError, match="both whole and in parts"):
+        stream.fuse_present(stream.DictSource(both), split_qkv_bias(both.keys(), dim))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from safetensors import safe_open
 from blip2_jax import api
 from blip2_jax.config import Blip2Config, ConfigError, QFormerConfig
 from blip2_jax.convert import hf, hf_qformer, mapping
-from blip2_jax.convert.mapping import MappingError, Rule, linear, norm
+from blip2_jax.convert.mapping import MappingError, Rule
 
 # HF BertConfig defaults (a field absent from config.json takes these).
 BERT_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
@@ -140,9 +140,7 @@ def rules(cfg: Blip2Config, body: str = "bert.", mlm_head: bool = True,
             copied.append(r.ours)
     fresh.append("query_tokens")
     if cfg.itg:
-        head = (linear("lm_head/transform", "cls.predictions.transform.dense")
-                + norm("lm_head/ln", "cls.predictions.transform.LayerNorm")
-                + [Rule("lm_head/bias", "cls.predictions.bias")])
+        head = hf_qformer.mlm_head_rules()
         if mlm_head:
             table += [dataclasses.replace(r, theirs=_legacy(r.theirs, legacy_norm_names))
                       for r in head]

@@ -58,3 +58,11 @@ def rules(cfg: QFormerConfig, ours: str = "qformer", theirs: str = "qformer",
             out += linear(f"{p}/text_ffn/fc2", f"{lay}.output.dense", layers)
             out += norm(f"{p}/text_ffn_ln", f"{lay}.output.LayerNorm", layers)
     return out
+
+
+def mlm_head_rules(prefix: str = "") -> list[Rule]:
+    """Our ITG head `lm_head/` <-> BERT's MLM head (`{prefix}cls.predictions.*`, LAVIS
+    `Qformer.cls.predictions.*`); its decoder weight/bias are tied copies, not in the table."""
+    return (linear("lm_head/transform", f"{prefix}cls.predictions.transform.dense")
+            + norm("lm_head/ln", f"{prefix}cls.predictions.transform.LayerNorm")
+            + [Rule("lm_head/bias", f"{prefix}cls.predictions.bias")])

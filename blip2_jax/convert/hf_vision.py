@@ -4,16 +4,15 @@ HF layout (blip2.md §7.2): `vision_model.embeddings.{class_embedding, position_
 patch_embedding.{weight,bias}}`, `vision_model.encoder.layers.{i}.{layer_norm1, self_attn.qkv,
 self_attn.projection, layer_norm2, mlp.fc1, mlp.fc2}.*`. `vision_model.post_layernorm` is not part
 of this tower (the composite maps it to `ln_vision`). Early-2023 HF checkpoints store
-`self_attn.q_bias` / `self_attn.v_bias` instead of `self_attn.qkv.bias`: `adapt_legacy_qkv_bias`.
+`self_attn.q_bias` / `self_attn.v_bias` instead of `self_attn.qkv.bias`: `split_qkv_bias`.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
-import numpy as np
+from typing import Iterable
 
 from blip2_jax.config import VisionConfig
-from blip2_jax.convert.mapping import MappingError, Rule, linear, norm
+from blip2_jax.convert.mapping import Rule, linear, norm
+from blip2_jax.convert.stream import Fused
 
 
 def rules(cfg: VisionConfig, ours: str = "vision", theirs: str = "vision_model") -> list[Rule]:
@@ -39,35 +38,14 @@ def rules(cfg: VisionConfig, ours: str = "vision", theirs: str = "vision_model")
     return out
 
 
-_Q, _V, _QKV = ".self_attn.q_bias", ".self_attn.v_bias", ".self_attn.qkv.bias"
-
-
-def adapt_legacy_qkv_bias(keys: Iterable[str], get: Callable[[str], np.ndarray]
-                          ) -> tuple[set[str], Callable[[str], np.ndarray]]:
-    """Present a source with `...self_attn.{q_bias,v_bias}` as one with `...self_attn.qkv.bias`.
-
-    The fused bias is concat(q_bias, zeros, v_bias) (the key has no bias), built lazily when read.
-    Sources without legacy keys come back unchanged. A q_bias without its v_bias (or a layer that
-    has both layouts) raises MappingError.
-    """
+def split_qkv_bias(keys: Iterable[str], hidden: int, q: str = ".self_attn.q_bias",
+                   v: str = ".self_attn.v_bias", fused: str = ".self_attn.qkv.bias"
+                   ) -> list[Fused]:
+    """The fused qkv bias of every layer that stores `q_bias` / `v_bias` (early-2023 HF, LAVIS):
+    concat(q_bias, zeros, v_bias), the key having no bias. Use with `stream.fuse_present`, which
+    refuses a layer with only one of the two, or with both layouts."""
     keys = set(keys)
-    prefixes = {k[:-len(_Q)] for k in keys if k.endswith(_Q)} | \
-               {k[:-len(_V)] for k in keys if k.endswith(_V)}
-    if not prefixes:
-        return keys, get
-    bad = sorted(p for p in prefixes if p + _Q not in keys or p + _V not in keys
-                 or p + _QKV in keys)
-    if bad:
-        raise MappingError("legacy q_bias/v_bias keys are incomplete or clash with "
-                           f"self_attn.qkv.bias at: {', '.join(bad)}")
-    fused = {p + _QKV: p for p in prefixes}
-    new_keys = (keys - {p + s for p in prefixes for s in (_Q, _V)}) | set(fused)
-
-    def new_get(key: str) -> np.ndarray:
-        p = fused.get(key)
-        if p is None:
-            return get(key)
-        q, v = np.asarray(get(p + _Q)), np.asarray(get(p + _V))
-        return np.concatenate([q, np.zeros_like(v), v])
-
-    return new_keys, new_get
+    prefixes = {k[:-len(q)] for k in keys if k.endswith(q)} | \
+               {k[:-len(v)] for k in keys if k.endswith(v)}
+    return [Fused(p + fused, ((p + q, hidden), (None, hidden), (p + v, hidden)))
+            for p in sorted(prefixes)]

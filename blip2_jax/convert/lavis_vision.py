@@ -9,7 +9,7 @@ Note: LAVIS resizes `positional_embedding` at *load* time for other image sizes 
 `align_corners=True` (clip_vit.py `interpolate_pos_embed`); do that on the source table with
 `blip2_jax.models.vit.interpolate_pos_embed(..., align_corners=True)` before loading if a LAVIS
 model built for another resolution must be reproduced. The original CLIP file has 24 blocks;
-LAVIS builds 23 and loads with strict=False, so pass `ignore` for `resblocks.23.*` there.
+LAVIS builds 23 and loads with strict=False: `convert.lavis.tower_leaves` reads such files.
 """
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ def lavis_clip_rules(cfg: VisionConfig, ours: str = "vision",
                      theirs: str = "visual_encoder") -> list[Rule]:
     if cfg.variant != "clip":
         raise ValueError(f"lavis_clip_rules is for the CLIP ViT; this config is {cfg.variant!r}")
-    block = f"{theirs}.transformer.resblocks.{{i}}"
+    p = f"{theirs}." if theirs else ""      # "" = the tower's own file (clip_vit_L.pth)
+    block = f"{p}transformer.resblocks.{{i}}"
     ls = tuple(range(cfg.num_layers))
     out = [
-        Rule(f"{ours}/patch_embed/kernel", f"{theirs}.conv1.weight", "conv"),
-        Rule(f"{ours}/cls", f"{theirs}.class_embedding"),
-        Rule(f"{ours}/pos_embed", f"{theirs}.positional_embedding"),
+        Rule(f"{ours}/patch_embed/kernel", f"{p}conv1.weight", "conv"),
+        Rule(f"{ours}/cls", f"{p}class_embedding"),
+        Rule(f"{ours}/pos_embed", f"{p}positional_embedding"),
     ]
-    out += norm(f"{ours}/ln_pre", f"{theirs}.ln_pre")
+    out += norm(f"{ours}/ln_pre", f"{p}ln_pre")
     out += norm(f"{ours}/layers/ln1", f"{block}.ln_1", ls)
     out += [Rule(f"{ours}/layers/attn/qkv/kernel", f"{block}.attn.in_proj_weight", "linear", ls),
             Rule(f"{ours}/layers/attn/qkv/bias", f"{block}.attn.in_proj_bias", "same", ls)]

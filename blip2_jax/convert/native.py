@@ -9,7 +9,7 @@ import os
 from typing import Mapping
 
 from blip2_jax.config import Blip2Config, ConfigError
-from blip2_jax.convert import hf, mapping
+from blip2_jax.convert import hf, stream
 
 CONFIG_FILE = "blip2_jax.json"
 FORMAT = "blip2-jax"
@@ -20,12 +20,14 @@ def is_native(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
-def write(path: str, cfg: Blip2Config, params: Mapping,
-          max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+def write(path: str, cfg: Blip2Config, params_or_leaves: Mapping,
+          max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, dtype=None) -> list[str]:
+    """`params_or_leaves`: our param tree, or {leaf: stream.Leaf} (streamed, layer by layer)."""
+    todo = stream.entries_for_leaves(hf._as_leaves(params_or_leaves), dtype)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump({"format": FORMAT, "version": VERSION, "config": cfg.to_dict()}, f, indent=2)
-    return hf.write_safetensors(path, mapping.flatten(params), max_shard_bytes, stem="params")
+    return stream.write_safetensors(path, todo, max_shard_bytes, stem="params")
 
 
 def read_config(path: str) -> Blip2Config:
@@ -39,7 +41,11 @@ def read_config(path: str) -> Blip2Config:
     return Blip2Config.from_dict(meta["config"])
 
 
+def leaves(path: str) -> tuple[Blip2Config, dict]:
+    """(config, {leaf: stream.Leaf}), read lazily (a stacked leaf one layer at a time)."""
+    return read_config(path), stream.leaves_from_native(stream.SafetensorsReader(path, "params"))
+
+
 def read(path: str) -> tuple[Blip2Config, dict]:
-    cfg = read_config(path)
-    reader = hf.SafetensorsReader(path, stem="params")
-    return cfg, mapping.unflatten({k: reader.get(k) for k in sorted(reader.keys())})
+    cfg, out = leaves(path)
+    return cfg, stream.read_tree(out)
