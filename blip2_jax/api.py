@@ -1,6 +1,6 @@
 """`Blip2`: a config, a param pytree and jitted surfaces over `Blip2Module`.
 
-    model = blip2_jax.load(path)              # HF save_pretrained dir or our native dir
+    model = blip2_jax.load(path)              # HF save_pretrained dir, our native dir, LAVIS .pth
     model.vision_embeds(pixel_values)         # (B, N, Dv)
     model.query_embeds(pixel_values)          # (B, Q, H)
     model.itc(pixel_values, ids, mask)        # (B_img, B_txt) max-over-queries cosine
@@ -8,7 +8,7 @@
     model.logits(pixel_values, ids, mask, decoder_input_ids=None, decoder_attention_mask=None)
     model.generate(pixel_values, ids=None, mask=None, max_new_tokens=30, num_beams=1, ...)
                                               # (B, max_new_tokens) new token ids, pad after EOS
-    model.save(path, format="hf" | "native")
+    model.save(path, format="hf" | "native" | "lavis")
     model.caption(images, prompt="")          # ["a dog on a couch", ...]   (LLM models)
     model.answer(images, "what is it?")       # zero-shot VQA, LAVIS defaults
     model.match(images, texts)                # (B,) ITM match probability  (stage-1 models)
@@ -30,7 +30,7 @@ import flax.linen as nn
 
 from blip2_jax import generate as gen
 from blip2_jax import nn as bnn
-from blip2_jax.config import Blip2Config, ConfigError, get_preset
+from blip2_jax.config import Blip2Config, get_preset
 from blip2_jax.convert import hf, mapping, native
 from blip2_jax.models.blip2 import Blip2Module, expand_decode_consts
 
@@ -326,13 +326,24 @@ class Blip2:
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: str, format: str = "hf", max_shard_bytes: int =
-             hf.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+             hf.DEFAULT_MAX_SHARD_BYTES, lavis_parts: str = "full") -> list[str]:
+        """Write the model: "hf" / "native" (a directory) or "lavis" (a `.pth` file LAVIS loads;
+        `lavis_parts` "full" = every key, "trainable" = as LAVIS releases them). Returns the
+        files written; what a LAVIS model has that this one lacks is warned about."""
         params = jax.tree.map(np.asarray, self.params)
         if format == "hf":
             return hf.write(path, self.config, params, max_shard_bytes)
         if format == "native":
             return native.write(path, self.config, params, max_shard_bytes)
-        raise ValueError(f"format must be 'hf' or 'native', got {format!r}")
+        if format == "lavis":
+            import warnings
+            from blip2_jax.convert import lavis, stream
+            lavis.check_writable(self.config)
+            for note in lavis.write(path, self.config, stream.leaves_from_tree(params),
+                                    lavis_parts):
+                warnings.warn(note, stacklevel=2)
+            return [path]
+        raise ValueError(f"format must be 'hf', 'native' or 'lavis', got {format!r}")
 
     # -- sharding --------------------------------------------------------------------------------
     def shard(self, mesh, rules=None, **kw) -> "Blip2":
@@ -596,28 +607,31 @@ def pack_prompts(input_ids, attention_mask, *, left: bool, pad_id: int,
     return out, mask
 
 
-def load(path: str | os.PathLike, dtype: Optional[str] = "float32", *, tokenizer=None,
+def load(path: str | os.PathLike, dtype: Optional[str] = "float32", *, config=None,
+         vision: Optional[str] = None, llm: Optional[str] = None,
+         ln_vision_eps: Optional[float] = None, tokenizer=None,
          qformer_tokenizer=None) -> Blip2:
-    """A model from an HF `save_pretrained` directory or one written by `save(format="native")`.
+    """A model from an HF `save_pretrained` directory, one written by `save(format="native")`,
+    or a LAVIS `.pth`.
 
     dtype: compute and parameter dtype of every tower ("float32", "bfloat16", "float16"), or None
     to keep the checkpoint's config (native) / float32 (HF).
+    config: the model (preset name, config.json / blip2_jax.json, Blip2Config) where the checkpoint
+    does not say it — LAVIS files are otherwise inferred from their shapes, with LAVIS numerics.
+    vision, llm: tower sources for checkpoints that lack them (LAVIS releases trainable weights
+    only): eva_vit_g.pth / clip_vit_L.pth / any BLIP-2 checkpoint; an HF OPT / FlanT5 directory.
+    ln_vision_eps: override the final vision LayerNorm's eps (LAVIS 1e-5, HF 1e-6).
     tokenizer, qformer_tokenizer: `transformers` tokenizers to use; by default they are loaded
     from `path` on first use (`model.tokenizer`, `model.qformer_tokenizer`), so a checkpoint
     without tokenizer files loads and serves the array surfaces.
     """
+    from blip2_jax.convert import sources, stream
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    if native.is_native(path):
-        cfg, params = native.read(path)
-    elif os.path.isfile(os.path.join(path, "config.json")):
-        cfg, params = hf.read(path)
-    else:
-        raise ConfigError(f"{path} has neither {native.CONFIG_FILE} (blip2-jax) nor config.json "
-                          "(Hugging Face)")
+    cfg, leaves, _ = sources.load(path, config, vision, llm, ln_vision_eps)
+    params = stream.read_tree(leaves)
     if dtype is not None:
         cfg = cfg.with_dtypes(dtype)
     check_params(cfg, params, source=path)
     return Blip2(cfg, cast_params(cfg, params), check=False, tokenizer=tokenizer,
-                 qformer_tokenizer=qformer_tokenizer, checkpoint_dir=path)
+                 qformer_tokenizer=qformer_tokenizer,
+                 checkpoint_dir=path if os.path.isdir(path) else None)

@@ -93,7 +93,8 @@ def leaves(path: str, cfg: Optional[Blip2Config] = None) -> tuple[Blip2Config, d
     reader = source(path, cfg)
     cfg = resolve(path, cfg, reader)
     try:
-        out = stream.leaves_from_rules(rules(cfg), reader, ignore=ignorable(cfg))
+        out = stream.leaves_from_rules(rules(cfg), reader, ignore=ignorable(cfg),
+                                       shapes=stream.model_shapes(cfg))
     except MappingError as e:
         raise CheckpointError(str(e)) from None
     if cfg.itc:

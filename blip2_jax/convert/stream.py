@@ -114,7 +114,7 @@ class LazySource(KeySource):
 
     def get(self, key, index=None):
         a = self.tensors[key].numpy()
-        return a if index is None else np.ascontiguousarray(a[index])
+        return a if index is None else contiguous(a[index])
 
 
 class SafetensorsFile:
@@ -311,13 +311,16 @@ def leaves_from_native(source: KeySource) -> dict[str, Leaf]:
 
 
 def leaves_from_rules(rules: Sequence[Rule], source: KeySource, *, ignore: Sequence[str] = (),
-                      partial: bool = False) -> dict[str, Leaf]:
+                      partial: bool = False,
+                      shapes: Optional[Mapping[str, tuple]] = None) -> dict[str, Leaf]:
     """Our leaves from a flat source through a key table, read lazily.
 
     Fails (MappingError, naming every key) on source keys no rule reads (unless a regex in
     `ignore` matches), on layers of one stacked leaf with different shapes, and — unless `partial`
     — on rules whose keys are absent. With `partial`, a rule whose keys are all absent is skipped
     (the leaf must come from another source) while one with only some of its keys fails.
+    `shapes` ({leaf: shape}, the model's): every source key of a wrong shape is named too (the
+    ViT position table may differ in its grid: it is resized later).
     """
     import re
     keys = source.keys()
@@ -332,11 +335,19 @@ def leaves_from_rules(rules: Sequence[Rule], source: KeySource, *, ignore: Seque
                 continue
             missing += [k for k, p in zip(src, present) if not p]
             continue
-        shapes = {source.shape(k) for k in src}
-        if len(shapes) > 1:
-            problems.append(f"{r.theirs}: layers have different shapes {sorted(shapes)}")
+        if shapes is not None and r.ours in shapes and r.ours != "vision/pos_embed":
+            want = tuple(shapes[r.ours])[0 if r.layers is None else 1:]
+            want = _theirs_shape(r.kind, want)
+            bad = [f"{k}: checkpoint {source.shape(k)}, model needs {want} (for {r.ours})"
+                   for k in src if tuple(source.shape(k)) != want]
+            if bad:
+                problems += bad
+                continue
+        found = {source.shape(k) for k in src}
+        if len(found) > 1:
+            problems.append(f"{r.theirs}: layers have different shapes {sorted(found)}")
             continue
-        shape = _ours_shape(r.kind, next(iter(shapes)))
+        shape = _ours_shape(r.kind, next(iter(found)))
         if r.layers is None:
             read = (lambda j, k=src[0], kind=r.kind:
                     _take(_to_ours(kind, source.get(k)), j))
@@ -345,17 +356,29 @@ def leaves_from_rules(rules: Sequence[Rule], source: KeySource, *, ignore: Seque
             def read(j, src=src, kind=r.kind):
                 if j is None:
                     return np.stack([_to_ours(kind, source.get(k)) for k in src])
-                return np.ascontiguousarray(_to_ours(kind, source.get(src[j])))
+                return contiguous(_to_ours(kind, source.get(src[j])))
             out[r.ours] = Leaf((len(src),) + shape, source.dtype(src[0]), read, stacked=True,
                                origin=source.name)
     check_names(f"{source.name} does not match the model's parameters:",
                 [("missing keys", sorted(missing)), ("unexpected keys", unexpected),
-                 ("bad layers", problems)])
+                 ("wrong shapes", problems)])
     return out
 
 
 def _take(a: np.ndarray, j: Optional[int]) -> np.ndarray:
-    return np.ascontiguousarray(a if j is None else a[j])
+    return contiguous(a if j is None else a[j])
+
+
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """C-contiguous `a`, 0-d arrays kept 0-d (np.ascontiguousarray makes them 1-d)."""
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def model_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """{leaf: shape} of a model config's parameters (abstract: nothing is allocated)."""
+    from blip2_jax import api
+    return {k: tuple(v.shape) for k, v in flatten(api.abstract_params(cfg)).items()}
 
 
 def read_tree(leaves: Mapping[str, Leaf]) -> dict:
@@ -429,7 +452,7 @@ def entries_for_rules(rules: Sequence[Rule], leaves: Mapping[str, Leaf], dtype=N
 
 
 def _theirs(kind: str, a: np.ndarray, dtype) -> np.ndarray:
-    return np.ascontiguousarray(cast(_to_theirs(kind, a), dtype))
+    return contiguous(cast(_to_theirs(kind, a), dtype))
 
 
 def _theirs_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -515,7 +538,7 @@ def _write_file(file: str, entries: Sequence[Entry], metadata: dict) -> None:
             for e in entries:
                 written = 0
                 for chunk in e.chunks():
-                    chunk = np.ascontiguousarray(chunk)
+                    chunk = contiguous(chunk)
                     if chunk.dtype != e.dtype:
                         raise MappingError(f"{e.name}: produced {chunk.dtype}, planned {e.dtype}")
                     f.write(chunk.reshape(-1).view(np.uint8).data)

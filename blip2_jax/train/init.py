@@ -1,15 +1,19 @@
 """Where a training run's parameters come from: every source named in `config.init`, and nothing
 that should be loaded left silently random.
 
-    config.init.checkpoint     a whole model (HF or native dir): every leaf it has
+    config.init.checkpoint     a whole model (HF or native dir, LAVIS .pth): every leaf it has
     config.init.stage1         a stage-1 model (e.g. a stage-1 run's `final/`): vision, ln_vision,
                                the Q-Former leaves the target model has, query_tokens
     config.init.qformer_bert   a BERT directory (bert-base-uncased layout) → the Q-Former
                                (`convert.bert_qformer`, LAVIS's from-scratch init)
-    config.init.vision         a model dir whose image encoder (vision/ + ln_vision/) is taken
+    config.init.vision         a model (dir or LAVIS .pth) whose image encoder (vision/ +
+                               ln_vision/) is taken, or the encoder's own file (eva_vit_g.pth,
+                               clip_vit_L.pth: vision/ only — list ln_vision in random, LAVIS
+                               makes it fresh too)
     config.init.llm            a model dir whose LLM (llm/) is taken, or a plain HF language-model
                                directory (`OPTForCausalLM`, `T5ForConditionalGeneration`
-                               `save_pretrained`: facebook/opt-2.7b, google/flan-t5-xl)
+                               `save_pretrained`: facebook/opt-2.7b, google/flan-t5-xl;
+                               safetensors or pytorch_model.bin, read safely)
     config.init.random         top-level names allowed to start from random init (the heads LAVIS
                                creates fresh, e.g. "vision_proj", "llm_proj", or "*" for a toy run)
 
@@ -20,79 +24,38 @@ from (the checkpoint writes it beside each frozen tower's content hash).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
 from blip2_jax import api
-from blip2_jax.config import Blip2Config
-from blip2_jax.convert.mapping import flatten, unflatten
+from blip2_jax.config import Blip2Config, ConfigError
+from blip2_jax.convert import sources
+from blip2_jax.convert.mapping import MappingError, flatten, unflatten
 
 
 class InitError(ValueError):
     pass
 
 
-def _load_tree(path: str) -> tuple[Blip2Config, dict]:
-    model = api.load(path, dtype=None)
-    return model.config, flatten(jax.tree.map(np.asarray, model.params))
-
-
-def _load_llm(path: str, cfg: Blip2Config) -> dict:
-    """Flat params with the `llm/` subtree from a BLIP-2 model dir, or from a plain HF OPT/T5
-    directory (its config must describe the model's LLM: same family, same shapes)."""
-    import json
-    import os
-    import re
-    from blip2_jax import config as config_lib
-    from blip2_jax.convert import hf, hf_opt, hf_t5, mapping
+def _part(path: str, cfg: Blip2Config, part: str) -> dict:
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            hf_config = json.load(f)
-    except (OSError, ValueError):
-        hf_config = {}
-    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
-    if model_type not in ("opt", "t5"):
-        return _load_tree(path)[1]
-    if cfg.llm is None or cfg.llm_kind != model_type:
-        raise InitError(f"config.init.llm {path} is an HF {model_type} model, but the model's "
-                        f"LLM is {cfg.llm_kind}")
-    theirs = config_lib.llm_from_hf(hf_config)
-    reader = hf.SafetensorsReader(path)
-    table = hf_opt if model_type == "opt" else hf_t5
-    llm = cfg.llm
-    if model_type == "t5":   # as hf.read: the checkpoint, not the flag, says whether it is tied
-        untied = "lm_head.weight" in reader.keys() and not np.array_equal(
-            reader.get("lm_head.weight"), reader.get("shared.weight"))
-        theirs = dataclasses.replace(theirs, tie_word_embeddings=not untied)
-    if theirs.tie_word_embeddings != llm.tie_word_embeddings:
-        raise InitError(f"config.init.llm {path}: tie_word_embeddings is "
-                        f"{theirs.tie_word_embeddings} there and {llm.tie_word_embeddings} in the "
-                        "model's LLM config")
-    ignore = list(hf.HF_BUFFERS) + [re.escape(k) for k in table.tied_keys(llm, theirs="")]
-    try:
-        params = mapping.load(table.rules(llm, ours="llm", theirs=""), reader.keys(), reader.get,
-                              ignore=ignore, source=path)
-    except mapping.MappingError as e:
-        raise InitError(str(e)) from None
-    return flatten(params)
+        return sources.open_part(path, cfg, part)
+    except (ConfigError, MappingError) as e:
+        raise InitError(f"config.init.{part} {path}: {e}") from None
 
 
-def _fit_pos_embed(cfg: Blip2Config, table: np.ndarray) -> np.ndarray:
-    """A ViT position table made for another image size, resized to this model's patch grid
-    (bicubic, as LAVIS's `interpolate_pos_embed` when it fine-tunes at 364 / 490 px; CLS kept)."""
-    from blip2_jax.models.vit import interpolate_pos_embed
-    side = cfg.vision.image_size // cfg.vision.patch_size
-    return np.asarray(interpolate_pos_embed(np.asarray(table, np.float32)[0], (side, side),
-                                            align_corners=cfg.vision.variant == "clip"))[None]
+def _model_leaves(path: str, cfg: Blip2Config) -> dict:
+    """Lazy leaves of a whole checkpoint: its own config for ours / HF, the model's for LAVIS."""
+    config = cfg if sources.detect(path) == "pth" else None
+    return sources.open_model(path, config).leaves
 
 
 def _take(flat: dict, loaded: dict, src: Mapping, prefixes: Sequence[str], source: str,
           *, all_leaves: bool, cfg: Optional[Blip2Config] = None) -> int:
-    """Copy leaves under `prefixes` from `src`; fail on shape mismatches (and, when `all_leaves`,
-    on target leaves under those prefixes the source lacks)."""
+    """Copy leaves under `prefixes` from `src` ({leaf: stream.Leaf}, read here); fail on shape
+    mismatches (and, when `all_leaves`, on target leaves under those prefixes the source lacks)."""
     n, problems = 0, []
     for path, leaf in flat.items():
         if not any(path == p or path.startswith(p + "/") for p in prefixes):
@@ -104,12 +67,12 @@ def _take(flat: dict, loaded: dict, src: Mapping, prefixes: Sequence[str], sourc
         value = src[path]
         if path == "vision/pos_embed" and cfg is not None and value.shape != leaf.shape \
                 and value.shape[-1] == leaf.shape[-1]:
-            value = _fit_pos_embed(cfg, value)
+            value = sources._fit_pos_embed(cfg, value)
         if tuple(value.shape) != tuple(leaf.shape):
             problems.append(f"{path}: {source} has shape {tuple(value.shape)}, the model "
                             f"needs {tuple(leaf.shape)}")
             continue
-        flat[path] = np.asarray(value).astype(leaf.dtype)
+        flat[path] = np.asarray(value.value()).astype(leaf.dtype)
         loaded[path] = source
         n += 1
     if problems:
@@ -131,11 +94,11 @@ def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict
     top = sorted({p.split("/")[0] for p in flat})
 
     if init.get("checkpoint"):
-        _, src = _load_tree(init["checkpoint"])
+        src = _model_leaves(init["checkpoint"], cfg)
         _take(flat, loaded, src, top, f"checkpoint {init['checkpoint']}", all_leaves=False,
               cfg=cfg)
     if init.get("stage1"):
-        _, src = _load_tree(init["stage1"])
+        src = _model_leaves(init["stage1"], cfg)
         _take(flat, loaded, src, ["vision", "ln_vision", "qformer", "query_tokens"],
               f"stage-1 model {init['stage1']}", all_leaves=False, cfg=cfg)
     if init.get("qformer_bert"):
@@ -150,11 +113,13 @@ def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict
                 loaded[path] = (f"BERT init (fresh, as LAVIS) for {init['qformer_bert']}"
                                 if path in fresh else f"bert {init['qformer_bert']}")
     if init.get("vision"):
-        _, src = _load_tree(init["vision"])
-        _take(flat, loaded, src, ["vision", "ln_vision"], f"vision from {init['vision']}",
+        src = _part(init["vision"], cfg, "vision")
+        # an image encoder's own file (eva_vit_g.pth) has no ln_vision: LAVIS makes it fresh
+        prefixes = ["vision", "ln_vision"] if "ln_vision/scale" in src else ["vision"]
+        _take(flat, loaded, src, prefixes, f"vision from {init['vision']}",
               all_leaves=True, cfg=cfg)
     if init.get("llm"):
-        src = _load_llm(init["llm"], cfg)
+        src = _part(init["llm"], cfg, "llm")
         _take(flat, loaded, src, ["llm"], f"llm from {init['llm']}", all_leaves=True)
 
     random = tuple(init.get("random") or ())

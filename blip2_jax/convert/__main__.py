@@ -1,0 +1,67 @@
+"""Convert BLIP-2 checkpoints between our format, Hugging Face and LAVIS, one tensor at a time.
+
+    python -m blip2_jax.convert SRC DST --to hf|lavis|native [--from native|hf|lavis]
+        [--config NAME|config.json|blip2_jax.json|DIR] [--dtype bf16|fp16|fp32]
+        [--vision eva_vit_g.pth|clip_vit_L.pth|DIR] [--llm HF_OPT_OR_T5_DIR|DIR]
+        [--lavis-parts full|trainable] [--ln-vision-eps EPS] [--max-shard-gb N]
+
+SRC: a directory of ours (`blip2_jax.json`) or of HF (`config.json`), or a LAVIS `.pth` (its
+model is inferred from its shapes unless --config names it). LAVIS releases only trainable
+weights: add the towers with --vision and --llm. DST: a directory (hf, native) or a `.pth` file.
+Bad input ends with one `convert: error: ...` line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m blip2_jax.convert",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--to", required=True, choices=("hf", "lavis", "native"))
+    parser.add_argument("--from", dest="source_format", choices=("hf", "lavis", "native"))
+    parser.add_argument("--config", help="preset name, config.json / blip2_jax.json or a dir")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                        help="cast floating tensors (default: keep each tensor's dtype)")
+    parser.add_argument("--vision", help="image-encoder source (EVA / CLIP .pth, or a model)")
+    parser.add_argument("--llm", help="language-model source (HF OPT / T5 dir, or a model)")
+    parser.add_argument("--lavis-parts", default="full", choices=("full", "trainable"),
+                        help="--to lavis: every key (strict=True loads it) or the trainable ones")
+    parser.add_argument("--ln-vision-eps", type=float,
+                        help="ln_vision LayerNorm eps (LAVIS sources default to LAVIS's 1e-5)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0)
+    args = parser.parse_args(argv)
+
+    from blip2_jax.config import ConfigError
+    from blip2_jax.convert import sources
+    from blip2_jax.convert.mapping import MappingError
+    from blip2_jax.convert.stream import CheckpointError
+    from blip2_jax.convert.pth import PthFormatError, UnsafeCheckpointError
+    start = time.perf_counter()
+    try:
+        report = sources.convert(args.src, args.dst, args.to, source_format=args.source_format,
+                                 config=args.config, vision=args.vision, llm=args.llm,
+                                 dtype=args.dtype, parts=args.lavis_parts,
+                                 ln_vision_eps=args.ln_vision_eps,
+                                 max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    except (FileNotFoundError, ConfigError, MappingError, CheckpointError, PthFormatError,
+            UnsafeCheckpointError, ValueError) as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
+    cfg = report.pop("config")
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    report["model"] = {"vision": cfg.vision.variant, "llm": cfg.llm_kind,
+                       "heads": [h for h in ("itc", "itm", "itg") if getattr(cfg, h)]}
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
