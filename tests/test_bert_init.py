@@ -271,3 +271,16 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path, mlm):
            "(32, 32)" in msg
     assert "bert.embeddings.word_embeddings.weight: checkpoint (100, 32), model needs (99, 32)" \
            in msg
+
+
+def test_pytorch_bin_checkpoint_loads_the_same(tmp_path, mlm, loaded, given):
+    """A `pytorch_model.bin` BERT (read by the safe torch-free reader) gives the same Q-Former."""
+    os.makedirs(tmp_path / "bin")
+    shutil.copy(os.path.join(mlm[0], "config.json"), tmp_path / "bin")
+    tensors = load_file(os.path.join(mlm[0], "model.safetensors"))
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()},
+               tmp_path / "bin" / "pytorch_model.bin")
+    params, report = init_qformer_from_bert(CFG, str(tmp_path / "bin"), jax.random.PRNGKey(0),
+                                            params=given)
+    jax.tree.map(np.testing.assert_array_equal, params, loaded[0])
+    assert report.loaded == loaded[1].loaded

@@ -370,3 +370,30 @@ def test_split_fused_refuses_key_bias(stage1, tmp_path):
     with pytest.raises(MappingError, match=r"visual_encoder\.blocks\.1\.attn\.qkv\.bias"):
         model.save(tmp_path / "k.pth", format="lavis")
     assert not (tmp_path / "k.pth").exists()
+
+
+def test_training_init_from_tower_files(stage2, tmp_path):
+    """config.init takes the towers from their own files: EVA (.pth, one block more than used)
+    and an HF LLM directory with pytorch_model.bin; ln_vision must be named random (LAVIS makes
+    it fresh), and the loaded towers equal the full model's."""
+    from blip2_jax.train import init as init_lib
+    kind, hf_model, tmp, cfg, sd = stage2
+    pth.save(tmp_path / "eva.pth", lavis_layout.eva_checkpoint(sd), wrap=None)
+    (tmp_path / "llm").mkdir()
+    hf_model.language_model.config.save_pretrained(tmp_path / "llm")
+    torch.save(hf_model.language_model.state_dict(), tmp_path / "llm" / "pytorch_model.bin")
+    init = {"vision": str(tmp_path / "eva.pth"), "llm": str(tmp_path / "llm")}
+    with pytest.raises(init_lib.InitError, match="ln_vision"):
+        init_lib.initial_params(cfg, dict(init, random=["qformer", "query_tokens", "llm_proj"]))
+    params, where = init_lib.initial_params(
+        cfg, dict(init, random=["ln_vision", "qformer", "query_tokens", "llm_proj"]))
+    full = blip2_jax.load(tmp / "full.pth", dtype=None, config=cfg).params
+    for tower in ("vision", "llm"):
+        jax_tree_equal(params[tower], full[tower])
+    assert "eva.pth" in where["vision"] and "llm" in where["llm"]
+
+
+def jax_tree_equal(a, b):
+    fa = {k: v.value() for k, v in stream.leaves_from_tree(a).items()}
+    fb = {k: v.value() for k, v in stream.leaves_from_tree(b).items()}
+    assert_same(fa, {k: v.astype(fa[k].dtype) for k, v in fb.items()})

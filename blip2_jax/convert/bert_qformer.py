@@ -1,8 +1,8 @@
 """A stage-1 Q-Former initialised from a BERT checkpoint, as LAVIS does it (training from scratch).
 
 Matches LAVIS `Blip2Base.init_Qformer` + `Blip2Qformer.__init__` (blip2.md §1.4, §1.6) for a
-BERT directory in the HF `bert-base-uncased` layout (`config.json` + `model.safetensors` or
-safetensors shards):
+BERT directory in the HF `bert-base-uncased` layout (`config.json` + `model.safetensors`,
+safetensors shards, or `pytorch_model.bin` read by the safe reader):
   loaded   embeddings (word, position, LayerNorm), every layer's self-attention and text FFN
            (`intermediate`, `output`), and the ITG head `lm_head/` from BERT's MLM head
            (`cls.predictions.transform.{dense,LayerNorm}`, `cls.predictions.bias`) when present;
@@ -38,7 +38,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
 from blip2_jax import api
 from blip2_jax.config import Blip2Config, ConfigError, QFormerConfig
@@ -160,8 +159,7 @@ def ignorable(body: str, itg: bool) -> list[str]:
     return out
 
 
-def _check_shapes(table: list[Rule], abstract: dict, reader: hf.SafetensorsReader,
-                  source: str) -> None:
+def _check_shapes(table: list[Rule], abstract: dict, reader, source: str) -> None:
     """MappingError naming every present source key whose shape is not what our leaf needs."""
     want = {}
     for r in table:
@@ -174,19 +172,11 @@ def _check_shapes(table: list[Rule], abstract: dict, reader: hf.SafetensorsReade
             shape = shape[::-1]
         for k in r.source_keys():
             want[k] = shape
-    by_file: dict[str, list[str]] = {}
-    for k in want:
-        if k in reader.file_of:
-            by_file.setdefault(reader.file_of[k], []).append(k)
-    wrong = []
-    for file, keys in by_file.items():
-        with safe_open(file, framework="numpy") as f:
-            for k in keys:
-                have = tuple(f.get_slice(k).get_shape())
-                if have != want[k]:
-                    wrong.append(f"{k}: checkpoint {have}, model needs {want[k]}")
+    keys = reader.keys()
+    wrong = [f"{k}: checkpoint {tuple(reader.shape(k))}, model needs {want[k]}"
+             for k in sorted(want) if k in keys and tuple(reader.shape(k)) != want[k]]
     mapping.check_names(f"{source} does not fit the Q-Former's shapes:",
-                        [("wrong shape", sorted(wrong))])
+                        [("wrong shape", wrong)])
 
 
 def _fresh_leaf(name: str, shape, dtype, key, std: float) -> np.ndarray:
@@ -215,7 +205,8 @@ def init_qformer_from_bert(cfg: Blip2Config, bert_dir: str, rng, params: Optiona
                           "embeddings and text FFN are what BERT provides)")
     bert = read_bert_config(bert_dir)
     check_bert_config(cfg.qformer, bert, f"BERT config {os.path.join(bert_dir, 'config.json')}")
-    reader = hf.SafetensorsReader(bert_dir)
+    from blip2_jax.convert import sources
+    reader = sources.hf_weights(bert_dir)      # safetensors, or pytorch_model.bin read safely
     keys = reader.keys()
     body = "bert." if any(k.startswith("bert.") for k in keys) else ""
     legacy = any(k.endswith(("LayerNorm.gamma", "LayerNorm.beta")) for k in keys)
