@@ -6,7 +6,7 @@ a frozen image encoder, with the paper's hyper-parameters: /work/shared/referenc
         --config.data.data_dir=/data/tfds \\
         --config.init.qformer_bert=/models/bert-base-uncased \\
         --config.text.qformer_tokenizer=/models/bert-base-uncased \\
-        --config.init.vision=/models/blip2-itm-vit-g
+        --config.init.vision=/models/eva_vit_g.pth
 
 Arg: `vit_g` (default; EVA-CLIP ViT-g/14, batch 1680) or `vit_l` (CLIP ViT-L/14, batch 2320).
 Every "/path/to/..." below is a placeholder: set it with `--config.KEY=...` as above.
@@ -15,14 +15,13 @@ Parameter sources (blip2_jax/train/init.py):
 - `init.qformer_bert`: a bert-base-uncased directory (HF layout, with its MLM head). It gives the
   Q-Former (cross-attention fresh, query FFN copied from the text FFN), `query_tokens` (fresh)
   and the ITG head `lm_head/` (BERT's MLM head), as LAVIS `init_Qformer` does (§1.4).
-- `init.vision`: a model directory `blip2_jax.load` reads whose image encoder is the frozen
-  tower: for ViT-g any 224-px BLIP-2 checkpoint, e.g. `Salesforce/blip2-itm-vit-g` (its ViT is
-  EVA-CLIP ViT-g with the last block dropped, §1.1); for ViT-L a native directory holding LAVIS's
-  CLIP ViT-L/14 (23 blocks, §1.2). NOTE: init.vision also copies `ln_vision/`, which in a
-  released BLIP-2 checkpoint is already trained; LAVIS starts ln_vision fresh (LayerNorm
-  ones/zeros) in stage 1, and init.py has no way yet to take `vision/` alone.
-- `init.random`: the heads LAVIS creates fresh in `Blip2Qformer.__init__`: vision_proj, text_proj,
-  temp (0.07), itm_head. (`lm_head` is not listed: init.qformer_bert provides it.)
+- `init.vision`: the frozen image encoder's own file, as LAVIS builds it: `eva_vit_g.pth`
+  (EVA-CLIP ViT-g, 40 blocks of which the first 39 are used, §1.1) or LAVIS's `clip_vit_L.pth`
+  (CLIP ViT-L/14, 23 of 24 blocks, §1.2) — read safely by `blip2_jax.convert` (any BLIP-2
+  checkpoint directory works too, but its `ln_vision/` is already trained).
+- `init.random`: what LAVIS creates fresh in `Blip2Qformer.__init__`: ln_vision (LayerNorm
+  ones/zeros), vision_proj, text_proj, temp (0.07), itm_head. (`lm_head` is not listed:
+  init.qformer_bert provides it.)
 
 Data: the paper's pre-training mixture (§4.1): COCO, Visual Genome, CC3M, CC12M, SBU and 115M
 LAION-400M images, 129M images in all, each a `blip2_captions/NAME` dataset built with
@@ -69,9 +68,8 @@ def get_config(arg=None):
     c.model_overrides = {}
     c.init = dict(
         qformer_bert="/path/to/bert-base-uncased",
-        vision=("/path/to/blip2-itm-vit-g" if vit == "vit_g"
-                else "/path/to/clip-vit-l-native"),      # a native dir: no converter exists yet
-        random=("vision_proj", "text_proj", "temp", "itm_head"),
+        vision="/path/to/eva_vit_g.pth" if vit == "vit_g" else "/path/to/clip_vit_L.pth",
+        random=("ln_vision", "vision_proj", "text_proj", "temp", "itm_head"),
     )
     c.frozen = ("vision/.*",)
     # Paper: frozen ViT in fp16 (§4.1); bf16 here (no fp16 loss scaling in this trainer).
