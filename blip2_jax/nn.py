@@ -8,13 +8,14 @@ module applies to plain arrays.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -288,6 +289,20 @@ def remat_policy(name: str):
     return policy
 
 
+_UNROLL_LAYERS = contextvars.ContextVar("blip2_jax_unroll_layers", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+    """Within this context every layer scan traces fully unrolled: the same math, but XLA's cost
+    analysis (which counts a loop body once) then sees every layer (`blip2_jax.aot`)."""
+    token = _UNROLL_LAYERS.set(True)
+    try:
+        yield
+    finally:
+        _UNROLL_LAYERS.reset(token)
+
+
 def scan_layers(block: type[nn.Module], length: int, *, in_axes: Sequence[Any],
                 remat: str = "none", name: Optional[str] = None, **block_kwargs) -> nn.Module:
     """`length` copies of `block` under `nn.scan`, params stacked on a leading "layers" axis.
@@ -301,6 +316,7 @@ def scan_layers(block: type[nn.Module], length: int, *, in_axes: Sequence[Any],
         cls = nn.remat(block, policy=policy, prevent_cse=False)
     scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=tuple(in_axes), length=length,
+                      unroll=length if _UNROLL_LAYERS.get() else 1,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(name=name, **block_kwargs)
 

@@ -251,3 +251,34 @@ def test_sharding_of_state_follows_logical_axes():
     adam = next(s for s in st.opt_state if hasattr(s, "mu"))
     mu = adam.mu["qformer"]["layers"]["layer_0"]["text_ffn"]["fc1"]["kernel"]
     assert mu.sharding.is_equivalent_to(expected, mu.ndim)
+
+
+def test_microbatches_accumulate_to_the_full_batch_step():
+    """Stage 2 with all-valid text (equal token counts per microbatch) and no dropout: k
+    microbatches give the full batch's loss, gradient norm and update (on a data-parallel mesh,
+    rows i, k + i, ... per microbatch). Stage 1's contrastive terms see each microbatch alone,
+    so there only finiteness is checked."""
+    cfg = _no_dropout(config.get_preset("tiny-opt"))
+    params = api.init_params(cfg, 0)
+    batch = _opt_batch(b=8)
+    batch["llm_mask"][:] = 1
+    lc = LossConfig()
+    frozen = ("vision/.*", "llm/.*")
+    mesh = _mesh(dict(data=2))
+    _, ref, _, ref_m = _run(cfg, lc, params, batch, mesh, steps=2, frozen=frozen)
+    _, got, _, got_m = _run(cfg, lc, params, batch, mesh, steps=2, frozen=frozen,
+                            microbatches=4)
+    for m, r in zip(got_m, ref_m):
+        for k in ("loss", "lm", "grad_norm", "param_norm"):
+            assert abs(m[k] - r[k]) <= 1e-5 * max(1.0, abs(r[k])), (k, m[k], r[k])
+    ref_p, got_p = (flatten(jax.tree.map(np.asarray, s.params)) for s in (ref, got))
+    for path in ref_p:
+        if _comparable(path):
+            assert np.abs(got_p[path] - ref_p[path]).max() <= 1e-5 * max(
+                1.0, np.abs(ref_p[path]).max()), path
+    cfg1 = config.get_preset("tiny-stage1")
+    _, _, _, m1 = _run(cfg1, LossConfig(dec_token_id=99), api.init_params(cfg1, 0),
+                       _stage1_batch(), mesh, steps=1, microbatches=2)
+    assert all(np.isfinite(v) for v in m1[0].values())
+    with pytest.raises(ValueError, match="not divisible by 3 microbatches"):
+        _run(cfg, lc, params, batch, mesh, steps=1, frozen=frozen, microbatches=3)

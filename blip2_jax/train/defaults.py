@@ -44,6 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = dict(b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05, clip_norm=0.0)
     # Pure data parallelism over every device unless a config says otherwise.
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # Gradient accumulation: the global batch runs as this many microbatches (train/step.py).
+    c.microbatches = 1
     c.log_every_steps = 100
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3

@@ -148,14 +148,14 @@ def evaluators(config, *, batch_size: Optional[int] = None):
     return evs, eval_lib.Tokenizers(**toks)
 
 
-def make_mesh(config):
+def make_mesh(config, devices=None):
     m = _plain(config.mesh)
     axes = {k: int(m.get(k, 1 if k != "data" else -1)) for k in ("data", "fsdp", "tensor")}
     dcn = {k[4:]: int(v) for k, v in m.items() if k.startswith("dcn_") and int(v) != 1}
     unknown = set(m) - set(axes) - {f"dcn_{k}" for k in axes}
     if unknown:
         raise KeyError(f"unknown config.mesh keys {sorted(unknown)}")
-    return sharding_lib.make_mesh(axes, dcn=dcn or None)
+    return sharding_lib.make_mesh(axes, dcn=dcn or None, devices=devices)
 
 
 def _export(path: str, cfg: config_lib.Blip2Config, params, frozen_dtype: Optional[str],
@@ -198,7 +198,8 @@ def run(config, workdir: str) -> dict:
     frozen_dtype = config.get("frozen_dtype") or None
     trainer = Trainer(cfg, loss_cfg, _plain(config.optimizer), total_steps=total, mesh=mesh,
                       frozen=frozen_patterns, frozen_dtype=frozen_dtype,
-                      skip_nonfinite=config.get("on_nonfinite", "stop") == "skip")
+                      skip_nonfinite=config.get("on_nonfinite", "stop") == "skip",
+                      microbatches=int(config.get("microbatches") or 1))
 
     params, sources = init_lib.initial_params(cfg, _plain(config.init), int(config.seed))
     frozen_tops = sorted({p.split("/")[0] for p in trainer.frozen_paths})

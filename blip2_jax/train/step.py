@@ -118,18 +118,51 @@ def loss_fn(cfg: Blip2Config, lc: LossConfig):
 
 
 def make_step(cfg: Blip2Config, lc: LossConfig, tx: optax.GradientTransformation,
-              schedule: Optional[optax.Schedule] = None, *, skip_nonfinite: bool = False):
+              schedule: Optional[optax.Schedule] = None, *, skip_nonfinite: bool = False,
+              microbatches: int = 1):
     """The un-jitted train step (the caller jits with shardings and donation).
 
     skip_nonfinite: when the loss or the gradients are not finite, keep the params and optimizer
-    state unchanged (and count the step) instead of applying the update."""
+    state unchanged (and count the step) instead of applying the update.
+    microbatches: k > 1 runs the batch as k microbatches (a `lax.scan`, gradients summed in
+    fp32, loss and gradients averaged), so the activations of only B/k examples are live.
+    Microbatch i takes rows i, k + i, 2k + i, ..., so each device's rows stay on it. Stage 1's
+    contrastive and hard-negative terms then see the B/k examples of their microbatch."""
     compute = loss_fn(cfg, lc)
+    grad_fn = jax.value_and_grad(compute, has_aux=True)
+
+    def accumulated(params, frozen, batch, rng):
+        k = microbatches
+
+        def split(x):
+            if x.shape[0] % k:
+                raise ValueError(f"batch {x.shape[0]} is not divisible by {k} microbatches")
+            return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+        micro = jax.tree.map(split, batch)
+        first = jax.tree.map(lambda x: x[0], micro)
+        (_, terms_shape) = jax.eval_shape(compute, params, frozen, first, rng)
+        zeros = lambda tree: jax.tree.map(                                     # noqa: E731
+            lambda a: jnp.zeros(a.shape, jnp.float32), tree)
+
+        def body(carry, xs):
+            loss_sum, terms_sum, grads_sum = carry
+            mb, i = xs
+            (loss, terms), grads = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
+            add = lambda a, b: jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, b)  # noqa
+            return (loss_sum + loss, add(terms_sum, terms), add(grads_sum, grads)), None
+        init = (jnp.zeros((), jnp.float32), zeros(terms_shape), zeros(params))
+        (loss, terms, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(k)))
+        mean = lambda tree: jax.tree.map(lambda x: x / k, tree)              # noqa: E731
+        grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
+        return (loss / k, mean(terms)), grads
 
     def step(state: TrainState, frozen, batch):
         rng, step_rng = jax.random.split(state.rng)
         step_rng = jax.random.fold_in(step_rng, state.step)
-        (loss, terms), grads = jax.value_and_grad(compute, has_aux=True)(
-            state.params, frozen, batch, step_rng)
+        if microbatches > 1:
+            (loss, terms), grads = accumulated(state.params, frozen, batch, step_rng)
+        else:
+            (loss, terms), grads = grad_fn(state.params, frozen, batch, step_rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))

@@ -33,7 +33,7 @@ class Trainer:
                  total_steps: int, mesh: Mesh, frozen: Sequence[str] = ("vision/.*",),
                  frozen_dtype: Optional[str] = "bfloat16",
                  rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, microbatches: int = 1):
         from blip2_jax import api
         specs, shapes = api.abstract_init(cfg)
         paths = list(flatten(shapes))
@@ -62,7 +62,9 @@ class Trainer:
             step=replicated, params=self.trainable_shardings, opt_state=opt_shardings,
             rng=replicated)
         self._opt_init = jax.jit(self.tx.init, out_shardings=opt_shardings)
-        step = make_step(cfg, loss_cfg, self.tx, self.schedule, skip_nonfinite=skip_nonfinite)
+        _, self.frozen_shapes = state_lib.split(shapes, self.frozen_paths)
+        step = make_step(cfg, loss_cfg, self.tx, self.schedule, skip_nonfinite=skip_nonfinite,
+                         microbatches=microbatches)
         self._step = jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
                                                  None),
                              out_shardings=(self.state_shardings, replicated),
@@ -100,6 +102,12 @@ class Trainer:
             rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, self.state_shardings)
+
+    def abstract_frozen(self):
+        """ShapeDtypeStructs (frozen_dtype, with shardings) of the frozen towers."""
+        dtype = lambda s: self.frozen_dtype or s.dtype                         # noqa: E731
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype(s), sharding=sh),
+                            self.frozen_shapes, self.frozen_shardings)
 
     # -- steps -----------------------------------------------------------------------------------
     def place(self, batch: Mapping[str, np.ndarray]) -> dict:

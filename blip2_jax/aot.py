@@ -1,0 +1,295 @@
+"""Compile a training config's step for a TPU topology on this machine: no TPU, no weights, no
+data (MaxText's `train_compile`). With `libtpu` installed, `jax.experimental.topologies` gives a
+topology's devices, and the real jitted step lowers from abstract sharded inputs and compiles.
+
+    python -m blip2_jax.aot --config configs/stage1.py:vit_g --topology v5p-128 \\
+        [--program train|generate] [--config.KEY=VALUE ...] [--json OUT.json]
+
+Prints per device: bytes of frozen params, trainable params, optimizer state, the compiler's
+temporaries, whether that fits the chip's HBM; the compiler's FLOPs against our counted model
+FLOPs (`train/flops.py`); XLA's estimated step time and the MFU it implies. `--program generate`
+compiles the beam-search decode program (`config.eval`'s first caption evaluator's settings, or
+beam 5 × 30 tokens) for a global batch of `--config.eval.batch_size`.
+
+Topologies: a name of `jax.experimental.topologies` ("v5p:4x4x4") or a pod name (`ALIASES`:
+v5p-64, v5p-128, v5e-256, v4-128, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Pod name (TensorCores, as Cloud TPU names them) -> topology (chips; v4 counts cores).
+ALIASES = {"v5p-8": "v5p:2x2x1", "v5p-64": "v5p:2x4x4", "v5p-128": "v5p:4x4x4",
+           "v5p-256": "v5p:4x4x8", "v5e-8": "v5e:2x4", "v5e-256": "v5e:16x16",
+           "v4-8": "v4:2x2x1", "v4-128": "v4:4x4x4", "v6e-256": "v6e:16x16"}
+GiB = 1024 ** 3
+# device_kind -> (HBM bytes, peak dense bf16 FLOP/s) of one JAX device (Cloud TPU datasheets).
+# v5p is a megacore (one device per chip); v4 topologies here expose each TensorCore.
+CHIPS = {"TPU v5": (95 * GiB, 459e12), "TPU v5p": (95 * GiB, 459e12),
+         "TPU v5 lite": (16 * GiB, 197e12), "TPU v5e": (16 * GiB, 197e12),
+         "TPU v6 lite": (32 * GiB, 918e12), "TPU v4": (32 * GiB, 275e12)}
+
+
+class AotError(ValueError):
+    pass
+
+
+def topology_devices(name: str) -> list:
+    """The devices of a TPU topology (needs libtpu; nothing runs on them)."""
+    from jax.experimental import topologies
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=ALIASES.get(name, name))
+    except Exception as e:   # libtpu missing or an unknown name: say which
+        raise AotError(f"cannot describe TPU topology {name!r} ({ALIASES.get(name, name)}): "
+                       f"{str(e).splitlines()[0][:300]}; pod names: {sorted(ALIASES)}") from None
+    return list(topo.devices)
+
+
+def chip_spec(device) -> tuple[float, float]:
+    """(HBM bytes, peak bf16 FLOP/s) of one device."""
+    hbm, peak = CHIPS.get(device.device_kind, (0.0, 0.0))
+    if device.device_kind == "TPU v4" and getattr(device, "num_cores", 2) == 1:
+        hbm, peak = hbm / 2, peak / 2        # one of the chip's two TensorCores
+    return hbm, peak
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (its largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += int(np.prod(shape)) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def text_fields(cfg) -> list[str]:
+    """The tokenized fields a stage's batch carries (`pipeline.TextSpec` names)."""
+    if cfg.llm is None:
+        return ["qformer"]
+    return ["llm"] if cfg.llm_kind == "opt" else ["llm", "target"]
+
+
+def abstract_batch(cfg, config, mesh, rules) -> dict:
+    """ShapeDtypeStructs (sharded on the batch axes) of the global batch `loop.run` feeds."""
+    from blip2_jax import sharding as sharding_lib
+    from blip2_jax.train.loop import _plain
+    b = int(config.batch_size)
+    length = int(_plain(config.get("text") or {}).get("max_length", 32))
+    size = int(_plain(config.get("data") or {}).get("image_size") or cfg.vision.image_size)
+
+    def arr(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.batch_sharding(
+            mesh, len(shape), shape[0], rules))
+    out = {"image": arr((b, size, size, 3), jnp.float32), "valid": arr((b,), jnp.bool_)}
+    for k in ("image_index", "dataset_index", "index"):
+        out[k] = arr((b,), jnp.int32)
+    for name in text_fields(cfg):
+        out[f"{name}_ids"] = arr((b, length), jnp.int32)
+        out[f"{name}_mask"] = arr((b, length), jnp.int32)
+    return out
+
+
+def loss_config(config, cfg):
+    """The stage's LossConfig without tokenizers: [DEC] = the Q-Former's last id (BERT vocab +
+    1, as LAVIS adds it); the OPT prompt mask length does not change the program's shapes."""
+    from blip2_jax.train.loop import _plain
+    from blip2_jax.train.step import LossConfig
+    weights = _plain(config.get("loss") or {})
+    if cfg.llm is None:
+        return LossConfig(dec_token_id=cfg.qformer.vocab_size - 1, **weights)
+    return LossConfig(**weights)
+
+
+@dataclasses.dataclass
+class Report:
+    topology: str
+    devices: int
+    device_kind: str
+    mesh: dict
+    program: str
+    batch: int
+    bytes: dict            # per device: frozen, trainable, optimizer, arguments, temp, output, total
+    hbm: float
+    fits: bool
+    compiler_flops: Optional[float]    # per device, XLA's count of the unrolled program
+    model_flops: Optional[float]       # global, counted (train/flops.py)
+    estimated_seconds: Optional[float]
+    mfu: Optional[float]
+    compile_seconds: float
+
+    def table(self) -> str:
+        g = lambda x: (f"{x / GiB:.2f} GiB" if x >= GiB / 10            # noqa: E731
+                       else f"{x / 1024**2:.1f} MiB")
+        b = self.bytes
+        lines = [f"{self.program} step, {self.topology}: {self.devices} × {self.device_kind}, "
+                 f"mesh {self.mesh}, global batch {self.batch}",
+                 f"  per device: frozen params {g(b['frozen'])}, trainable params "
+                 f"{g(b['trainable'])}, optimizer state {g(b['optimizer'])}, arguments "
+                 f"{g(b['arguments'])}, temporaries {g(b['temp'])}, outputs {g(b['output'])}",
+                 f"  total {g(b['total'])} of {g(self.hbm)} HBM: "
+                 f"{'fits' if self.fits else 'DOES NOT FIT'}"]
+        if self.model_flops:
+            lines.append(f"  model FLOPs {self.model_flops:.3e} / step (global; "
+                         f"{self.model_flops / self.devices:.3e} per device); compiler FLOPs "
+                         f"{self.compiler_flops or 0:.3e} per device (layers unrolled)")
+        if self.estimated_seconds:
+            mfu = f", estimated MFU {100 * self.mfu:.1f} %" if self.mfu is not None else ""
+            lines.append(f"  XLA estimated step time {1e3 * self.estimated_seconds:.1f} ms{mfu}")
+        lines.append(f"  compiled in {self.compile_seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    return dict(cost) if isinstance(cost, Mapping) else {}
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    get = lambda k: int(getattr(m, k, 0) or 0)                              # noqa: E731
+    out = {"arguments": get("argument_size_in_bytes"), "temp": get("temp_size_in_bytes"),
+           "output": get("output_size_in_bytes"), "alias": get("alias_size_in_bytes")}
+    # Donated inputs alias outputs: the live total counts them once.
+    out["total"] = out["arguments"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def compile_train(config, devices: Sequence[Any], topology: str = "",
+                  estimate: bool = True) -> Report:
+    """Lower and compile `loop.run`'s step for `devices` from abstract inputs.
+
+    Memory comes from the program train.py runs (layers scanned). XLA's cost analysis counts a
+    loop body once, so with `estimate` the step is compiled a second time with every layer scan
+    unrolled (`nn.unrolled_layers`: the same math) for the FLOPs and the estimated step time."""
+    from blip2_jax import nn as bnn
+    from blip2_jax.train import loop
+    from blip2_jax.train.trainer import Trainer
+    cfg = loop.model_config(config)
+    lc = loss_config(config, cfg)
+    mesh = loop.make_mesh(config, devices=devices)
+
+    def make_trainer():
+        return Trainer(cfg, lc, loop._plain(config.optimizer),
+                       total_steps=int(config.total_steps), mesh=mesh,
+                       frozen=tuple(config.get("frozen") or ()),
+                       frozen_dtype=config.get("frozen_dtype") or None,
+                       microbatches=int(config.get("microbatches") or 1))
+    trainer = make_trainer()
+    state = trainer.abstract_state()
+    frozen = trainer.abstract_frozen()
+    batch = abstract_batch(cfg, config, mesh, trainer.rules)
+    start = time.perf_counter()
+    compiled = trainer.lower(state, frozen, batch).compile()
+    seconds = time.perf_counter() - start
+    memory = _memory(compiled)
+    memory.update(frozen=_per_device_bytes(frozen), trainable=_per_device_bytes(state.params),
+                  optimizer=_per_device_bytes(state.opt_state))
+    cost = {}
+    if estimate:
+        with bnn.unrolled_layers():
+            start = time.perf_counter()
+            cost = _cost(make_trainer().lower(state, frozen, batch).compile())
+            seconds += time.perf_counter() - start
+    hbm, peak = chip_spec(devices[0])
+    model_flops = trainer.model_flops(batch)
+    est = cost.get("optimal_seconds")
+    est = float(est) if est and est > 0 else None
+    mfu = (model_flops / (len(devices) * peak * est)) if est and peak else None
+    return Report(topology=topology, devices=len(devices), device_kind=devices[0].device_kind,
+                  mesh=dict(mesh.shape), program="train", batch=int(config.batch_size),
+                  bytes=memory, hbm=hbm, fits=bool(hbm) and memory["total"] <= hbm,
+                  compiler_flops=cost.get("flops"), model_flops=model_flops,
+                  estimated_seconds=est, mfu=mfu, compile_seconds=seconds)
+
+
+def compile_generate(config, devices: Sequence[Any], topology: str = "") -> Report:
+    """Compile the beam-search caption program (prefill + decode loop) for `devices`."""
+    from blip2_jax import api, generate as gen, sharding as sharding_lib
+    from blip2_jax.train import loop
+    cfg = loop.model_config(config)
+    if cfg.llm is None:
+        raise AotError("--program generate needs a model with an LLM (a stage-2 config)")
+    eval_cfg = loop._plain(config.get("eval") or {})
+    settings = next((e for e in (eval_cfg.get("evaluators") or {}).values()
+                     if e.get("kind") == "caption"), {})
+    llm = cfg.llm
+    opts = gen.DecodeOptions(max_new_tokens=int(settings.get("max_new_tokens", 30)),
+                             num_beams=int(settings.get("num_beams", 5)),
+                             eos_token_ids=(int(llm.eos_token_id),),
+                             pad_token_id=int(llm.pad_token_id if llm.pad_token_id is not None
+                                              else llm.eos_token_id))
+    knobs = gen.make_knobs(opts, min_new_tokens=int(settings.get("min_new_tokens", 0)),
+                           length_penalty=float(settings.get("length_penalty", 1.0)))
+    mesh = loop.make_mesh(config, devices=devices)
+    dtype = eval_cfg.get("dtype") or "bfloat16"
+    cfg = cfg.with_dtypes(dtype)
+    shardings = sharding_lib.param_shardings(cfg, mesh)
+    shapes = api.abstract_params(cfg)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+    b = int(eval_cfg.get("batch_size") or 32)
+    size = cfg.vision.image_size
+    prompt = 8          # the prompt bucket (api.PROMPT_BUCKET)
+    model = api.Blip2(cfg, params, check=False)
+    program = jax.jit(model._generate_program(opts, (b, size, size, 3), (b, prompt)))
+    batch = lambda shape, dt: jax.ShapeDtypeStruct(                           # noqa: E731
+        shape, dt, sharding=sharding_lib.batch_sharding(mesh, len(shape), shape[0]))
+    args = (params, batch((b, size, size, 3), jnp.float32), batch((b, prompt), jnp.int32),
+            batch((b, prompt), jnp.int32), knobs)
+    start = time.perf_counter()
+    compiled = program.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    memory = _memory(compiled)
+    memory.update(frozen=_per_device_bytes(params), trainable=0, optimizer=0)
+    cost = _cost(compiled)
+    hbm, _ = chip_spec(devices[0])
+    return Report(topology=topology, devices=len(devices), device_kind=devices[0].device_kind,
+                  mesh=dict(mesh.shape), program="generate", batch=b, bytes=memory, hbm=hbm,
+                  fits=bool(hbm) and memory["total"] <= hbm, compiler_flops=cost.get("flops"),
+                  model_flops=None, estimated_seconds=None, mfu=None, compile_seconds=seconds)
+
+
+def main(argv=None) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+    flags_ = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file("config", None, "a configs/*.py file[:arg]",
+                                                  flag_values=flags_, lock_config=False)
+    flags.DEFINE_string("topology", None, "TPU topology or pod name", flag_values=flags_)
+    flags.DEFINE_enum("program", "train", ["train", "generate"], "what to compile",
+                      flag_values=flags_)
+    flags.DEFINE_string("json", None, "also write the report as JSON here", flag_values=flags_)
+    flags.DEFINE_bool("estimate", True, "also compile with layers unrolled for XLA's FLOPs and "
+                      "step-time estimate (slower)", flag_values=flags_)
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        flags_(argv)
+        if flags_.config is None or flags_.topology is None:
+            raise AotError("--config and --topology are required")
+        devices = topology_devices(flags_.topology)
+        if flags_.program == "train":
+            report = compile_train(config_flag.value, devices, flags_.topology, flags_.estimate)
+        else:
+            report = compile_generate(config_flag.value, devices, flags_.topology)
+    except (AotError, flags.Error, KeyError, ValueError) as e:
+        print(f"aot: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return 2
+    print(report.table())
+    if flags_.json:
+        with open(flags_.json, "w") as f:
+            json.dump(dataclasses.asdict(report), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
