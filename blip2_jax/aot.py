@@ -44,7 +44,10 @@ class AotError(ValueError):
 
 def topology_devices(name: str) -> list:
     """The devices of a TPU topology (needs libtpu; nothing runs on them)."""
+    import os
     from jax.experimental import topologies
+    # Compiling only: several processes may load libtpu at once (tests, parallel sweeps).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=ALIASES.get(name, name))
     except Exception as e:   # libtpu missing or an unknown name: say which
@@ -135,7 +138,9 @@ class Report:
                  f"{g(b['trainable'])}, optimizer state {g(b['optimizer'])}, arguments "
                  f"{g(b['arguments'])}, temporaries {g(b['temp'])}, outputs {g(b['output'])}",
                  f"  total {g(b['total'])} of {g(self.hbm)} HBM: "
-                 f"{'fits' if self.fits else 'DOES NOT FIT'}"]
+                 f"{'fits' if self.fits else 'DOES NOT FIT'}"
+                 + ("" if self.fits or b["arguments"] else
+                    " (the compiler stopped: these are its temporaries alone)")]
         if self.model_flops:
             lines.append(f"  model FLOPs {self.model_flops:.3e} / step (global; "
                          f"{self.model_flops / self.devices:.3e} per device); compiler FLOPs "
@@ -145,6 +150,15 @@ class Report:
             lines.append(f"  XLA estimated step time {1e3 * self.estimated_seconds:.1f} ms{mfu}")
         lines.append(f"  compiled in {self.compile_seconds:.1f} s")
         return "\n".join(lines)
+
+
+def _hbm_oom(message: str) -> Optional[int]:
+    """Bytes the TPU compiler said a program needs, from its out-of-HBM error (else None)."""
+    import re
+    m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+    if "RESOURCE_EXHAUSTED" not in message or m is None:
+        return None
+    return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
 
 
 def _cost(compiled) -> dict:
@@ -176,6 +190,7 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
     cfg = loop.model_config(config)
     lc = loss_config(config, cfg)
     mesh = loop.make_mesh(config, devices=devices)
+    loop.check_batch(config, mesh)
 
     def make_trainer():
         return Trainer(cfg, lc, loop._plain(config.optimizer),
@@ -188,18 +203,32 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
     frozen = trainer.abstract_frozen()
     batch = abstract_batch(cfg, config, mesh, trainer.rules)
     start = time.perf_counter()
-    compiled = trainer.lower(state, frozen, batch).compile()
+    hbm, peak = chip_spec(devices[0])
+    sizes = dict(frozen=_per_device_bytes(frozen), trainable=_per_device_bytes(state.params),
+                 optimizer=_per_device_bytes(state.opt_state))
+    try:
+        compiled = trainer.lower(state, frozen, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        oom = _hbm_oom(str(e))
+        if oom is None:
+            raise
+        # The TPU compiler refuses programs that cannot fit: report how much they need.
+        memory = dict(sizes, arguments=0, output=0, alias=0, temp=oom, total=oom)
+        return Report(topology=topology, devices=len(devices),
+                      device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+                      program="train", batch=int(config.batch_size), bytes=memory, hbm=hbm,
+                      fits=False, compiler_flops=None, model_flops=trainer.model_flops(batch),
+                      estimated_seconds=None, mfu=None,
+                      compile_seconds=time.perf_counter() - start)
     seconds = time.perf_counter() - start
     memory = _memory(compiled)
-    memory.update(frozen=_per_device_bytes(frozen), trainable=_per_device_bytes(state.params),
-                  optimizer=_per_device_bytes(state.opt_state))
+    memory.update(sizes)
     cost = {}
     if estimate:
         with bnn.unrolled_layers():
             start = time.perf_counter()
             cost = _cost(make_trainer().lower(state, frozen, batch).compile())
             seconds += time.perf_counter() - start
-    hbm, peak = chip_spec(devices[0])
     model_flops = trainer.model_flops(batch)
     est = cost.get("optimal_seconds")
     est = float(est) if est and est > 0 else None
@@ -209,6 +238,32 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
                   bytes=memory, hbm=hbm, fits=bool(hbm) and memory["total"] <= hbm,
                   compiler_flops=cost.get("flops"), model_flops=model_flops,
                   estimated_seconds=est, mfu=mfu, compile_seconds=seconds)
+
+
+def sharding_table(config, devices: Sequence[Any]) -> dict:
+    """The named sharding of every parameter (trainable or frozen) and batch field of a config
+    on `devices`: what the golden files under tests/golden/sharding/ hold."""
+    from blip2_jax.convert.mapping import flatten
+    from blip2_jax.train import loop
+    from blip2_jax.train.trainer import Trainer
+    cfg = loop.model_config(config)
+    mesh = loop.make_mesh(config, devices=devices)
+    trainer = Trainer(cfg, loss_config(config, cfg), loop._plain(config.optimizer),
+                      total_steps=int(config.total_steps), mesh=mesh,
+                      frozen=tuple(config.get("frozen") or ()),
+                      frozen_dtype=config.get("frozen_dtype") or None)
+    spec = lambda s: str(tuple(s.spec))                                         # noqa: E731
+    params = {k: {"shape": list(v.shape), "trainable": True} for k, v in
+              flatten(trainer.trainable_shapes).items()}
+    params.update({k: {"shape": list(v.shape), "trainable": False} for k, v in
+                   flatten(trainer.frozen_shapes).items()})
+    shardings = {**flatten(trainer.trainable_shardings), **flatten(trainer.frozen_shardings)}
+    for k in params:
+        params[k]["sharding"] = spec(shardings[k])
+    batch = abstract_batch(cfg, config, mesh, trainer.rules)
+    return {"mesh": dict(mesh.shape), "params": dict(sorted(params.items())),
+            "batch": {k: {"shape": list(v.shape), "sharding": spec(v.sharding)}
+                      for k, v in sorted(batch.items())}}
 
 
 def compile_generate(config, devices: Sequence[Any], topology: str = "") -> Report:

@@ -46,6 +46,8 @@ E.g. replicate the small trainable Q-Former and fully shard the frozen LLM:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -323,6 +325,32 @@ def batch_sharding(mesh: Mesh, ndim: int, size: Optional[int] = None,
         axes = batch_axes(mesh, rules)
         return NamedSharding(mesh, P(axes if len(axes) != 1 else axes[0]) if axes else P())
     return NamedSharding(mesh, resolve_spec(logical, (size,) + (1,) * (ndim - 1), mesh, rules))
+
+
+_ACTIVATIONS: "contextvars.ContextVar[Optional[tuple]]" = contextvars.ContextVar(
+    "blip2_jax_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """While a step traces inside this context, `constrain_batch` shards activations' leading
+    dimension over the batch axes of `mesh` (outside it, `constrain_batch` does nothing)."""
+    token = _ACTIVATIONS.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain_batch(x):
+    """`x` (or each array of a tree) with its leading dimension sharded over the batch axes, where
+    XLA's propagation would otherwise choose (e.g. replicate pairs gathered across devices)."""
+    ctx = _ACTIVATIONS.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
+        a, batch_sharding(mesh, a.ndim, a.shape[0] if a.ndim else None, rules)), x)
 
 
 def shard_batch(batch, mesh: Mesh, rules: Rules = DEFAULT_RULES):

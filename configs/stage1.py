@@ -8,7 +8,9 @@ a frozen image encoder, with the paper's hyper-parameters: /work/shared/referenc
         --config.text.qformer_tokenizer=/models/bert-base-uncased \\
         --config.init.vision=/models/eva_vit_g.pth
 
-Arg: `vit_g` (default; EVA-CLIP ViT-g/14, batch 1680) or `vit_l` (CLIP ViT-L/14, batch 2320).
+Arg: `vit_g` (default; EVA-CLIP ViT-g/14, batch 1680) or `vit_l` (CLIP ViT-L/14, batch 2320),
+optionally `,POD` (e.g. `vit_g,v5p-128`): the mesh, remat and microbatching found for that TPU pod
+(`defaults.POD_SETTINGS`, README "Pods"); without one the mesh is pure data parallelism.
 Every "/path/to/..." below is a placeholder: set it with `--config.KEY=...` as above.
 
 Parameter sources (blip2_jax/train/init.py):
@@ -59,9 +61,10 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    vit = arg or "vit_g"
+    vit, _, pod = (arg or "vit_g").partition(",")
     if vit not in VARIANTS:
-        raise ValueError(f"stage1 takes one of {sorted(VARIANTS)}, got {arg!r}")
+        raise ValueError(f"stage1 takes VIT[,POD] with VIT one of {sorted(VARIANTS)}, got "
+                         f"{arg!r}")
     preset, batch = VARIANTS[vit]
     c = defaults.base_config()
     c.model = preset                     # Q-Former with ITC / ITM / ITG heads; 224-px image encoder
@@ -107,4 +110,6 @@ def get_config(arg=None):
     )
     c.text = dict(qformer_tokenizer="/path/to/bert-base-uncased",
                   max_length=32)         # LAVIS max_txt_len
+    if pod:                              # mesh / remat / microbatches for a TPU pod
+        defaults.apply_pod(c, f"stage1:{vit}", pod)
     return c

@@ -11,8 +11,9 @@ layer, prefix a frozen LLM) with the paper's hyper-parameters: /work/shared/refe
 
 Arg: the LLM, `opt-2.7b` (default), `opt-6.7b`, `flant5-xl` or `flant5-xxl`, all with the ViT-g
 stage-1 model; `opt-2.7b,vit_l` and `flant5-xl,vit_l` give the paper's two ViT-L rows (Table 2)
-from a `stage1.py:vit_l` run. Every "/path/to/..." below is a placeholder: set it with
-`--config.KEY=...` as above.
+from a `stage1.py:vit_l` run. A last `,POD` (e.g. `opt-2.7b,v5p-128`) sets the mesh, remat and
+microbatching found for that TPU pod (`defaults.POD_SETTINGS`, README "Pods"). Every
+"/path/to/..." below is a placeholder: set it with `--config.KEY=...` as above.
 
 Parameter sources (blip2_jax/train/init.py):
 - `init.stage1`: a stage-1 run's `final/` directory: the frozen image encoder, ln_vision, the
@@ -53,10 +54,11 @@ LLMS = {
 
 
 def get_config(arg=None):
-    llm, _, vit = (arg or "opt-2.7b").partition(",")
-    vit = vit or "vit_g"
-    if llm not in LLMS or vit not in ("vit_g", "vit_l"):
-        raise ValueError(f"stage2 takes LLM[,vit_g|vit_l] with LLM one of {sorted(LLMS)}, "
+    llm, *rest = (arg or "opt-2.7b").split(",")
+    vit = next((r for r in rest if r in ("vit_g", "vit_l")), "vit_g")
+    pods = [r for r in rest if r not in ("vit_g", "vit_l")]
+    if llm not in LLMS or len(pods) > 1:
+        raise ValueError(f"stage2 takes LLM[,vit_g|vit_l][,POD] with LLM one of {sorted(LLMS)}, "
                          f"got {arg!r}")
     preset_g, preset_l, checkpoint, batch = LLMS[llm]
     if vit == "vit_l" and preset_l is None:
@@ -88,8 +90,7 @@ def get_config(arg=None):
     c.total_steps = 80_000               # §4.1 (LAVIS: 10 epochs)
     c.batch_size = batch
     c.seed = 42                          # LAVIS's yaml seed (the paper gives none)
-    # The default mesh is pure data parallelism; issue 8 tunes fsdp / tensor per topology (the
-    # frozen FlanT5-XXL, 11B parameters, will want fsdp or tensor sharding).
+    # The default mesh is pure data parallelism; `,POD` in the arg picks one found for a pod.
     c.checkpoint_every_steps = 2000
     # Image size: the model's (224, §4.1), which the loop passes to the pipeline.
     c.data = dict(
@@ -105,4 +106,6 @@ def get_config(arg=None):
     )
     c.text = dict(llm_tokenizer=f"/path/to/{checkpoint}",
                   max_length=32)         # LAVIS max_txt_len (§3.1, §3.2)
+    if pods:                             # mesh / remat / microbatches for a TPU pod
+        defaults.apply_pod(c, f"stage2:{llm}" + (",vit_l" if vit == "vit_l" else ""), pods[0])
     return c

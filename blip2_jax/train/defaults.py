@@ -37,6 +37,37 @@ PAPER_EVALUATORS = {
 }
 
 
+# Where the paper's configs run best on each pod: mesh, per-tower remat policy, microbatches —
+# found with `python -m blip2_jax.aot` (README, "Pods"). Select with the config arg's pod name
+# (`configs/stage1.py:vit_g,v5p-128`). The batch axes (data x fsdp) must divide the global
+# batch: 1680 / 2320 / 1520 allow at most 16 of the power-of-two pods' chips, the rest go to
+# tensor (model) parallelism.
+_TP4 = dict(mesh=dict(data=16, fsdp=1, tensor=4))      # batch 16-way, model 4-way (64 chips)
+POD_SETTINGS: dict = {
+    ("stage1:vit_g", "v5p-128"): _TP4,
+    ("stage1:vit_l", "v5p-128"): _TP4,
+    ("stage2:opt-2.7b", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
+    ("stage2:opt-6.7b", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
+    ("stage2:flant5-xl", "v5p-128"): _TP4,
+    ("stage2:flant5-xxl", "v5p-128"): _TP4,
+}
+
+
+def apply_pod(c: ml_collections.ConfigDict, key: str, pod: str) -> None:
+    """Set `c.mesh`, `c.microbatches` and the towers' remat policies for `pod` from
+    POD_SETTINGS[(key, pod)] (key: "stage1:vit_g", "stage2:opt-2.7b", ...)."""
+    known = sorted(p for k, p in POD_SETTINGS if k == key)
+    if (key, pod) not in POD_SETTINGS:
+        raise ValueError(f"no pod settings for {key} on {pod!r}; known pods: {known}")
+    s = POD_SETTINGS[(key, pod)]
+    c.mesh = dict(s["mesh"])
+    c.microbatches = int(s.get("microbatches", 1))
+    overrides = dict(c.get("model_overrides") or {})
+    for tower, policy in (s.get("remat") or {}).items():
+        overrides[tower] = dict(overrides.get(tower, {}), remat_policy=policy)
+    c.model_overrides = overrides
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0

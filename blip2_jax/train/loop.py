@@ -148,6 +148,19 @@ def evaluators(config, *, batch_size: Optional[int] = None):
     return evs, eval_lib.Tokenizers(**toks)
 
 
+def check_batch(config, mesh) -> None:
+    """The global batch must split evenly over the mesh's batch axes: otherwise it would be
+    replicated (every device computing every example), which no one wants in training."""
+    n = sharding_lib.batch_shards(mesh)
+    b = int(config.batch_size)
+    if b % n:
+        axes = sharding_lib.batch_axes(mesh)
+        raise ValueError(f"config.batch_size {b} is not divisible by the mesh's batch axes "
+                         f"{axes} ({n} ways, mesh {dict(mesh.shape)}): use a mesh whose "
+                         f"data x fsdp divides it (e.g. config.mesh.tensor > 1) or another "
+                         f"batch size")
+
+
 def make_mesh(config, devices=None):
     m = _plain(config.mesh)
     axes = {k: int(m.get(k, 1 if k != "data" else -1)) for k in ("data", "fsdp", "tensor")}
@@ -181,6 +194,7 @@ def run(config, workdir: str) -> dict:
     total = int(config.total_steps)
     stop_at = int(config.get("stop_after_steps") or 0) or total
     mesh = make_mesh(config)
+    check_batch(config, mesh)
     texts, loss_cfg, prefix_lm = text_setup(config, cfg)
     cfg = with_caption_eos(config, cfg)
     data_cfg = {**_plain(config.data), "texts": [dataclasses.asdict(t) for t in texts]}

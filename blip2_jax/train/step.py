@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blip2_jax import losses
+from blip2_jax import losses, sharding
 from blip2_jax.config import Blip2Config, OPTConfig
 from blip2_jax.models.blip2 import Blip2Module
 from blip2_jax.train.state import TrainState, merge
@@ -72,7 +72,9 @@ def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
         out["itc"] = losses.itc_loss(*sims, image_ids=image_ids)
     if lc.itm:
         neg_image, neg_text = losses.itm_negatives(k_itm, *sims, image_ids=image_ids)
-        pairs = losses.itm_pairs(image_embeds, ids, mask, neg_image, neg_text)
+        # Gathered across devices, the 3B pairs would otherwise be replicated on every device.
+        pairs = sharding.constrain_batch(losses.itm_pairs(image_embeds, ids, mask, neg_image,
+                                                          neg_text))
         out["itm"] = losses.itm_loss(m.itm_logits(*pairs, deterministic=False))
     if lc.itg:
         dec = losses.itg_inputs(ids, lc.dec_token_id)

@@ -63,8 +63,12 @@ class Trainer:
             rng=replicated)
         self._opt_init = jax.jit(self.tx.init, out_shardings=opt_shardings)
         _, self.frozen_shapes = state_lib.split(shapes, self.frozen_paths)
-        step = make_step(cfg, loss_cfg, self.tx, self.schedule, skip_nonfinite=skip_nonfinite,
-                         microbatches=microbatches)
+        raw_step = make_step(cfg, loss_cfg, self.tx, self.schedule,
+                             skip_nonfinite=skip_nonfinite, microbatches=microbatches)
+
+        def step(state, frozen, batch):
+            with sharding_lib.activation_sharding(mesh, rules):
+                return raw_step(state, frozen, batch)
         self._step = jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
                                                  None),
                              out_shardings=(self.state_shardings, replicated),
