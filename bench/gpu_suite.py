@@ -95,9 +95,13 @@ def model_config(stage: int):
     if cfg.llm is not None and cfg.image_token_index is None:       # tiny presets: HF needs one
         cfg = cfg.replace(image_token_index=cfg.llm.vocab_size - 1)
     bf = "bfloat16"
+    qformer = dataclasses.replace(cfg.qformer, dtype=bf)
+    if os.environ.get("QFORMER_DROPOUT", "").strip():    # lever experiments (bench/gpu_levers.sh)
+        p = float(os.environ["QFORMER_DROPOUT"])
+        qformer = dataclasses.replace(qformer, hidden_dropout=p, attention_dropout=p)
     return cfg.replace(
         vision=dataclasses.replace(cfg.vision, dtype=bf, param_dtype=bf),
-        qformer=dataclasses.replace(cfg.qformer, dtype=bf),
+        qformer=qformer,
         llm=None if cfg.llm is None else dataclasses.replace(cfg.llm, dtype=bf, param_dtype=bf))
 
 
