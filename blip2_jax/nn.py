@@ -137,6 +137,9 @@ def attention_mask(key_mask: Optional[Array] = None, *, causal: bool = False,
 _MASKED = -1e30   # additive logit of a masked key (a fully masked row becomes uniform, as in HF)
 
 
+CUDNN_MIN_QUERIES = 16     # shorter query blocks (decode steps) use XLA's attention on GPU
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
                           bias: Optional[Array] = None, scale: float = 1.0,
                           dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None) -> Array:
@@ -163,11 +166,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array]
                                             implementation=implementation)
 
     def gpu(q, k, v):
-        # cuDNN's fused attention (3.4x XLA's on ViT-g's shapes on an H200) where it applies:
-        # 16-bit inputs, head_dim a multiple of 8 up to 128; jax refuses other cases at trace
-        # time, and then XLA's version runs.
+        # cuDNN's fused attention where it applies and pays: 16-bit inputs, head_dim a multiple
+        # of 8 up to 128, and more than a few queries (on an H200: 3.4x XLA's kernel on ViT-g's
+        # shapes, the stage-1 step 357 -> 324 ms; but beam-search decoding, one query per step,
+        # went 417 -> 445 ms, so decode steps keep XLA's). jax refuses unsupported cases at
+        # trace time, and then XLA's version runs.
         if q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 \
-                and q.shape[-1] <= 128:
+                and q.shape[-1] <= 128 and q.shape[1] >= CUDNN_MIN_QUERIES:
             try:
                 return fused(q, k, v, implementation="cudnn")
             except (ValueError, NotImplementedError, RuntimeError):
