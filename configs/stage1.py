@@ -68,7 +68,9 @@ def get_config(arg=None):
     preset, batch = VARIANTS[vit]
     c = defaults.base_config()
     c.model = preset                     # Q-Former with ITC / ITM / ITG heads; 224-px image encoder
-    c.model_overrides = {}
+    # Mixed precision (LAVIS trains under fp16 autocast, §4.1): every tower computes in bf16;
+    # trained parameters stay float32 (the Trainer keeps them so), frozen ones are stored bf16.
+    c.model_overrides = {tower: dict(dtype="bfloat16") for tower in ("vision", "qformer")}
     c.init = dict(
         qformer_bert="/path/to/bert-base-uncased",
         vision="/path/to/eva_vit_g.pth" if vit == "vit_g" else "/path/to/clip_vit_L.pth",

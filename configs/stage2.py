@@ -65,7 +65,9 @@ def get_config(arg=None):
         raise ValueError(f"the paper trains {llm} with ViT-g only (ViT-L: opt-2.7b, flant5-xl)")
     c = defaults.base_config()
     c.model = preset_g if vit == "vit_g" else preset_l     # 224-px image encoder
-    c.model_overrides = {}
+    # Mixed precision (LAVIS trains under fp16 autocast, §4.1): every tower computes in bf16;
+    # trained parameters stay float32 (the Trainer keeps them so), frozen ones are stored bf16.
+    c.model_overrides = {tower: dict(dtype="bfloat16") for tower in ("vision", "qformer", "llm")}
     c.init = dict(
         stage1=f"/path/to/stage1_{vit}/final",
         llm=f"/path/to/{checkpoint}",
