@@ -138,10 +138,15 @@ def make_mesh(axes: Mapping[str, int] = DEFAULT_AXES, *, dcn: Optional[Mapping[s
                              "{'data': -1}) so that only DCN-tolerant axes cross slices")
         sizes = _resolve(axes, len(devices), "mesh")
         shape = tuple(sizes[n] for n in names)
-        # `jax.make_mesh`'s own topology-aware construction (it splits physical axes on v5e).
+        # `jax.make_mesh`'s own topology-aware construction (it splits physical axes on v5e);
+        # a logical shape that is no product of whole physical axes (128 x 2 on a 16 x 16 v5e)
+        # splits them, as jax.make_mesh does when asked.
         split = devices[0].device_kind in (getattr(mesh_utils, "_TPU_V5_LITE", None),
                                            getattr(mesh_utils, "_TPU_V5E", None))
-        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+        except NotImplementedError:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return Mesh(grid, names, axis_types=auto)
 
     unknown = sorted(set(dcn) - set(names))

@@ -50,6 +50,8 @@ POD_SETTINGS: dict = {
     ("stage2:opt-6.7b", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
     ("stage2:flant5-xl", "v5p-128"): _TP4,
     ("stage2:flant5-xxl", "v5p-128"): _TP4,
+    ("stage1:vit_g", "v5p-64"): dict(mesh=dict(data=16, fsdp=1, tensor=2)),
+    ("stage2:opt-2.7b", "v5e-256"): dict(mesh=dict(data=128, fsdp=1, tensor=2)),
 }
 
 
