@@ -65,4 +65,4 @@ def test_cli_reports_and_errors(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode == 2
     errors = [line for line in bad.stderr.splitlines() if line.startswith("aot: error:")]
-    assert len(errors) == 1 and "v9z" in errors[0] and "invalid" in errors[0], errors
+    assert len(errors) == 1 and "v9z" in errors[0] and "invalid" in errors[0].lower(), errors
