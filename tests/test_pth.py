@@ -9,10 +9,10 @@ import zipfile
 import ml_dtypes
 import numpy as np
 import pytest
+import torch     # the reference (requirements-test.txt); pth.py itself never imports it
 
 from blip2_jax.convert import pth
 
-torch = pytest.importorskip("torch")
 
 def to_numpy(t) -> np.ndarray:
     """A torch tensor as numpy, bit-exact (bf16/float8/uint16 through same-size int views)."""
