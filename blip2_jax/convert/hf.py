@@ -124,24 +124,13 @@ def entries(cfg: Blip2Config, leaves: Mapping[str, stream.Leaf], dtype=None) -> 
     return stream.entries_for_rules(rules(cfg), leaves, dtype, skip=HF_ABSENT_OK)
 
 
-def tensors(cfg: Blip2Config, params: Mapping) -> dict[str, np.ndarray]:
-    """The flat HF state dict of our params (raises if a parameter has no HF name)."""
-    return dict(stream.iter_entries(entries(cfg, stream.leaves_from_tree(params))))
-
-
 def write(path: str, cfg: Blip2Config, params_or_leaves: Mapping,
           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype=None) -> list[str]:
     """Write `config.json` + safetensors (sharded with an index above `max_shard_bytes`).
     `params_or_leaves`: our param tree, or {leaf: stream.Leaf} (streamed)."""
-    leaves = _as_leaves(params_or_leaves)
+    leaves = stream.as_leaves(params_or_leaves)
     todo = entries(cfg, leaves, dtype)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_lib.to_hf_dict(cfg), f, indent=2)
     return stream.write_safetensors(path, todo, max_shard_bytes, stem="model")
-
-
-def _as_leaves(tree: Mapping) -> dict:
-    if tree and all(isinstance(v, stream.Leaf) for v in tree.values()):
-        return dict(tree)
-    return stream.leaves_from_tree(tree)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -262,9 +262,8 @@ def entries(cfg: Blip2Config, leaves: Mapping[str, stream.Leaf], parts: str = "f
     positions = cfg.qformer.max_position_embeddings
     todo.append(Entry(POSITION_IDS, (1, positions), np.dtype(np.int64),
                       lambda: [np.arange(positions, dtype=np.int64)[None]]))
-    by_leaf = {e_leaf: leaves[e_leaf] for e_leaf in set(_copies(cfg).values())}
     for key, leaf_name in _copies(cfg).items():
-        leaf = by_leaf[leaf_name]
+        leaf = leaves[leaf_name]
         todo.append(Entry(key, leaf.shape, np.dtype(stream.cast(np.empty(0, leaf.dtype),
                                                                 dtype).dtype),
                           lambda leaf=leaf: [stream.cast(leaf.value(), dtype)]))
@@ -300,13 +299,3 @@ def check_writable(cfg: Blip2Config) -> None:
     """LAVIS has no model for a config whose towers it cannot build."""
     if cfg.llm is not None and (cfg.itc or cfg.itm or cfg.itg):
         raise ConfigError("LAVIS has no model with both stage-1 heads and an LLM")
-
-
-def names(cfg: Blip2Config, parts: str = "full") -> Sequence[str]:
-    """The LAVIS keys a model of `cfg` is written with (no tensors read)."""
-    from blip2_jax import api
-    from blip2_jax.convert.mapping import flatten
-    abstract = flatten(api.abstract_params(cfg))
-    fake = {k: stream.Leaf(tuple(v.shape), np.dtype(v.dtype), lambda j: None)
-            for k, v in abstract.items()}
-    return [e.name for e in entries(cfg, fake, parts)[0] if e.name]

@@ -23,7 +23,7 @@ def is_native(path: str) -> bool:
 def write(path: str, cfg: Blip2Config, params_or_leaves: Mapping,
           max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, dtype=None) -> list[str]:
     """`params_or_leaves`: our param tree, or {leaf: stream.Leaf} (streamed, layer by layer)."""
-    todo = stream.entries_for_leaves(hf._as_leaves(params_or_leaves), dtype)
+    todo = stream.entries_for_leaves(stream.as_leaves(params_or_leaves), dtype)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump({"format": FORMAT, "version": VERSION, "config": cfg.to_dict()}, f, indent=2)

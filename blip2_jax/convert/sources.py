@@ -305,11 +305,5 @@ def convert(src: str, dst: str, to: str, *, source_format: Optional[str] = None,
             "leaves": len(leaves), "files": files, "notes": notes, "config": cfg}
 
 
-def read_params(leaves: Mapping[str, Leaf], prefixes: Optional[Sequence[str]] = None) -> dict:
-    """Flat {leaf: array} of the leaves under `prefixes` (all when None), read now."""
-    chosen = leaves if prefixes is None else _under(leaves, prefixes)
-    return {k: leaf.value() for k, leaf in chosen.items()}
-
-
 __all__ = ["FORMATS", "Loaded", "MappingError", "assemble", "convert", "detect", "load",
-           "open_model", "open_part", "read_params", "resolve_config"]
+           "open_model", "open_part", "resolve_config"]

@@ -304,6 +304,13 @@ def leaves_from_tree(params: Mapping, origin: str = "params") -> dict[str, Leaf]
                     stacked=True, origin=origin) for k, v in flat.items()}
 
 
+def as_leaves(tree: Mapping) -> dict[str, Leaf]:
+    """{leaf: Leaf} as given, or over an in-memory param tree."""
+    if tree and all(isinstance(v, Leaf) for v in tree.values()):
+        return dict(tree)
+    return leaves_from_tree(tree)
+
+
 def leaves_from_native(source: KeySource) -> dict[str, Leaf]:
     """Leaves of a source whose keys are our "/"-joined leaf names (our native format)."""
     return {k: Leaf(source.shape(k), source.dtype(k), (lambda j, k=k: source.get(k, j)),
