@@ -83,6 +83,8 @@ def text_fields(cfg) -> list[str]:
 def abstract_batch(cfg, config, mesh, rules) -> dict:
     """ShapeDtypeStructs (sharded on the batch axes) of the global batch `loop.run` feeds."""
     from blip2_jax import sharding as sharding_lib
+    from blip2_jax.data.features import FIELD as FEATURES
+    from blip2_jax.train import flops as flops_lib
     from blip2_jax.train.loop import _plain
     b = int(config.batch_size)
     length = int(_plain(config.get("text") or {}).get("max_length", 32))
@@ -91,7 +93,13 @@ def abstract_batch(cfg, config, mesh, rules) -> dict:
     def arr(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.batch_sharding(
             mesh, len(shape), shape[0], rules))
-    out = {"image": arr((b, size, size, 3), jnp.float32), "valid": arr((b,), jnp.bool_)}
+    if _plain(config.get("data") or {}).get("features"):
+        # A frozen-feature cache: the ViT's tokens, in its compute dtype (data/features.py).
+        n = flops_lib.vision_tokens(cfg.vision, size)
+        out = {FEATURES: arr((b, n, cfg.vision.hidden_size), jnp.dtype(cfg.vision.dtype))}
+    else:
+        out = {"image": arr((b, size, size, 3), jnp.float32)}
+    out["valid"] = arr((b,), jnp.bool_)
     for k in ("image_index", "dataset_index", "index"):
         out[k] = arr((b,), jnp.int32)
     for name in text_fields(cfg):

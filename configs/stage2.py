@@ -105,6 +105,9 @@ def get_config(arg=None):
         prompt="",                       # pre-training prompt (§3.3)
         num_workers=8,                   # per host; tune to the host's cores
         num_threads=16,
+        # A frozen-feature cache directory (blip2_jax/data/features.py): train from the ViT's
+        # precomputed outputs. Only without augmentation: image_processor="blip_image_eval".
+        features="",
     )
     c.text = dict(llm_tokenizer=f"/path/to/{checkpoint}",
                   max_length=32)         # LAVIS max_txt_len (§3.1, §3.2)

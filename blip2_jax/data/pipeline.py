@@ -23,7 +23,8 @@ A record whose image does not decode is dropped, counted and logged (`skipped(it
 count and the first few keys; both are part of the checkpointed state).
 
 Batch fields:
-- `image` float32 (b, S, S, 3);
+- `image` float32 (b, S, S, 3); or, with a frozen-feature cache (`data.features`, training),
+  `vision_features` (b, N, Dv): the frozen ViT's tokens (`data/features.py`);
 - `text`: the caption, or the question for VQA; LAVIS-cleaned, prompt applied. With
   `prefix_lm` it is the caption's prefix, and `target` holds the suffix;
 - VQA also has `answer` (one of the answers, drawn by frequency) and `answers` (all of them, as
@@ -45,7 +46,7 @@ import grain
 import numpy as np
 
 from blip2_jax import processing
-from blip2_jax.data import builders, ops
+from blip2_jax.data import builders, features, ops
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,10 @@ class _Process(grain.transforms.RandomMap):
 
     def __init__(self, kinds: Sequence[str], processors: Sequence[str], *, image_size: int,
                  flip: bool, max_words: int, prompt: str, question_template: str,
-                 texts: Sequence[TextSpec], train: bool, prefix_lm: bool = False):
+                 texts: Sequence[TextSpec], train: bool, prefix_lm: bool = False,
+                 caches: Sequence[Optional[features.FeatureCache]] = ()):
         self.kinds = list(kinds)
+        self.caches = list(caches) or [None] * len(self.kinds)
         self.image_fns = [ops.image_processor(p, image_size, flip) for p in processors]
         self.max_words, self.prompt = max_words, prompt
         self.question_template = question_template
@@ -115,13 +118,19 @@ class _Process(grain.transforms.RandomMap):
     def random_map(self, element, rng: np.random.Generator):
         dataset_index, record = element
         kind = self.kinds[dataset_index]
+        cache = self.caches[dataset_index]
         try:
-            pixels, bad = self.image_fns[dataset_index](ops.decode(record["image"]), rng), None
+            if cache is not None:
+                image = cache.decode(record[features.FIELD])
+            else:
+                image = self.image_fns[dataset_index](ops.decode(record["image"]), rng)
+            bad = None
         except ValueError as e:
             # Kept as an invalid row so evaluation stays in step; training drops it.
-            pixels = np.zeros((self.image_size, self.image_size, 3), np.float32)
+            image = (cache.zeros() if cache is not None
+                     else np.zeros((self.image_size, self.image_size, 3), np.float32))
             bad = f"{_text(record['image_id'])} (index {int(record['index'])}): {e}"
-        out = {"image": pixels,
+        out = {features.FIELD if cache is not None else "image": image,
                **({"position": np.int32(record[_POSITION])} if _POSITION in record else {}),
                "image_index": np.int32(record["image_index"]),
                "dataset_index": np.int32(dataset_index),
@@ -224,6 +233,23 @@ class _WithPosition:
         return {**record, _POSITION: position}
 
 
+class _WithFeatures:
+    """A split's records, each with its image's cached ViT tokens (bytes) instead of the
+    image."""
+
+    def __init__(self, records, cache: features.FeatureCache):
+        self.records, self.cache = records, cache
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        record = dict(self.records[i])
+        record.pop("image", None)
+        record[features.FIELD] = self.cache.raw(record["image_index"])
+        return record
+
+
 class _Tag:
     """record → (dataset index, record)."""
 
@@ -274,7 +300,7 @@ class Pipeline:
                  image_processor: Optional[str] = None, flip: bool = True,
                  max_words: int = 50, prompt: str = "",
                  question_template: str = "{}", texts: Sequence[TextSpec] = (),
-                 prefix_lm: bool = False,
+                 prefix_lm: bool = False, features_dir: Optional[str] = None,
                  process_index: int = 0, process_count: int = 1, num_workers: int = 0,
                  num_threads: int = 8, prefetch: int = 64):
         if not sources:
@@ -300,10 +326,19 @@ class Pipeline:
         self.process_index, self.process_count = process_index, process_count
         self.num_workers, self.num_threads, self.prefetch = num_workers, num_threads, prefetch
         self.splits = [builders.open_split(data_dir, s.name, s.split) for s in sources]
+        # Frozen-feature cache (training): ViT tokens read instead of images (data/features.py).
+        self.caches: list = []
+        if features_dir and train:
+            for s, split, processor in zip(sources, self.splits, processors):
+                features.check_processor(processor, s.name)
+                self.caches.append(features.open_cache(
+                    features_dir, s.name, s.split, records=len(split),
+                    image_processor=processor, image_size=image_size))
+            self.splits = [_WithFeatures(split, c) for split, c in zip(self.splits, self.caches)]
         self._process = _Process(kinds, processors, image_size=image_size, flip=flip,
                                  max_words=max_words, prompt=prompt,
                                  question_template=question_template, texts=texts, train=train,
-                                 prefix_lm=prefix_lm)
+                                 prefix_lm=prefix_lm, caches=self.caches)
         self._weights = weights
 
     @property
@@ -351,8 +386,10 @@ class Pipeline:
 
 
 def numeric(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The fields a device step takes (numbers and bools; no strings or objects)."""
-    return {k: v for k, v in batch.items() if v.dtype.kind in "biuf"}
+    """The fields a device step takes (numbers and bools, bfloat16 included; no strings or
+    objects)."""
+    return {k: v for k, v in batch.items() if v.dtype.kind in "biuf"
+            or v.dtype == features.BFLOAT16}
 
 
 def skipped(iterator) -> tuple[int, list[str]]:
@@ -373,7 +410,8 @@ def from_config(data, *, batch_size: int, seed: int = 0, train: bool = True,
         data.data_dir, data.train (one source dict or a list: name, split, weight,
         image_processor), data.image_size, data.image_processor, data.flip, data.max_words,
         data.prompt, data.question_template, data.texts (list of TextSpec dicts),
-        data.num_workers, data.num_threads, data.prefetch
+        data.num_workers, data.num_threads, data.prefetch, data.features (a frozen-feature
+        cache directory, data/features.py: training reads ViT tokens instead of images)
 
     `split_key` picks the sources (data.train, data.eval, ...); process index/count default to
     jax's."""
@@ -388,10 +426,12 @@ def from_config(data, *, batch_size: int, seed: int = 0, train: bool = True,
     sources = [Source(**dict(s)) for s in raw]
     texts = [TextSpec(**dict(t)) for t in data.get("texts", ())]
     known = {"data_dir", "image_size", "image_processor", "flip", "max_words", "prompt",
-             "question_template", "num_workers", "num_threads", "prefetch", "prefix_lm"}
+             "question_template", "num_workers", "num_threads", "prefetch", "prefix_lm",
+             "features"}
     extra = set(data) - known - {"texts", split_key, "train", "eval"}
     if extra:
         raise KeyError(f"unknown data config keys {sorted(extra)} (known: {sorted(known)})")
     kwargs = {k: data[k] for k in known if k in data}
+    kwargs["features_dir"] = kwargs.pop("features", None)
     return Pipeline(sources, batch_size=batch_size, seed=seed, train=train, texts=texts,
                     process_index=process_index, process_count=process_count, **kwargs)

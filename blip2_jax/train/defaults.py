@@ -96,7 +96,7 @@ def synthetic_data(data_dir: str, **overrides) -> dict:
     return dict(data_dir=data_dir, train=dict(name="blip2_captions/synthetic", split="train"),
                 # No crops or flips: the captions say where each object is.
                 image_processor="blip_image_eval", flip=False, prompt="",
-                num_workers=0, num_threads=2, **overrides)
+                num_workers=0, num_threads=2, features="", **overrides)
 
 
 def synthetic_evaluators(*kinds: str, split: str = "test", **settings) -> dict:

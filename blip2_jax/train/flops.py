@@ -46,6 +46,7 @@ import dataclasses
 from typing import Mapping, Optional, Sequence, Union
 
 from blip2_jax.config import Blip2Config, OPTConfig, QFormerConfig, T5Config, VisionConfig
+from blip2_jax.data.features import FIELD as FEATURES
 
 ImageSize = Union[int, Sequence[int]]
 
@@ -215,21 +216,23 @@ def train_step_flops_breakdown(cfg: Blip2Config, loss_cfg, batch_size: int, text
                                target_len: Optional[int] = None,
                                image_size: Optional[ImageSize] = None,
                                train_vision: Optional[bool] = None,
-                               train_llm: bool = False) -> dict[str, float]:
+                               train_llm: bool = False,
+                               cached_vision: bool = False) -> dict[str, float]:
     """Training FLOPs of one step over the global batch, by part (see the module docstring).
 
     loss_cfg: `train.step.LossConfig` (its weights switch stage-1 terms; `train_vision`).
     text_len: stage 1 the `qformer_ids` length; OPT the `llm_ids` length; T5 the prefix
     (`llm_ids`) length, with `target_len` the `target_ids` length. image_size: the batch's
     image side (default the config's). train_vision: default `loss_cfg.train_vision`.
-    train_llm: the LLM is trained (not frozen)."""
+    train_llm: the LLM is trained (not frozen). cached_vision: the batch brings the ViT's
+    output (a frozen-feature cache), so the step runs no ViT."""
     if train_vision is None:
         train_vision = bool(getattr(loss_cfg, "train_vision", False))
     b, t = int(batch_size), int(text_len)
     q = cfg.num_query_tokens
     h = cfg.qformer.hidden_size
     n_img = vision_tokens(cfg.vision, image_size)
-    out = {"vision": vit_flops(cfg.vision, b, image_size).cost(
+    out = {"vision": 0.0 if cached_vision else vit_flops(cfg.vision, b, image_size).cost(
         "trainable" if train_vision else "forward")}
     query_pass = qformer_flops(cfg.qformer, b, queries=q, image_tokens=n_img)
 
@@ -268,17 +271,21 @@ def train_step_flops_breakdown(cfg: Blip2Config, loss_cfg, batch_size: int, text
 
 def train_step_flops(cfg: Blip2Config, loss_cfg, batch_size: int, text_len: int, *,
                      target_len: Optional[int] = None, image_size: Optional[ImageSize] = None,
-                     train_vision: Optional[bool] = None, train_llm: bool = False) -> float:
+                     train_vision: Optional[bool] = None, train_llm: bool = False,
+                     cached_vision: bool = False) -> float:
     """Matmul FLOPs of one training step (forward + backward) over the global batch; the sum of
     `train_step_flops_breakdown`. Per device: divide by the device count."""
     return float(sum(train_step_flops_breakdown(
         cfg, loss_cfg, batch_size, text_len, target_len=target_len, image_size=image_size,
-        train_vision=train_vision, train_llm=train_llm).values()))
+        train_vision=train_vision, train_llm=train_llm, cached_vision=cached_vision).values()))
 
 
 def _batch_shapes(cfg: Blip2Config, batch: Mapping) -> dict:
-    image = batch["image"].shape                        # (B, H, W, 3)
-    kw = dict(batch_size=image[0], image_size=(image[1], image[2]))
+    if FEATURES in batch:                               # (B, N, Dv) cached ViT tokens
+        kw = dict(batch_size=batch[FEATURES].shape[0], cached_vision=True)
+    else:
+        image = batch["image"].shape                    # (B, H, W, 3)
+        kw = dict(batch_size=image[0], image_size=(image[1], image[2]))
     if cfg.llm is None:
         kw["text_len"] = batch["qformer_ids"].shape[1]
     else:
@@ -292,7 +299,8 @@ def train_step_flops_for_batch(cfg: Blip2Config, loss_cfg, batch: Mapping, *,
                                train_vision: Optional[bool] = None,
                                train_llm: bool = False) -> float:
     """`train_step_flops` with the sizes read from a batch dict (numpy or global jax arrays:
-    pass the GLOBAL batch, e.g. after `Trainer.place`): `image` (B, H, W, 3), and
+    pass the GLOBAL batch, e.g. after `Trainer.place`): `image` (B, H, W, 3) or
+    `vision_features` (B, N, Dv), and
     `qformer_ids` (stage 1), `llm_ids` (stage 2), `target_ids` (T5)."""
     return train_step_flops(cfg, loss_cfg, **_batch_shapes(cfg, batch),
                             train_vision=train_vision, train_llm=train_llm)

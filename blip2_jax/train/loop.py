@@ -28,7 +28,7 @@ import numpy as np
 
 from blip2_jax import api, checkpoint as ckpt_lib, config as config_lib, processing
 from blip2_jax import sharding as sharding_lib
-from blip2_jax.data import pipeline
+from blip2_jax.data import features, pipeline
 from blip2_jax.train import init as init_lib
 from blip2_jax.train import state as state_lib
 from blip2_jax.train.metrics import MetricWriter
@@ -218,6 +218,8 @@ def run(config, workdir: str) -> dict:
     params, sources = init_lib.initial_params(cfg, _plain(config.init), int(config.seed))
     frozen_tops = sorted({p.split("/")[0] for p in trainer.frozen_paths})
     _, frozen_meta = _frozen_towers(trainer, params, sources, frozen_dtype)
+    features.check_vision(data.caches, frozen_meta.get("vision", {}).get("sha256"),
+                          trainer.loss_cfg.train_vision)
     state, frozen = trainer.init(params, seed=int(config.seed))
     del params
 

@@ -14,7 +14,8 @@ Stage 2 T5: the prefix LM. The encoder reads [queries; caption prefix] and the d
 predicts the caption suffix (`data.pipeline` splits the caption).
 
 Batch fields (from `data.pipeline` with the stage's `TextSpec`s):
-- all stages: `image` (B, S, S, 3), `valid` (B,);
+- all stages: `image` (B, S, S, 3) — or `vision_features` (B, N, Dv), the frozen ViT's output
+  from a feature cache — and `valid` (B,);
 - stage 1: `qformer_ids`/`qformer_mask`, and `image_index` + `dataset_index` when the
   config asks for image-id-aware ITC;
 - stage 2 OPT: `llm_ids`/`llm_mask`;
@@ -29,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blip2_jax import losses, sharding
+from blip2_jax import losses, nn as bnn, sharding
 from blip2_jax.config import Blip2Config, OPTConfig
+from blip2_jax.data.features import FIELD as FEATURES
 from blip2_jax.models.blip2 import Blip2Module
 from blip2_jax.train.state import TrainState, merge
 
@@ -50,16 +52,22 @@ class LossConfig:
     train_vision: bool = False        # the ViT is trainable (fine-tuning): backprop through it
 
 
-def _image_embeds(m: Blip2Module, pixels, train_vision: bool):
-    # A frozen ViT runs forward only; ln_vision (trainable) is differentiated either way.
-    h = m.vision(pixels)
+def _image_embeds(m: Blip2Module, batch: Mapping, train_vision: bool):
+    # A frozen ViT runs forward only, or not at all when the batch brings its cached output
+    # (data/features.py); ln_vision (trainable) is differentiated either way.
+    if FEATURES in batch:
+        if train_vision:
+            raise ValueError("a batch of cached ViT features cannot train the ViT")
+        h = batch[FEATURES].astype(bnn.dtype_of(m.config.vision.dtype))
+    else:
+        h = m.vision(batch["image"])
     return m.ln_vision(h if train_vision else jax.lax.stop_gradient(h))
 
 
 def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     k_itm, _ = jax.random.split(rng)
     ids, mask = batch["qformer_ids"], batch["qformer_mask"]
-    image_embeds = _image_embeds(m, batch["image"], lc.train_vision)
+    image_embeds = _image_embeds(m, batch, lc.train_vision)
     query_out, query_cache = m.query_output(image_embeds, return_query_cache=True,
                                             deterministic=False)
     image_ids = None
@@ -86,7 +94,7 @@ def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
 
 def stage2_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     cfg = m.config
-    query_out, _ = m.query_output(_image_embeds(m, batch["image"], lc.train_vision),
+    query_out, _ = m.query_output(_image_embeds(m, batch, lc.train_vision),
                                   deterministic=False)
     prefix = m.llm_prefix(query_out)
     ids, mask = batch["llm_ids"], batch["llm_mask"]
