@@ -324,16 +324,17 @@ def compile_generate(config, devices: Sequence[Any], topology: str = "") -> Repo
 def main(argv=None) -> int:
     from absl import flags
     from ml_collections import config_flags
+    argv = list(sys.argv if argv is None else argv)
     flags_ = flags.FlagValues()
     config_flag = config_flags.DEFINE_config_file("config", None, "a configs/*.py file[:arg]",
-                                                  flag_values=flags_, lock_config=False)
+                                                  flag_values=flags_, lock_config=False,
+                                                  sys_argv=argv)
     flags.DEFINE_string("topology", None, "TPU topology or pod name", flag_values=flags_)
     flags.DEFINE_enum("program", "train", ["train", "generate"], "what to compile",
                       flag_values=flags_)
     flags.DEFINE_string("json", None, "also write the report as JSON here", flag_values=flags_)
     flags.DEFINE_bool("estimate", True, "also compile with layers unrolled for XLA's FLOPs and "
                       "step-time estimate (slower)", flag_values=flags_)
-    argv = list(sys.argv if argv is None else argv)
     try:
         flags_(argv)
         if flags_.config is None or flags_.topology is None:

@@ -336,9 +336,10 @@ def main(argv=None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
 
+    argv = list(sys.argv if argv is None else argv)
     flags_ = flags.FlagValues()
     config_flag = config_flags.DEFINE_config_file("config", None, "the training config",
-                                                  flag_values=flags_)
+                                                  flag_values=flags_, sys_argv=argv)
     flags.DEFINE_integer("batch_size", 64, "images per ViT call (multiple of the local "
                          "devices)", flag_values=flags_)
     flags.DEFINE_string("dtype", None, "storage dtype (default: the ViT's compute dtype)",
@@ -346,7 +347,6 @@ def main(argv=None) -> int:
     flags.DEFINE_bool("overwrite", False, "replace a cache that differs", flag_values=flags_)
     flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() first (multi-host)",
                       flag_values=flags_)
-    argv = sys.argv if argv is None else argv
     flags_(argv)
     if flags_.distributed:
         import jax
