@@ -79,7 +79,9 @@ def get_config(arg=None):
     c.frozen = ("vision/.*",)
     # Paper: frozen ViT in fp16 (§4.1); bf16 here (no fp16 loss scaling in this trainer).
     c.frozen_dtype = "bfloat16"
-    c.loss = dict(itc=1.0, itm=1.0, itg=1.0)
+    # itm_image_kv_once: the ITM pass projects each image's cross-attention K/V once, not per
+    # pair (train/step.py).
+    c.loss = dict(itc=1.0, itm=1.0, itg=1.0, itm_image_kv_once=False)
     c.optimizer = dict(
         lr=1e-4,              # peak LR (§4.1)
         # Paper gives a minimum LR only for stage 2; stage 1 uses LAVIS's min_lr (§4.2).

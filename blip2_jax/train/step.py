@@ -50,6 +50,7 @@ class LossConfig:
     prompt_length: int = 0            # OPT: BOS + prompt tokens that are not targets
     dec_token_id: int = 0             # the Q-Former tokenizer's [DEC] id (ITG BOS)
     train_vision: bool = False        # the ViT is trainable (fine-tuning): backprop through it
+    itm_image_kv_once: bool = False   # ITM: image K/V projected once per image, not per pair
 
 
 def _image_embeds(m: Blip2Module, batch: Mapping, train_vision: bool):
@@ -80,10 +81,19 @@ def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
         out["itc"] = losses.itc_loss(*sims, image_ids=image_ids)
     if lc.itm:
         neg_image, neg_text = losses.itm_negatives(k_itm, *sims, image_ids=image_ids)
-        # Gathered across devices, the 3B pairs would otherwise be replicated on every device.
-        pairs = sharding.constrain_batch(losses.itm_pairs(image_embeds, ids, mask, neg_image,
-                                                          neg_text))
-        out["itm"] = losses.itm_loss(m.itm_logits(*pairs, deterministic=False))
+        if lc.itm_image_kv_once:
+            # The 3B pairs show only B distinct images: each cross-attention layer projects
+            # their keys/values once and gathers them per pair (2B projections saved).
+            index, pair_ids, pair_mask = sharding.constrain_batch(
+                losses.itm_pair_index(ids, mask, neg_image, neg_text))
+            logits = m.itm_logits(image_embeds, pair_ids, pair_mask, image_index=index,
+                                  deterministic=False)
+        else:
+            # Gathered across devices, the 3B pairs would otherwise be replicated everywhere.
+            pairs = sharding.constrain_batch(losses.itm_pairs(image_embeds, ids, mask,
+                                                              neg_image, neg_text))
+            logits = m.itm_logits(*pairs, deterministic=False)
+        out["itm"] = losses.itm_loss(logits)
     if lc.itg:
         dec = losses.itg_inputs(ids, lc.dec_token_id)
         out["itg"] = losses.itg_loss(m.itg_logits(query_cache, dec, mask, deterministic=False),
