@@ -170,6 +170,27 @@ def test_same_losses_and_updates_on_any_mesh(preset):
     assert ref_metrics[-1]["loss"] < ref_metrics[0]["loss"]       # it learns (same batch)
 
 
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_itm_reusing_the_query_pass_image_kv_is_the_same_step(mesh_name):
+    """`itm_image_kv_once`: the ITM pass gathers the query pass's image keys/values instead of
+    projecting the 3B paired images: the same losses, gradients and updates (no dropout)."""
+    cfg = _no_dropout(config.get_preset("tiny-stage1"))
+    params = api.init_params(cfg, 0)
+    mesh = _mesh(MESHES[mesh_name])
+    _, ref, _, ref_m = _run(cfg, LossConfig(dec_token_id=99), params, _stage1_batch(), mesh,
+                            steps=2)
+    _, got, _, got_m = _run(cfg, LossConfig(dec_token_id=99, itm_image_kv_once=True), params,
+                            _stage1_batch(), mesh, steps=2)
+    for m, r in zip(got_m, ref_m):
+        for k in ("loss", "itc", "itm", "itg", "grad_norm", "param_norm"):
+            assert abs(m[k] - r[k]) <= 1e-5 * max(1.0, abs(r[k])), (k, m[k], r[k])
+    ref_p, got_p = (flatten(jax.tree.map(np.asarray, s.params)) for s in (ref, got))
+    for path in ref_p:
+        if _comparable(path):
+            assert np.abs(got_p[path] - ref_p[path]).max() <= 1e-5 * max(
+                1.0, np.abs(ref_p[path]).max()), path
+
+
 def test_frozen_towers_are_bf16_untouched_and_have_no_optimizer_state():
     cfg = config.get_preset("tiny-opt")
     params = api.init_params(cfg, 0)

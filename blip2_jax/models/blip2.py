@@ -71,13 +71,17 @@ class Blip2Module(nn.Module):
         """(B, N, Dv): the image encoder's tokens after its final LayerNorm."""
         return self.ln_vision(self.vision(pixel_values))
 
-    def query_output(self, image_embeds, *, return_query_cache=False, deterministic=True):
-        """(B, Q, H) Q-Former outputs of the learned queries (and their per-layer K/V)."""
+    def query_output(self, image_embeds, *, return_query_cache=False, return_image_kv=False,
+                     deterministic=True):
+        """(B, Q, H) Q-Former outputs of the learned queries, and their per-layer K/V
+        (`return_query_cache`) and the images' cross-attention K/V (`return_image_kv`; see
+        `QFormer`)."""
         dt = bnn.dtype_of(self.config.qformer.dtype)
         queries = jnp.broadcast_to(self.query_tokens,
                                    (image_embeds.shape[0],) + self.query_tokens.shape[1:])
         return self.qformer(queries.astype(dt), image_embeds=image_embeds.astype(dt),
-                            return_query_cache=return_query_cache, deterministic=deterministic)
+                            return_query_cache=return_query_cache,
+                            return_image_kv=return_image_kv, deterministic=deterministic)
 
     def query_embeds(self, pixel_values):
         return self.query_output(self.image_embeds(pixel_values))[0]
@@ -100,17 +104,20 @@ class Blip2Module(nn.Module):
         return jnp.max(jnp.einsum("iqe,te->itq", img, txt), axis=-1)
 
     def itm_logits(self, image_embeds, input_ids, attention_mask, *, image_index=None,
-                   deterministic=True):
+                   image_kv=None, deterministic=True):
         """(B, 2) ITM logits of image b with text b: itm_head over the query outputs, averaged.
 
         With image_index (B,) int, image_embeds (U, N, Dv) holds distinct images and text b is
         paired with image_embeds[image_index[b]]; the Q-Former then projects each image's
-        cross-attention keys/values once instead of once per pair (retrieval re-ranking)."""
+        cross-attention keys/values once instead of once per pair (retrieval re-ranking).
+        image_kv: those keys/values as the query pass returned them (`query_output(...,
+        return_image_kv=True)`), not projected again (training; image_embeds may be None)."""
         dt = bnn.dtype_of(self.config.qformer.dtype)
         b = input_ids.shape[0]
         queries = jnp.broadcast_to(self.query_tokens, (b,) + self.query_tokens.shape[1:])
         h, _ = self.qformer(queries.astype(dt), input_ids, attention_mask,
-                            image_embeds.astype(dt), image_index=image_index,
+                            None if image_embeds is None else image_embeds.astype(dt),
+                            image_index=image_index, image_kv=image_kv,
                             deterministic=deterministic)
         return jnp.mean(self.itm_head(h[:, :self.config.num_query_tokens]), axis=1)
 

@@ -12,7 +12,9 @@ Modes of `QFormer.__call__` (Q queries, T text tokens):
   e. text + `query_cache` from (a), `causal=True`       → (B, T, H)   ITG as LAVIS runs it
 With `image_index` (B,), `image_embeds` holds U distinct images and row b attends to image
 `image_index[b]`: every cross-attention layer projects the U images' keys/values once and gathers
-them per row (ITM re-ranking, where each image meets many texts).
+them per row (ITM re-ranking, where each image meets many texts). `return_image_kv` returns those
+keys/values from a query pass and `image_kv` takes them in a later pass instead of projecting the
+images again (training: the ITM pass reuses the query pass's).
 Tests: tests/test_qformer.py — (a), (b), (c) against HF's Q-Former calls, (d) against HF fed the
 explicit 4-D UniLM mask, (e) against (d), the query cache against HF's per-layer key/value
 projections, dropout / remat behaviour and the HF weight round trip; tests/test_retrieval_eval.py
@@ -101,9 +103,10 @@ class QFormerLayer(nn.Module):
     query_len: int
     deterministic: bool = True
     return_kv: bool = False
+    return_image_kv: bool = False
 
     @nn.compact
-    def __call__(self, h, mask, image_embeds, kv_prefix=None, image_index=None):
+    def __call__(self, h, mask, image_embeds, kv_prefix=None, image_index=None, image_kv=None):
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         det = self.deterministic
@@ -125,15 +128,17 @@ class QFormerLayer(nn.Module):
         def query_ffn(x):
             return ln(name="query_ffn_ln")(x + drop(mlp(name="query_ffn")(x)))
 
-        def cross(x, context, index=None):
+        def cross(x, context, index=None, given=None):
+            # The images' keys/values: given (projected by an earlier pass), or projected here
+            # once per image; with `index`, gathered per row.
             a = attn(name="cross_attn")
-            context, kv = context.astype(dt), None
-            if index is not None:      # project each distinct image once, then gather per row
-                kv = tuple(jnp.take(t, index, axis=0) for t in a.project_kv(context))
-            c, _ = a(x, context=context, kv=kv, deterministic=det)
-            return ln(name="cross_ln")(x + drop(c))
+            kv = given if given is not None else a.project_kv(context.astype(dt))
+            rows = kv if index is None else tuple(jnp.take(t, index, axis=0) for t in kv)
+            c, _ = a(x, kv=rows, deterministic=det)
+            return ln(name="cross_ln")(x + drop(c)), kv
 
         q_len = self.query_len
+        image_kv_out = None
         self_attn = attn(name="self_attn")
         k, v = self_attn.project_kv(h)
         query_kv = (k[:, :q_len], v[:, :q_len]) if self.return_kv else None
@@ -146,21 +151,25 @@ class QFormerLayer(nn.Module):
         if q_len > 0:
             x = h[:, :q_len]
             if self.has_cross:
-                if image_embeds is None:
-                    raise ValueError("queries need image_embeds (layer with cross-attention)")
-                x = cross(x, image_embeds, image_index)
+                if image_embeds is None and image_kv is None:
+                    raise ValueError("queries need image_embeds or image_kv (layer with "
+                                     "cross-attention)")
+                given = None if image_kv is None else (image_kv["k"], image_kv["v"])
+                x, kv = cross(x, image_embeds, image_index, given)
+                if self.return_image_kv:
+                    image_kv_out = {"k": kv[0], "v": kv[1]}
             x = query_ffn(x)
             if h.shape[1] > q_len:
                 x = jnp.concatenate([x, text_ffn(h[:, q_len:])], axis=1)
             elif init and cfg.has_text_input:
                 text_ffn(h)                         # create the text-FFN params
-            return x, query_kv
+            return x, query_kv, image_kv_out
         if init:                                    # create the query-side params
             if self.has_cross:
                 cross(h, jnp.zeros((h.shape[0], 1, cfg.encoder_hidden_size), dt)
                       if image_embeds is None else image_embeds)
             query_ffn(h)
-        return text_ffn(h), query_kv
+        return text_ffn(h), query_kv, image_kv_out
 
 
 class QFormerGroup(nn.Module):
@@ -169,22 +178,27 @@ class QFormerGroup(nn.Module):
     query_len: int
     deterministic: bool = True
     return_kv: bool = False
+    return_image_kv: bool = False
 
     @nn.compact
-    def __call__(self, h, mask, image_embeds, kv_prefix, image_index=None):
+    def __call__(self, h, mask, image_embeds, kv_prefix, image_index=None, image_kv=None):
         cfg = self.config
         kvs = []
+        out = {}
         for j in range(cfg.cross_attention_frequency):
             prefix = None if kv_prefix is None else (kv_prefix["k"][j], kv_prefix["v"][j])
-            h, kv = QFormerLayer(cfg, has_cross=(j == 0), query_len=self.query_len,
-                                 deterministic=self.deterministic, return_kv=self.return_kv,
-                                 name=f"layer_{j}")(h, mask, image_embeds, prefix,
-                                                    image_index)
+            h, kv, ikv = QFormerLayer(
+                cfg, has_cross=(j == 0), query_len=self.query_len,
+                deterministic=self.deterministic, return_kv=self.return_kv,
+                return_image_kv=self.return_image_kv, name=f"layer_{j}")(
+                    h, mask, image_embeds, prefix, image_index, image_kv if j == 0 else None)
             kvs.append(kv)
-        out = None
+            if ikv is not None:
+                out["image_k"], out["image_v"] = ikv["k"], ikv["v"]
         if self.return_kv:
-            out = {"k": jnp.stack([kv[0] for kv in kvs]), "v": jnp.stack([kv[1] for kv in kvs])}
-        return h, out
+            out["k"] = jnp.stack([kv[0] for kv in kvs])
+            out["v"] = jnp.stack([kv[1] for kv in kvs])
+        return h, out or None
 
 
 class QFormer(nn.Module):
@@ -203,8 +217,9 @@ class QFormer(nn.Module):
     @nn.compact
     def __call__(self, query_embeds: Optional[Array] = None, input_ids: Optional[Array] = None,
                  attention_mask: Optional[Array] = None, image_embeds: Optional[Array] = None, *,
-                 image_index: Optional[Array] = None, causal: bool = False,
-                 query_cache: Optional[dict] = None, return_query_cache: bool = False,
+                 image_index: Optional[Array] = None, image_kv: Optional[dict] = None,
+                 causal: bool = False, query_cache: Optional[dict] = None,
+                 return_query_cache: bool = False, return_image_kv: bool = False,
                  deterministic: bool = True) -> tuple[Array, Optional[dict]]:
         """Hidden states, and (with `return_query_cache`) the queries' self-attention K/V.
 
@@ -213,12 +228,16 @@ class QFormer(nn.Module):
           positions only; queries are always valid). image_embeds: (B, N, encoder_hidden_size),
           or (U, N, encoder_hidden_size) with image_index (B,) int: row b's image is
           image_embeds[image_index[b]] (cross-attention keys/values computed once per image).
+        image_kv: {"k", "v"} each (G, U, N, heads, head_dim), the images' cross-attention
+          keys/values as `return_image_kv` gave them (G = layers with cross-attention): used
+          instead of projecting image_embeds again (which may then be None).
         causal: UniLM mask — queries see only queries, text t sees all queries and text <= t.
         query_cache: {"k", "v"} each (L, B, Q, heads, head_dim), as returned by a queries-only
           call with `return_query_cache=True`; the text then attends to [cached queries ; text]
           (needs `causal=True`, no `query_embeds`, no cross-attention runs).
         Returns (hidden, cache): hidden is (B, Q+T, H) (queries first; Q = 0 with a query_cache);
-        cache is {"k","v"} (L, B, Q, heads, head_dim) in layer order, or None.
+        cache is {"k","v"} (L, B, Q, heads, head_dim) in layer order (`return_query_cache`),
+        plus {"image_k", "image_v"} (G, B, N, heads, head_dim) (`return_image_kv`), or None.
         """
         cfg = self.config
         groups = _check_layout(cfg)
@@ -239,8 +258,10 @@ class QFormer(nn.Module):
                                  f"Q-Former {cfg.num_layers}")
         if return_query_cache and query_embeds is None:
             raise ValueError("return_query_cache needs query_embeds")
-        if image_index is not None and image_embeds is None:
+        if image_index is not None and image_embeds is None and image_kv is None:
             raise ValueError("image_index selects rows of image_embeds; it needs image_embeds")
+        if return_image_kv and (query_embeds is None or image_embeds is None):
+            raise ValueError("return_image_kv needs query_embeds and image_embeds")
 
         q_len = 0 if query_embeds is None else query_embeds.shape[1]
         prefix_len = q_len if query_cache is None else query_cache["k"].shape[2]
@@ -270,10 +291,11 @@ class QFormer(nn.Module):
             kv_prefix = {n: query_cache[n].reshape(groups, freq, *query_cache[n].shape[1:])
                          for n in ("k", "v")}
         stack = scan_layers(QFormerGroup, groups,
-                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                             remat=cfg.remat_policy, name="layers", config=cfg, query_len=q_len,
-                            deterministic=deterministic, return_kv=return_query_cache)
-        h, kv = stack(h, mask, image_embeds, kv_prefix, image_index)
+                            deterministic=deterministic, return_kv=return_query_cache,
+                            return_image_kv=return_image_kv)
+        h, kv = stack(h, mask, image_embeds, kv_prefix, image_index, image_kv)
         if return_query_cache:
-            kv = {n: kv[n].reshape(cfg.num_layers, *kv[n].shape[2:]) for n in ("k", "v")}
+            kv.update({n: kv[n].reshape(cfg.num_layers, *kv[n].shape[2:]) for n in ("k", "v")})
         return h, kv

@@ -50,7 +50,7 @@ class LossConfig:
     prompt_length: int = 0            # OPT: BOS + prompt tokens that are not targets
     dec_token_id: int = 0             # the Q-Former tokenizer's [DEC] id (ITG BOS)
     train_vision: bool = False        # the ViT is trainable (fine-tuning): backprop through it
-    itm_image_kv_once: bool = False   # ITM: image K/V projected once per image, not per pair
+    itm_image_kv_once: bool = False   # ITM reuses the query pass's image K/V (train/step.py)
 
 
 def _image_embeds(m: Blip2Module, batch: Mapping, train_vision: bool):
@@ -69,8 +69,9 @@ def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     k_itm, _ = jax.random.split(rng)
     ids, mask = batch["qformer_ids"], batch["qformer_mask"]
     image_embeds = _image_embeds(m, batch, lc.train_vision)
+    share_kv = bool(lc.itm and lc.itm_image_kv_once)
     query_out, query_cache = m.query_output(image_embeds, return_query_cache=True,
-                                            deterministic=False)
+                                            return_image_kv=share_kv, deterministic=False)
     image_ids = None
     if lc.image_id_itc:
         image_ids = batch["dataset_index"] * _IMAGE_ID_STRIDE + batch["image_index"]
@@ -81,13 +82,14 @@ def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
         out["itc"] = losses.itc_loss(*sims, image_ids=image_ids)
     if lc.itm:
         neg_image, neg_text = losses.itm_negatives(k_itm, *sims, image_ids=image_ids)
-        if lc.itm_image_kv_once:
-            # The 3B pairs show only B distinct images: each cross-attention layer projects
-            # their keys/values once and gathers them per pair (2B projections saved).
+        if share_kv:
+            # The 3B pairs show only the B images of the batch: the ITM pass gathers their
+            # cross-attention keys/values from the query pass instead of projecting 3B images.
             index, pair_ids, pair_mask = sharding.constrain_batch(
                 losses.itm_pair_index(ids, mask, neg_image, neg_text))
-            logits = m.itm_logits(image_embeds, pair_ids, pair_mask, image_index=index,
-                                  deterministic=False)
+            image_kv = {"k": query_cache["image_k"], "v": query_cache["image_v"]}
+            logits = m.itm_logits(None, pair_ids, pair_mask, image_index=index,
+                                  image_kv=image_kv, deterministic=False)
         else:
             # Gathered across devices, the 3B pairs would otherwise be replicated everywhere.
             pairs = sharding.constrain_batch(losses.itm_pairs(image_embeds, ids, mask,
