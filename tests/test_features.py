@@ -125,15 +125,45 @@ def test_refusals(data_dir, cache, tmp_path):
         features.build(_config(data_dir, str(tmp_path / "b"), frozen=()))
     with pytest.raises(features.FeatureCacheError, match="the ViT is trained"):
         loop.run(_config(data_dir, feats, frozen=()), str(tmp_path / "r2"))
-    # Other ViT weights (another seed draws another random ViT).
-    with pytest.raises(features.FeatureCacheError, match="other ViT weights"):
+    # A cache of other ViT weights (another seed draws another random ViT) or image size is
+    # neither used nor replaced by train.py.
+    with open(os.path.join(feats, "blip2_captions/synthetic/train/meta.json")) as f:
+        before = f.read()
+    with pytest.raises(features.FeatureCacheError, match="exists and differs.*vision_sha256"):
         loop.run(_config(data_dir, feats, seed=1), str(tmp_path / "r3"))
-    # No cache, and a cache for another image size.
-    with pytest.raises(features.FeatureCacheError, match="no feature cache.*blip2_jax.data"):
-        loop.run(_config(data_dir, str(tmp_path / "none")), str(tmp_path / "r4"))
-    with pytest.raises(features.FeatureCacheError, match="image size 30, training uses 28"):
+    with pytest.raises(features.FeatureCacheError, match="exists and differs.*image_size"):
         loop.run(_config(data_dir, feats, **{"data.image_size": 28}), str(tmp_path / "r5"))
+    with open(os.path.join(feats, "blip2_captions/synthetic/train/meta.json")) as f:
+        assert f.read() == before
     assert not os.path.exists(tmp_path / "r3" / "checkpoints")
+    # A pipeline opened on a cache of other weights (not through train.py) is refused too.
+    (cache_obj,) = pipeline.from_config(
+        {**loop._plain(_config(data_dir, feats).data), "image_size": 30}, batch_size=8,
+        process_index=0, process_count=1).caches
+    with pytest.raises(features.FeatureCacheError, match="other ViT weights"):
+        features.check_vision([cache_obj], "0" * 64, train_vision=False)
+    # Without a cache (none in that directory) the pipeline says how to make one.
+    with pytest.raises(features.FeatureCacheError, match="no feature cache.*blip2_jax.data"):
+        pipeline.from_config({**loop._plain(_config(data_dir, str(tmp_path / "none")).data),
+                              "image_size": 30}, batch_size=8, process_index=0,
+                             process_count=1)
+
+
+def test_train_py_computes_a_missing_cache_and_reuses_it(data_dir, cache, tmp_path):
+    feats, meta = cache
+    fresh = str(tmp_path / "f")
+    out = loop.run(_config(data_dir, fresh), str(tmp_path / "run1"))
+    with open(os.path.join(fresh, "blip2_captions/synthetic/train/meta.json")) as f:
+        made = json.load(f)
+    assert made["vision_sha256"] == meta["vision_sha256"] and made["images"] == meta["images"]
+    # The CLI's values (it ran other batch sizes, so equal to float rounding).
+    a, b = (features.open_cache(d, "blip2_captions/synthetic", "train", records=made["records"],
+                                image_processor="blip_image_eval", image_size=30)
+            for d in (fresh, feats))
+    for i in (0, len(a) - 1):
+        np.testing.assert_allclose(a[i], b[i], rtol=1e-5, atol=1e-6)
+    again = loop.run(_config(data_dir, fresh), str(tmp_path / "run2"))
+    assert again["loss"] == out["loss"]
 
 
 def test_rebuild_keeps_a_matching_cache_and_replaces_only_with_overwrite(data_dir, tmp_path):

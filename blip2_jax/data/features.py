@@ -65,7 +65,7 @@ def _dtype(name: str) -> np.dtype:
 
 def build_command(dataset: str) -> str:
     return (f"python -m blip2_jax.data.features --config <the training config> "
-            f"(it computes {dataset})")
+            f"(it computes {dataset}; train.py computes a missing cache itself)")
 
 
 @dataclasses.dataclass
@@ -197,33 +197,44 @@ def build(config, *, batch_size: int = 64, dtype: Optional[str] = None, overwrit
           workers: int = 8, log=print) -> list[dict]:
     """Compute the caches of `config`'s training sources; returns their meta dicts."""
     import jax
-    from jax.sharding import Mesh
     from blip2_jax import checkpoint as ckpt_lib
-    from blip2_jax.data import builders, ops, pipeline
     from blip2_jax.train import init as init_lib, loop
+
+    cfg = loop.model_config(config)
+    frozen = tuple(config.get("frozen") or ())
+    if not vision_is_frozen(cfg, frozen):
+        raise FeatureCacheError(f"config.frozen {list(frozen)} does not freeze the ViT "
+                                "('vision/.*'): a trained ViT's outputs cannot be cached")
+    # The run's own ViT weights, as the trainer holds them.
+    params, sources = init_lib.initial_params(cfg, loop._plain(config.init), int(config.seed))
+    vision = params["vision"]
+    del params
+    frozen_dtype = config.get("frozen_dtype") or None
+    if frozen_dtype:
+        vision = jax.tree.map(lambda x: np.asarray(x).astype(frozen_dtype), vision)
+    # The hash the run's checkpoints record of its frozen ViT (loop._frozen_towers).
+    return build_with(config, cfg, vision, ckpt_lib.tree_hash(vision), sources.get("vision"),
+                      batch_size=batch_size, dtype=dtype, overwrite=overwrite, workers=workers,
+                      log=log)
+
+
+def build_with(config, cfg, vision, vision_sha: str, vision_source: Optional[str], *,
+               batch_size: int = 64, dtype: Optional[str] = None, overwrite: bool = False,
+               workers: int = 8, log=print) -> list[dict]:
+    """`build` with the frozen ViT given: params as the run holds them (frozen_dtype), their
+    content hash and where they came from (train.py passes its own)."""
+    import jax
+    from jax.sharding import Mesh
+    from blip2_jax.data import builders, ops, pipeline
+    from blip2_jax.train import loop
     from array_record.python.array_record_module import ArrayRecordWriter
 
     data = loop._plain(config.data)
     root = data.get("features")
     if not root:
         raise FeatureCacheError("config.data.features is not set: it names the cache directory")
-    cfg = loop.model_config(config)
-    frozen = tuple(config.get("frozen") or ())
-    if not vision_is_frozen(cfg, frozen):
-        raise FeatureCacheError(f"config.frozen {list(frozen)} does not freeze the ViT "
-                                "('vision/.*'): a trained ViT's outputs cannot be cached")
     image_size = int(data.get("image_size") or cfg.vision.image_size)
-    frozen_dtype = config.get("frozen_dtype") or None
     out_dtype = _dtype(dtype or cfg.vision.dtype)
-
-    # The run's own ViT weights, as the trainer holds them.
-    params, sources = init_lib.initial_params(cfg, loop._plain(config.init), int(config.seed))
-    vision = params["vision"]
-    del params
-    if frozen_dtype:
-        vision = jax.tree.map(lambda x: np.asarray(x).astype(frozen_dtype), vision)
-    # The hash the run's checkpoints record of its frozen ViT (loop._frozen_towers).
-    vision_sha = ckpt_lib.tree_hash(vision)
     devices = jax.local_devices()
     if batch_size % len(devices):
         raise FeatureCacheError(f"--batch-size {batch_size} must be a multiple of the "
@@ -248,14 +259,17 @@ def build(config, *, batch_size: int = 64, dtype: Optional[str] = None, overwrit
         if os.path.isfile(os.path.join(final, _META)):
             with open(os.path.join(final, _META)) as f:
                 have = json.load(f)
-            if all(have.get(k) == v for k, v in want.items()):
+            # Without an explicit --dtype, a cache stored in any dtype serves.
+            check = {k: v for k, v in want.items() if k != "dtype" or dtype}
+            if all(have.get(k) == v for k, v in check.items()):
                 log(f"{final}: up to date ({have['images']} images)")
                 metas.append(have)
                 continue
             if not overwrite:
-                diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+                diff = {k: (have.get(k), v) for k, v in check.items() if have.get(k) != v}
                 raise FeatureCacheError(f"{final} exists and differs (cached, wanted): {diff}; "
-                                        "pass --overwrite to replace it")
+                                        f"replace it with --overwrite: "
+                                        f"{build_command(source.name)}")
         t0 = time.perf_counter()
         first = _first_records(src)
         n = len(first)
@@ -305,7 +319,7 @@ def build(config, *, batch_size: int = 64, dtype: Optional[str] = None, overwrit
                 os.remove(os.path.join(partial, f"part-{p:05d}.json"))
             shape = next(p["shape"] for p in parts if p["shape"])
             bad = [b for p in parts for b in p["bad"]]
-            meta = {**want, "images": n, "shape": shape, "vision_source": sources.get("vision"),
+            meta = {**want, "images": n, "shape": shape, "vision_source": vision_source,
                     "shards": [_shard_name(p, nproc) for p in range(nproc)],
                     "bad_images": len(bad), "first_bad": bad[:5],
                     "seconds": round(time.perf_counter() - t0, 2)}

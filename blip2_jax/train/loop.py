@@ -201,8 +201,6 @@ def run(config, workdir: str) -> dict:
     data_cfg.setdefault("image_size", cfg.vision.image_size)
     if prefix_lm:
         data_cfg["prefix_lm"] = True
-    data = pipeline.from_config(data_cfg, batch_size=int(config.batch_size),
-                                seed=int(config.seed))
     eval_every = int(_plain(config.get("eval") or {}).get("every_steps") or 0)
     evs, eval_tokenizers = evaluators(config) if eval_every > 0 else ([], None)
     if jax.process_count() > 1 and any(ev.kind == "retrieval" for ev in evs):
@@ -217,7 +215,12 @@ def run(config, workdir: str) -> dict:
 
     params, sources = init_lib.initial_params(cfg, _plain(config.init), int(config.seed))
     frozen_tops = sorted({p.split("/")[0] for p in trainer.frozen_paths})
-    _, frozen_meta = _frozen_towers(trainer, params, sources, frozen_dtype)
+    frozen_host, frozen_meta = _frozen_towers(trainer, params, sources, frozen_dtype)
+    if data_cfg.get("features"):
+        _feature_caches(config, cfg, trainer, frozen_host, frozen_meta)
+    del frozen_host
+    data = pipeline.from_config(data_cfg, batch_size=int(config.batch_size),
+                                seed=int(config.seed))
     features.check_vision(data.caches, frozen_meta.get("vision", {}).get("sha256"),
                           trainer.loss_cfg.train_vision)
     state, frozen = trainer.init(params, seed=int(config.seed))
@@ -289,6 +292,19 @@ def run(config, workdir: str) -> dict:
         _export(os.path.join(workdir, "final"), cfg,
                 state_lib.merge(state.params, frozen), frozen_dtype, set(frozen_tops))
     return {"step": step, "preempted": preempted["flag"], **last}
+
+
+def _feature_caches(config, cfg, trainer: Trainer, frozen_host, frozen_meta) -> None:
+    """config.data.features: computes the caches the run lacks (data/features.py) with the
+    run's own frozen ViT; one that exists is checked, never replaced."""
+    if trainer.loss_cfg.train_vision or "vision" not in frozen_meta:
+        raise features.FeatureCacheError("config.data.features: the ViT is trained in this "
+                                         "config (not in config.frozen), so its outputs cannot "
+                                         "be cached")
+    n = jax.local_device_count()
+    batch = n * -(-min(int(config.batch_size), 256) // n)
+    features.build_with(config, cfg, frozen_host["vision"], frozen_meta["vision"]["sha256"],
+                        frozen_meta["vision"]["source"], batch_size=batch, log=log.info)
 
 
 def _frozen_towers(trainer: Trainer, params, sources: Mapping, frozen_dtype: Optional[str]):
