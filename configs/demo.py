@@ -63,5 +63,7 @@ def get_config(arg="stage1,out/demo"):
     c.log_every_steps = 50
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
-    c.data = defaults.synthetic_data(f"{work}/data")
+    # Both stages train from the frozen ViT's cached outputs (the data is un-augmented): stage 1
+    # computes them, stage 2 (the same ViT, through stage 1's export) reuses them.
+    c.data = defaults.synthetic_data(f"{work}/data", features=f"{work}/features")
     return c

@@ -22,6 +22,12 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
         for k in terms:              # the mean of the last 3 logs is below the first log
             assert np.mean([r[k] for r in rows[-3:]]) < rows[0][k], (stage, k)
         assert os.path.isdir(os.path.join(work, stage, "final"))
+    # Both stages trained from one frozen-feature cache of the ViT (stage 1 computed it).
+    with open(os.path.join(work, "features/blip2_captions/synthetic/train/meta.json")) as f:
+        assert json.load(f)["images"] == 256
+    for stage in ("stage1", "stage2"):
+        with open(os.path.join(work, stage, "config.json")) as f:
+            assert json.load(f)["config"]["data"]["features"] == os.path.join(work, "features")
     assert results["test_images"] == 20 and results["chance_i2t"] == 1 / 20
     assert 0 <= results["image_to_text_R@1"] <= 1 and 0 <= results["captions_right"] <= 1
     assert results["captioned_images"] == 8

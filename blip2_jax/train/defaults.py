@@ -52,6 +52,8 @@ POD_SETTINGS: dict = {
     ("stage2:flant5-xxl", "v5p-128"): _TP4,
     ("stage1:vit_g", "v5p-64"): dict(mesh=dict(data=16, fsdp=1, tensor=2)),
     ("stage2:opt-2.7b", "v5e-256"): dict(mesh=dict(data=128, fsdp=1, tensor=2)),
+    ("stage1:vit_g", "v4-128"): _TP4,
+    ("stage2:opt-2.7b", "v4-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
 }
 
 
@@ -96,7 +98,7 @@ def synthetic_data(data_dir: str, **overrides) -> dict:
     return dict(data_dir=data_dir, train=dict(name="blip2_captions/synthetic", split="train"),
                 # No crops or flips: the captions say where each object is.
                 image_processor="blip_image_eval", flip=False, prompt="",
-                num_workers=0, num_threads=2, features="", **overrides)
+                num_workers=0, num_threads=2, **{"features": "", **overrides})
 
 
 def synthetic_evaluators(*kinds: str, split: str = "test", **settings) -> dict:
