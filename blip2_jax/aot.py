@@ -80,13 +80,14 @@ def text_fields(cfg) -> list[str]:
     return ["llm"] if cfg.llm_kind == "opt" else ["llm", "target"]
 
 
-def abstract_batch(cfg, config, mesh, rules) -> dict:
-    """ShapeDtypeStructs (sharded on the batch axes) of the global batch `loop.run` feeds."""
+def abstract_batch(cfg, config, mesh, rules, batch_size: Optional[int] = None) -> dict:
+    """ShapeDtypeStructs (sharded on the batch axes) of the global batch `loop.run` feeds
+    (`batch_size` rows: the padded step batch when it differs from config.batch_size)."""
     from blip2_jax import sharding as sharding_lib
     from blip2_jax.data.features import FIELD as FEATURES
     from blip2_jax.train import flops as flops_lib
     from blip2_jax.train.loop import _plain
-    b = int(config.batch_size)
+    b = int(batch_size or config.batch_size)
     length = int(_plain(config.get("text") or {}).get("max_length", 32))
     size = int(_plain(config.get("data") or {}).get("image_size") or cfg.vision.image_size)
 
@@ -135,13 +136,16 @@ class Report:
     estimated_seconds: Optional[float]
     mfu: Optional[float]
     compile_seconds: float
+    step_batch: Optional[int] = None   # rows per step when config.pad_batch pads the batch
 
     def table(self) -> str:
         g = lambda x: (f"{x / GiB:.2f} GiB" if x >= GiB / 10            # noqa: E731
                        else f"{x / 1024**2:.1f} MiB")
         b = self.bytes
         lines = [f"{self.program} step, {self.topology}: {self.devices} × {self.device_kind}, "
-                 f"mesh {self.mesh}, global batch {self.batch}",
+                 f"mesh {self.mesh}, global batch {self.batch}"
+                 + (f" (padded to {self.step_batch} rows per step)"
+                    if self.step_batch and self.step_batch != self.batch else ""),
                  f"  per device: frozen params {g(b['frozen'])}, trainable params "
                  f"{g(b['trainable'])}, optimizer state {g(b['optimizer'])}, arguments "
                  f"{g(b['arguments'])}, temporaries {g(b['temp'])}, outputs {g(b['output'])}",
@@ -196,9 +200,11 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
     from blip2_jax.train import loop
     from blip2_jax.train.trainer import Trainer
     cfg = loop.model_config(config)
-    lc = loss_config(config, cfg)
     mesh = loop.make_mesh(config, devices=devices)
-    loop.check_batch(config, mesh)
+    step_batch = loop.check_batch(config, mesh)
+    lc = dataclasses.replace(loss_config(config, cfg),
+                             masked_rows=step_batch != int(config.batch_size))
+    useful = int(config.batch_size) / step_batch     # padding rows are not model FLOPs
 
     def make_trainer():
         return Trainer(cfg, lc, loop._plain(config.optimizer),
@@ -209,7 +215,7 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
     trainer = make_trainer()
     state = trainer.abstract_state()
     frozen = trainer.abstract_frozen()
-    batch = abstract_batch(cfg, config, mesh, trainer.rules)
+    batch = abstract_batch(cfg, config, mesh, trainer.rules, step_batch)
     start = time.perf_counter()
     hbm, peak = chip_spec(devices[0])
     sizes = dict(frozen=_per_device_bytes(frozen), trainable=_per_device_bytes(state.params),
@@ -225,9 +231,10 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
         return Report(topology=topology, devices=len(devices),
                       device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
                       program="train", batch=int(config.batch_size), bytes=memory, hbm=hbm,
-                      fits=False, compiler_flops=None, model_flops=trainer.model_flops(batch),
+                      fits=False, compiler_flops=None,
+                      model_flops=trainer.model_flops(batch) * useful,
                       estimated_seconds=None, mfu=None,
-                      compile_seconds=time.perf_counter() - start)
+                      compile_seconds=time.perf_counter() - start, step_batch=step_batch)
     seconds = time.perf_counter() - start
     memory = _memory(compiled)
     memory.update(sizes)
@@ -237,7 +244,7 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
             start = time.perf_counter()
             cost = _cost(make_trainer().lower(state, frozen, batch).compile())
             seconds += time.perf_counter() - start
-    model_flops = trainer.model_flops(batch)
+    model_flops = trainer.model_flops(batch) * useful
     est = cost.get("optimal_seconds")
     est = float(est) if est and est > 0 else None
     mfu = (model_flops / (len(devices) * peak * est)) if est and peak else None
@@ -245,7 +252,8 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
                   mesh=dict(mesh.shape), program="train", batch=int(config.batch_size),
                   bytes=memory, hbm=hbm, fits=bool(hbm) and memory["total"] <= hbm,
                   compiler_flops=cost.get("flops"), model_flops=model_flops,
-                  estimated_seconds=est, mfu=mfu, compile_seconds=seconds)
+                  estimated_seconds=est, mfu=mfu, compile_seconds=seconds,
+                  step_batch=step_batch)
 
 
 def sharding_table(config, devices: Sequence[Any]) -> dict:
@@ -268,7 +276,7 @@ def sharding_table(config, devices: Sequence[Any]) -> dict:
     shardings = {**flatten(trainer.trainable_shardings), **flatten(trainer.frozen_shardings)}
     for k in params:
         params[k]["sharding"] = spec(shardings[k])
-    batch = abstract_batch(cfg, config, mesh, trainer.rules)
+    batch = abstract_batch(cfg, config, mesh, trainer.rules, loop.check_batch(config, mesh))
     return {"mesh": dict(mesh.shape), "params": dict(sorted(params.items())),
             "batch": {k: {"shape": list(v.shape), "sharding": spec(v.sharding)}
                       for k, v in sorted(batch.items())}}

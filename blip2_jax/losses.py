@@ -20,16 +20,25 @@ import jax.numpy as jnp
 ITC_LABEL_SMOOTHING = 0.1
 ITG_LABEL_SMOOTHING = 0.1
 MASKED_LOGIT = -10000.0     # LAVIS's fill for positives before sampling ITM negatives
+ABSENT_LOGIT = -1e9         # padding rows of a padded batch: never a class, never drawn
 
 
-def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, where=None):
+def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, where=None, classes=None):
     """torch `CrossEntropyLoss(label_smoothing=ε)`: (1-ε)·NLL + ε·mean over classes of -log p,
     averaged over the positions where `where` is true (all if None; 0 when there are none).
-    Computed in float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    `classes` (bool, broadcast to the logits): the classes that exist (the others are padding
+    and take no part). Computed in float32."""
+    logits = logits.astype(jnp.float32)
+    if classes is not None:
+        logits = jnp.where(classes, logits, ABSENT_LOGIT)
+    logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    per = nll if not label_smoothing else ((1 - label_smoothing) * nll
-                                           - label_smoothing * jnp.mean(logp, axis=-1))
+    if label_smoothing and classes is not None:
+        c = jnp.broadcast_to(classes, logp.shape)
+        mean_logp = jnp.sum(jnp.where(c, logp, 0.0), -1) / jnp.maximum(jnp.sum(c, -1), 1)
+    elif label_smoothing:
+        mean_logp = jnp.mean(logp, axis=-1)
+    per = nll if not label_smoothing else (1 - label_smoothing) * nll - label_smoothing * mean_logp
     if where is None:
         return jnp.mean(per)
     where = where.astype(jnp.float32)
@@ -59,36 +68,55 @@ def itc_similarities(image_feats, text_feats, temp):
     return sim_i2t, sim_t2i
 
 
-def itc_loss(sim_i2t, sim_t2i, image_ids=None, label_smoothing: float = ITC_LABEL_SMOOTHING):
+def itc_loss(sim_i2t, sim_t2i, image_ids=None, label_smoothing: float = ITC_LABEL_SMOOTHING,
+             valid=None):
     """Contrastive loss, the mean of the two directions.
 
     Without `image_ids`: each pair's own partner is the target, with label smoothing (pre-training).
     With `image_ids`: every item of the same image is a positive (COCO retrieval fine-tuning).
-    The targets are then 0.9 · positives / count + 0.1 / B, with no label smoothing."""
+    The targets are then 0.9 · positives / count + 0.1 / B, with no label smoothing.
+    valid (B,) bool: a padded batch's real rows; the loss is then the real rows' loss (padding
+    rows are neither anchors nor candidates)."""
     b = sim_i2t.shape[0]
+    classes = None if valid is None else valid[None, :]
     if image_ids is None:
         labels = jnp.arange(b)
-        return (cross_entropy(sim_i2t, labels, label_smoothing=label_smoothing)
-                + cross_entropy(sim_t2i, labels, label_smoothing=label_smoothing)) / 2
+        ce = lambda sim: cross_entropy(sim, labels, label_smoothing=label_smoothing,  # noqa
+                                       where=valid, classes=classes)
+        return (ce(sim_i2t) + ce(sim_t2i)) / 2
     pos = same_image(image_ids).astype(jnp.float32)
-    targets = 0.9 * pos / jnp.sum(pos, axis=1, keepdims=True) + 0.1 / b
+    n = b
+    if valid is not None:
+        pos = pos * classes
+        n = jnp.maximum(jnp.sum(valid), 1)
+    targets = 0.9 * pos / jnp.maximum(jnp.sum(pos, axis=1, keepdims=True), 1) + 0.1 / n
+    if valid is not None:
+        targets = targets * classes
 
     def soft_ce(sim):
-        return -jnp.mean(jnp.sum(jax.nn.log_softmax(sim, axis=1) * targets, axis=1))
+        if valid is None:
+            return -jnp.mean(jnp.sum(jax.nn.log_softmax(sim, axis=1) * targets, axis=1))
+        sim = jnp.where(classes, sim, ABSENT_LOGIT)
+        per = -jnp.sum(jax.nn.log_softmax(sim, axis=1) * targets, axis=1)
+        return jnp.sum(jnp.where(valid, per, 0.0)) / n
     return (soft_ce(sim_i2t) + soft_ce(sim_t2i)) / 2
 
 
-def itm_negatives(rng, sim_i2t, sim_t2i, image_ids=None):
+def itm_negatives(rng, sim_i2t, sim_t2i, image_ids=None, valid=None):
     """Hard negatives: (image for each text, text for each image), each (B,) int32 indices.
 
     Each is drawn from the softmax of the similarities with the positives masked out: the own
     pair, or every item of the same image when `image_ids` is given. No gradient flows. The draw
     is a function of the key and the global arrays only, so it does not depend on the mesh.
-    If every candidate is a positive, the draw can return a positive."""
+    If every candidate is a positive, the draw can return a positive. valid (B,): padding rows
+    of a padded batch are never drawn."""
     b = sim_i2t.shape[0]
     mask = jnp.eye(b, dtype=bool) if image_ids is None else same_image(image_ids)
     sim_i2t = jnp.where(mask, MASKED_LOGIT, jax.lax.stop_gradient(sim_i2t))
     sim_t2i = jnp.where(mask, MASKED_LOGIT, jax.lax.stop_gradient(sim_t2i))
+    if valid is not None:
+        sim_i2t = jnp.where(valid[None, :], sim_i2t, ABSENT_LOGIT)
+        sim_t2i = jnp.where(valid[None, :], sim_t2i, ABSENT_LOGIT)
     k_img, k_txt = jax.random.split(rng)
     # categorical(logits) samples softmax(logits): torch.multinomial(softmax(sim), 1).
     neg_image = jax.random.categorical(k_img, sim_t2i, axis=-1)
@@ -117,9 +145,11 @@ def itm_labels(b: int):
     return jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
 
 
-def itm_loss(logits):
-    """CE (no smoothing) of the (3B, 2) logits of `itm_pairs` against `itm_labels`."""
-    return cross_entropy(logits, itm_labels(logits.shape[0] // 3))
+def itm_loss(logits, valid=None):
+    """CE (no smoothing) of the (3B, 2) logits of `itm_pairs` against `itm_labels`; with valid
+    (B,), over the pairs of real rows only."""
+    where = None if valid is None else jnp.concatenate([valid] * 3)
+    return cross_entropy(logits, itm_labels(logits.shape[0] // 3), where=where)
 
 
 def itg_inputs(input_ids, dec_token_id: int):
@@ -130,7 +160,7 @@ def itg_inputs(input_ids, dec_token_id: int):
 def itg_loss(logits, input_ids, attention_mask, label_smoothing: float = ITG_LABEL_SMOOTHING):
     """Q-Former LM loss: logits[:, t] predicts ids[:, t+1] (so [DEC] is never a target and the
     final [SEP] is one); padding ignored; label smoothing 0.1; mean over the global batch's
-    target tokens."""
+    target tokens. (A padded batch's padding rows: zero their attention_mask.)"""
     return cross_entropy(logits[:, :-1], input_ids[:, 1:], label_smoothing=label_smoothing,
                          where=attention_mask[:, 1:])
 

@@ -214,3 +214,29 @@ def test_t5_lm_loss_and_decoder_inputs_equal_hf():
                           ignore_index=-100).item()
     ours = losses.t5_lm_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(lmask))
     assert abs(float(ours) - ref) < 1e-6 * ref
+
+
+def test_padded_batch_itc_itm_leave_the_padding_rows_out():
+    """A padded batch (valid False rows): ITC equals the real rows' ITC (with and without
+    image ids), ITM negatives are never padding rows, ITM's loss averages the real rows' pairs."""
+    rng = np.random.default_rng(0)
+    b, real = 8, 5
+    valid = jnp.asarray([True] * real + [False] * (b - real))
+    sim_i2t = jnp.asarray(rng.normal(size=(b, b)) * 5, jnp.float32)
+    sim_t2i = jnp.asarray(rng.normal(size=(b, b)) * 5, jnp.float32)
+    want = losses.itc_loss(sim_i2t[:real, :real], sim_t2i[:real, :real])
+    got = losses.itc_loss(sim_i2t, sim_t2i, valid=valid)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    ids = jnp.asarray([0, 0, 1, 2, 2, 0, 1, 3])
+    want = losses.itc_loss(sim_i2t[:real, :real], sim_t2i[:real, :real], image_ids=ids[:real])
+    got = losses.itc_loss(sim_i2t, sim_t2i, image_ids=ids, valid=valid)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for seed in range(50):
+        neg_image, neg_text = losses.itm_negatives(jax.random.PRNGKey(seed), sim_i2t, sim_t2i,
+                                                   valid=valid)
+        assert int(jnp.max(neg_image[:real])) < real and int(jnp.max(neg_text[:real])) < real
+    logits = jnp.asarray(rng.normal(size=(3 * b, 2)), jnp.float32)
+    keep = np.concatenate([np.arange(real), b + np.arange(real), 2 * b + np.arange(real)])
+    labels = losses.itm_labels(b)[keep]
+    want = losses.cross_entropy(logits[keep], labels)
+    np.testing.assert_allclose(float(losses.itm_loss(logits, valid)), float(want), rtol=1e-6)

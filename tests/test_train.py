@@ -191,6 +191,51 @@ def test_itm_reusing_the_query_pass_image_kv_is_the_same_step(mesh_name):
                 1.0, np.abs(ref_p[path]).max()), path
 
 
+@pytest.mark.parametrize("preset", ["tiny-stage1", "tiny-opt", "tiny-t5"])
+def test_padding_rows_of_a_padded_batch_change_nothing(preset):
+    """config.pad_batch: 6 real rows padded with 2 rows of other data (valid False) give the
+    6-row step: losses, gradient norm, updates; and the padded step is the same on 8 devices
+    (ITM is checked in test_losses: its negatives are drawn over the padded shape)."""
+    from blip2_jax.train import loop
+    cfg = _no_dropout(config.get_preset(preset))
+    params = api.init_params(cfg, 0)
+
+    def make(seed):
+        if preset == "tiny-stage1":
+            return _stage1_batch(b=8, seed=seed)
+        return {**_opt_batch(b=8, seed=seed), **({} if preset == "tiny-opt"
+                                                 else _t5_batch(b=8, seed=seed))}
+    real = {k: v[:6] for k, v in make(0).items()}
+    real["valid"] = np.ones(6, bool)
+    padded = {k: np.concatenate([v, make(1)[k][:2] if k != "valid" else np.zeros(2, bool)])
+              for k, v in real.items()}
+    assert loop.pad_rows(real, 8)["valid"].tolist() == [True] * 6 + [False] * 2
+    frozen = ("vision/.*",) if cfg.llm is None else ("vision/.*", "llm/.*")
+    lc = LossConfig(dec_token_id=99, itm=0.0)
+    masked = dataclasses.replace(lc, masked_rows=True)
+
+    def run(loss_cfg, batch, mesh, steps):
+        return _run(cfg, loss_cfg, params, batch, _mesh(mesh), steps=steps, frozen=frozen)[1::2]
+    _assert_same_steps(run(masked, padded, dict(data=1), 2), run(lc, real, dict(data=1), 2))
+    # On 8 devices, one step: this dropout-free ITC gradient is small (norm ~0.6) and summed in
+    # another order, so its norm moves by ~1e-5 relative on a mesh even without padding.
+    _assert_same_steps(run(masked, padded, MESHES["data2-fsdp2-tensor2"], 1),
+                       run(masked, padded, dict(data=1), 1), rtol=1e-4)
+
+
+def _assert_same_steps(got, ref, rtol=1e-5):
+    """(state, per-step metrics) of two runs: equal metrics and parameters to `rtol`."""
+    (got_state, got_m), (ref_state, ref_m) = got, ref
+    for m, r in zip(got_m, ref_m):
+        for k in r:
+            assert abs(m[k] - r[k]) <= rtol * max(1.0, abs(r[k])), (k, m[k], r[k])
+    ref_p, got_p = (flatten(jax.tree.map(np.asarray, s.params)) for s in (ref_state, got_state))
+    for path in ref_p:
+        if _comparable(path):
+            assert np.abs(got_p[path] - ref_p[path]).max() <= rtol * max(
+                1.0, np.abs(ref_p[path]).max()), path
+
+
 def test_frozen_towers_are_bf16_untouched_and_have_no_optimizer_state():
     cfg = config.get_preset("tiny-opt")
     params = api.init_params(cfg, 0)

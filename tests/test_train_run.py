@@ -131,6 +131,18 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path):
         loop.run(c, str(tmp_path / "nan"))
 
 
+def test_a_batch_the_mesh_does_not_divide_is_refused_or_padded(data_dir, tmp_path):
+    c = _config("tiny_stage1", data_dir, total_steps=3, batch_size=6)    # 8 devices
+    with pytest.raises(ValueError, match=r"batch_size 6 is not divisible .*pad_batch=True "
+                                         r"\(steps of 8 rows, the extra 2 padding"):
+        loop.run(c, str(tmp_path / "refused"))
+    c.pad_batch = True
+    out = loop.run(c, str(tmp_path / "padded"))
+    assert out["step"] == 3 and np.isfinite(out["loss"])
+    rows = _rows(str(tmp_path / "padded"))
+    assert rows[-1]["samples_per_s"] > 0
+
+
 def test_unnamed_sources_fail(data_dir, tmp_path):
     c = _config("tiny_stage1", data_dir)
     c.init = dict(random=("vision_proj", "text_proj", "temp", "itm_head"))

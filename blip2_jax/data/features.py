@@ -347,7 +347,7 @@ def _barrier(name: str) -> None:
 
 
 def main(argv=None) -> int:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     argv = list(sys.argv if argv is None else argv)

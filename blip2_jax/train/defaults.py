@@ -66,6 +66,7 @@ def apply_pod(c: ml_collections.ConfigDict, key: str, pod: str) -> None:
     s = POD_SETTINGS[(key, pod)]
     c.mesh = dict(s["mesh"])
     c.microbatches = int(s.get("microbatches", 1))
+    c.pad_batch = bool(s.get("pad_batch", False))
     overrides = dict(c.get("model_overrides") or {})
     for tower, policy in (s.get("remat") or {}).items():
         overrides[tower] = dict(overrides.get(tower, {}), remat_policy=policy)
@@ -81,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Gradient accumulation: the global batch runs as this many microbatches (train/step.py).
     c.microbatches = 1
+    # A batch the mesh's batch axes do not divide: pad each step to the next multiple with rows
+    # the losses leave out (else the run refuses to start).
+    c.pad_batch = False
     c.log_every_steps = 100
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3

@@ -148,17 +148,32 @@ def evaluators(config, *, batch_size: Optional[int] = None):
     return evs, eval_lib.Tokenizers(**toks)
 
 
-def check_batch(config, mesh) -> None:
-    """The global batch must split evenly over the mesh's batch axes: otherwise it would be
-    replicated (every device computing every example), which no one wants in training."""
+def check_batch(config, mesh) -> int:
+    """The step's global batch. config.batch_size must split evenly over the mesh's batch axes:
+    otherwise it would be replicated (every device computing every example), which no one wants
+    in training. With config.pad_batch it is rounded up to the next multiple instead: the extra
+    rows are padding (valid False) that the losses leave out (train/step.py `masked_rows`)."""
     n = sharding_lib.batch_shards(mesh)
     b = int(config.batch_size)
-    if b % n:
-        axes = sharding_lib.batch_axes(mesh)
-        raise ValueError(f"config.batch_size {b} is not divisible by the mesh's batch axes "
-                         f"{axes} ({n} ways, mesh {dict(mesh.shape)}): use a mesh whose "
-                         f"data x fsdp divides it (e.g. config.mesh.tensor > 1) or another "
-                         f"batch size")
+    if b % n == 0:
+        return b
+    if config.get("pad_batch"):
+        return n * -(-b // n)
+    axes = sharding_lib.batch_axes(mesh)
+    raise ValueError(f"config.batch_size {b} is not divisible by the mesh's batch axes "
+                     f"{axes} ({n} ways, mesh {dict(mesh.shape)}): use a mesh whose data x fsdp "
+                     f"divides it (e.g. config.mesh.tensor > 1), another batch size, or "
+                     f"config.pad_batch=True (steps of {n * -(-b // n)} rows, the extra "
+                     f"{n * -(-b // n) - b} padding that the losses leave out)")
+
+
+def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict:
+    """A host batch padded with zero rows (valid False) to `rows` rows."""
+    n = len(batch["valid"])
+    if n == rows:
+        return dict(batch)
+    return {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)])
+            for k, v in batch.items()}
 
 
 def make_mesh(config, devices=None):
@@ -194,8 +209,9 @@ def run(config, workdir: str) -> dict:
     total = int(config.total_steps)
     stop_at = int(config.get("stop_after_steps") or 0) or total
     mesh = make_mesh(config)
-    check_batch(config, mesh)
+    step_batch = check_batch(config, mesh)
     texts, loss_cfg, prefix_lm = text_setup(config, cfg)
+    loss_cfg = dataclasses.replace(loss_cfg, masked_rows=step_batch != int(config.batch_size))
     cfg = with_caption_eos(config, cfg)
     data_cfg = {**_plain(config.data), "texts": [dataclasses.asdict(t) for t in texts]}
     data_cfg.setdefault("image_size", cfg.vision.image_size)
@@ -246,10 +262,15 @@ def run(config, workdir: str) -> dict:
     step = int(state.step)
     last: dict = {}
     eval_model = None
+    local_rows = step_batch // jax.process_count()
+
+    def next_batch():
+        return trainer.place(pad_rows(pipeline.numeric(next(it)), local_rows))
     try:
-        batch = trainer.place(pipeline.numeric(next(it)))
+        batch = next_batch()
         compiled = trainer.compile(state, frozen, batch)
-        flops = trainer.model_flops(batch)    # global batch; the compile fixes the shapes
+        # The model's FLOPs for the real rows (padding is not useful work).
+        flops = trainer.model_flops(batch) * int(config.batch_size) / step_batch
         bar = _progress(step, stop_at)
         t_window, n_window = time.perf_counter(), 0
         while step < stop_at:
@@ -283,7 +304,7 @@ def run(config, workdir: str) -> dict:
                 t_window, n_window = time.perf_counter(), 0     # eval time is not step time
             if done:
                 break
-            batch = trainer.place(pipeline.numeric(next(it)))
+            batch = next_batch()
     finally:
         signal.signal(signal.SIGTERM, previous)
         checkpointer.close()

@@ -51,6 +51,7 @@ class LossConfig:
     dec_token_id: int = 0             # the Q-Former tokenizer's [DEC] id (ITG BOS)
     train_vision: bool = False        # the ViT is trainable (fine-tuning): backprop through it
     itm_image_kv_once: bool = False   # ITM reuses the query pass's image K/V (train/step.py)
+    masked_rows: bool = False         # a padded batch: rows with valid False take no part
 
 
 def _image_embeds(m: Blip2Module, batch: Mapping, train_vision: bool):
@@ -75,13 +76,15 @@ def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     image_ids = None
     if lc.image_id_itc:
         image_ids = batch["dataset_index"] * _IMAGE_ID_STRIDE + batch["image_index"]
+    valid = batch["valid"] if lc.masked_rows else None
     out = {}
     if lc.itc or lc.itm:
         sims = losses.itc_similarities(m.image_features(query_out),
                                        m.text_features(ids, mask, deterministic=False), m.temp)
-        out["itc"] = losses.itc_loss(*sims, image_ids=image_ids)
+        out["itc"] = losses.itc_loss(*sims, image_ids=image_ids, valid=valid)
     if lc.itm:
-        neg_image, neg_text = losses.itm_negatives(k_itm, *sims, image_ids=image_ids)
+        neg_image, neg_text = losses.itm_negatives(k_itm, *sims, image_ids=image_ids,
+                                                   valid=valid)
         if share_kv:
             # The 3B pairs show only the B images of the batch: the ITM pass gathers their
             # cross-attention keys/values from the query pass instead of projecting 3B images.
@@ -95,17 +98,23 @@ def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
             pairs = sharding.constrain_batch(losses.itm_pairs(image_embeds, ids, mask,
                                                               neg_image, neg_text))
             logits = m.itm_logits(*pairs, deterministic=False)
-        out["itm"] = losses.itm_loss(logits)
+        out["itm"] = losses.itm_loss(logits, valid)
     if lc.itg:
         dec = losses.itg_inputs(ids, lc.dec_token_id)
         out["itg"] = losses.itg_loss(m.itg_logits(query_cache, dec, mask, deterministic=False),
-                                     dec, mask)
+                                     dec, _loss_mask(mask, valid))
     total = sum(getattr(lc, k) * v for k, v in out.items() if getattr(lc, k))
     return total, out
 
 
+def _loss_mask(mask, valid):
+    """A token mask for the loss only: a padded batch's padding rows have no targets."""
+    return mask if valid is None else mask * valid[:, None].astype(mask.dtype)
+
+
 def stage2_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     cfg = m.config
+    valid = batch["valid"] if lc.masked_rows else None
     query_out, _ = m.query_output(_image_embeds(m, batch, lc.train_vision),
                                   deterministic=False)
     prefix = m.llm_prefix(query_out)
@@ -115,7 +124,7 @@ def stage2_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     if isinstance(cfg.llm, OPTConfig):
         nq = cfg.num_query_tokens
         logits, _ = m.llm(embeds, full_mask, logits_from=nq - 1)
-        lm = losses.opt_lm_loss(logits[:, 1:], logits[:, 0], ids, mask,
+        lm = losses.opt_lm_loss(logits[:, 1:], logits[:, 0], ids, _loss_mask(mask, valid),
                                 prompt_length=lc.prompt_length)
     else:
         labels, label_mask = batch["target_ids"], batch["target_mask"]
@@ -123,7 +132,7 @@ def stage2_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
                                           cfg.llm.pad_token_id)
         encoded = m.llm.encode(embeds, full_mask)
         logits, _ = m.llm.decode(dec_in, encoded, full_mask, decoder_attention_mask=label_mask)
-        lm = losses.t5_lm_loss(logits, labels, label_mask)
+        lm = losses.t5_lm_loss(logits, labels, _loss_mask(label_mask, valid))
     return lc.lm * lm, {"lm": lm}
 
 
