@@ -137,6 +137,7 @@ class Report:
     mfu: Optional[float]
     compile_seconds: float
     step_batch: Optional[int] = None   # rows per step when config.pad_batch pads the batch
+    xla_seconds: Optional[dict] = None  # XLA's raw time entries (a missing estimate shows here)
 
     def table(self) -> str:
         g = lambda x: (f"{x / GiB:.2f} GiB" if x >= GiB / 10            # noqa: E731
@@ -253,7 +254,8 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
                   bytes=memory, hbm=hbm, fits=bool(hbm) and memory["total"] <= hbm,
                   compiler_flops=cost.get("flops"), model_flops=model_flops,
                   estimated_seconds=est, mfu=mfu, compile_seconds=seconds,
-                  step_batch=step_batch)
+                  step_batch=step_batch,
+                  xla_seconds={k: float(v) for k, v in cost.items() if "second" in k})
 
 
 def sharding_table(config, devices: Sequence[Any]) -> dict:
