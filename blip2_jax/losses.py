@@ -30,12 +30,12 @@ def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, where=None, c
     and take no part). Computed in float32."""
     logits = logits.astype(jnp.float32)
     if classes is not None:
-        logits = jnp.where(classes, logits, ABSENT_LOGIT)
+        logits = absent(logits, classes)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     if label_smoothing and classes is not None:
-        c = jnp.broadcast_to(classes, logp.shape)
-        mean_logp = jnp.sum(jnp.where(c, logp, 0.0), -1) / jnp.maximum(jnp.sum(c, -1), 1)
+        c = jnp.broadcast_to(classes, logp.shape).astype(jnp.float32)
+        mean_logp = jnp.sum(logp * c, -1) / jnp.maximum(jnp.sum(c, -1), 1)
     elif label_smoothing:
         mean_logp = jnp.mean(logp, axis=-1)
     per = nll if not label_smoothing else (1 - label_smoothing) * nll - label_smoothing * mean_logp
@@ -43,6 +43,13 @@ def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, where=None, c
         return jnp.mean(per)
     where = where.astype(jnp.float32)
     return jnp.sum(per * where) / jnp.maximum(jnp.sum(where), 1.0)
+
+
+def absent(logits, present):
+    """Logits with the classes not `present` (bool, broadcast) pushed to ABSENT_LOGIT. Additive
+    rather than a select: XLA's TPU cost model gives no time estimate for a select on a gathered
+    batch mask (measured; see blip2_jax/aot.py)."""
+    return logits + (present.astype(logits.dtype) - 1) * -ABSENT_LOGIT
 
 
 def same_image(image_ids):
@@ -87,18 +94,17 @@ def itc_loss(sim_i2t, sim_t2i, image_ids=None, label_smoothing: float = ITC_LABE
     pos = same_image(image_ids).astype(jnp.float32)
     n = b
     if valid is not None:
-        pos = pos * classes
+        pos = pos * classes.astype(jnp.float32)
         n = jnp.maximum(jnp.sum(valid), 1)
     targets = 0.9 * pos / jnp.maximum(jnp.sum(pos, axis=1, keepdims=True), 1) + 0.1 / n
     if valid is not None:
-        targets = targets * classes
+        targets = targets * classes.astype(jnp.float32)
 
     def soft_ce(sim):
         if valid is None:
             return -jnp.mean(jnp.sum(jax.nn.log_softmax(sim, axis=1) * targets, axis=1))
-        sim = jnp.where(classes, sim, ABSENT_LOGIT)
-        per = -jnp.sum(jax.nn.log_softmax(sim, axis=1) * targets, axis=1)
-        return jnp.sum(jnp.where(valid, per, 0.0)) / n
+        per = -jnp.sum(jax.nn.log_softmax(absent(sim, classes), axis=1) * targets, axis=1)
+        return jnp.sum(per * valid.astype(per.dtype)) / n
     return (soft_ce(sim_i2t) + soft_ce(sim_t2i)) / 2
 
 
@@ -115,8 +121,7 @@ def itm_negatives(rng, sim_i2t, sim_t2i, image_ids=None, valid=None):
     sim_i2t = jnp.where(mask, MASKED_LOGIT, jax.lax.stop_gradient(sim_i2t))
     sim_t2i = jnp.where(mask, MASKED_LOGIT, jax.lax.stop_gradient(sim_t2i))
     if valid is not None:
-        sim_i2t = jnp.where(valid[None, :], sim_i2t, ABSENT_LOGIT)
-        sim_t2i = jnp.where(valid[None, :], sim_t2i, ABSENT_LOGIT)
+        sim_i2t, sim_t2i = absent(sim_i2t, valid[None, :]), absent(sim_t2i, valid[None, :])
     k_img, k_txt = jax.random.split(rng)
     # categorical(logits) samples softmax(logits): torch.multinomial(softmax(sim), 1).
     neg_image = jax.random.categorical(k_img, sim_t2i, axis=-1)
@@ -148,8 +153,15 @@ def itm_labels(b: int):
 def itm_loss(logits, valid=None):
     """CE (no smoothing) of the (3B, 2) logits of `itm_pairs` against `itm_labels`; with valid
     (B,), over the pairs of real rows only."""
-    where = None if valid is None else jnp.concatenate([valid] * 3)
-    return cross_entropy(logits, itm_labels(logits.shape[0] // 3), where=where)
+    labels = itm_labels(logits.shape[0] // 3)
+    if valid is None:
+        return cross_entropy(logits, labels)
+    # Per block of B pairs, weighted by the rows' validity (not a concatenated mask: XLA's TPU
+    # cost model gives no estimate for that program).
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0].reshape(3, -1)
+    w = valid.astype(jnp.float32)
+    return jnp.sum(nll * w[None, :]) / jnp.maximum(3 * jnp.sum(w), 1.0)
 
 
 def itg_inputs(input_ids, dec_token_id: int):
