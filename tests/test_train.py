@@ -177,18 +177,10 @@ def test_itm_reusing_the_query_pass_image_kv_is_the_same_step(mesh_name):
     cfg = _no_dropout(config.get_preset("tiny-stage1"))
     params = api.init_params(cfg, 0)
     mesh = _mesh(MESHES[mesh_name])
-    _, ref, _, ref_m = _run(cfg, LossConfig(dec_token_id=99), params, _stage1_batch(), mesh,
-                            steps=2)
-    _, got, _, got_m = _run(cfg, LossConfig(dec_token_id=99, itm_image_kv_once=True), params,
-                            _stage1_batch(), mesh, steps=2)
-    for m, r in zip(got_m, ref_m):
-        for k in ("loss", "itc", "itm", "itg", "grad_norm", "param_norm"):
-            assert abs(m[k] - r[k]) <= 1e-5 * max(1.0, abs(r[k])), (k, m[k], r[k])
-    ref_p, got_p = (flatten(jax.tree.map(np.asarray, s.params)) for s in (ref, got))
-    for path in ref_p:
-        if _comparable(path):
-            assert np.abs(got_p[path] - ref_p[path]).max() <= 1e-5 * max(
-                1.0, np.abs(ref_p[path]).max()), path
+    ref = _run(cfg, LossConfig(dec_token_id=99), params, _stage1_batch(), mesh, steps=2)
+    got = _run(cfg, LossConfig(dec_token_id=99, itm_image_kv_once=True), params,
+               _stage1_batch(), mesh, steps=2)
+    _assert_same_steps(got[1::2], ref[1::2])
 
 
 @pytest.mark.parametrize("preset", ["tiny-stage1", "tiny-opt", "tiny-t5"])
@@ -331,17 +323,9 @@ def test_microbatches_accumulate_to_the_full_batch_step():
     lc = LossConfig()
     frozen = ("vision/.*", "llm/.*")
     mesh = _mesh(dict(data=2))
-    _, ref, _, ref_m = _run(cfg, lc, params, batch, mesh, steps=2, frozen=frozen)
-    _, got, _, got_m = _run(cfg, lc, params, batch, mesh, steps=2, frozen=frozen,
-                            microbatches=4)
-    for m, r in zip(got_m, ref_m):
-        for k in ("loss", "lm", "grad_norm", "param_norm"):
-            assert abs(m[k] - r[k]) <= 1e-5 * max(1.0, abs(r[k])), (k, m[k], r[k])
-    ref_p, got_p = (flatten(jax.tree.map(np.asarray, s.params)) for s in (ref, got))
-    for path in ref_p:
-        if _comparable(path):
-            assert np.abs(got_p[path] - ref_p[path]).max() <= 1e-5 * max(
-                1.0, np.abs(ref_p[path]).max()), path
+    ref = _run(cfg, lc, params, batch, mesh, steps=2, frozen=frozen)
+    got = _run(cfg, lc, params, batch, mesh, steps=2, frozen=frozen, microbatches=4)
+    _assert_same_steps(got[1::2], ref[1::2])
     cfg1 = config.get_preset("tiny-stage1")
     _, _, _, m1 = _run(cfg1, LossConfig(dec_token_id=99), api.init_params(cfg1, 0),
                        _stage1_batch(), mesh, steps=1, microbatches=2)
