@@ -32,7 +32,7 @@ ALIASES = {"v5p-8": "v5p:2x2x1", "v5p-64": "v5p:2x4x4", "v5p-128": "v5p:4x4x4",
            "v4-8": "v4:2x2x1", "v4-128": "v4:4x4x4", "v6e-256": "v6e:16x16"}
 GiB = 1024 ** 3
 # device_kind -> (HBM bytes, peak dense bf16 FLOP/s) of one JAX device (Cloud TPU datasheets).
-# v5p is a megacore (one device per chip); v4 topologies here expose each TensorCore.
+# v4 and v5p are megacore chips: one JAX device per chip, as on a real pod (topology_devices).
 CHIPS = {"TPU v5": (95 * GiB, 459e12), "TPU v5p": (95 * GiB, 459e12),
          "TPU v5 lite": (16 * GiB, 197e12), "TPU v5e": (16 * GiB, 197e12),
          "TPU v6 lite": (32 * GiB, 918e12), "TPU v4": (32 * GiB, 275e12)}
@@ -48,10 +48,14 @@ def topology_devices(name: str) -> list:
     from jax.experimental import topologies
     # Compiling only: several processes may load libtpu at once (tests, parallel sweeps).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    topology = ALIASES.get(name, name)
+    # A v4 description defaults to one device per TensorCore, which meshes refuse; real v4 pods
+    # run "megacore" (one device per chip, both cores), as v5p does by default.
+    chip_config = {"chip_config_name": "megacore"} if topology.startswith("v4") else {}
     try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=ALIASES.get(name, name))
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, **chip_config)
     except Exception as e:   # libtpu missing or an unknown name: say which
-        raise AotError(f"cannot describe TPU topology {name!r} ({ALIASES.get(name, name)}): "
+        raise AotError(f"cannot describe TPU topology {name!r} ({topology}): "
                        f"{str(e).splitlines()[0][:300]}; pod names: {sorted(ALIASES)}") from None
     return list(topo.devices)
 
