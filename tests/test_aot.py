@@ -36,6 +36,15 @@ def test_pod_names_map_to_topologies(devices):
     assert len(aot.topology_devices("v5p-128")) == 64        # 128 TensorCores = 64 megacores
 
 
+def test_v4_pods_are_megacore():
+    # One device per chip, as a v4 pod runs: a per-TensorCore description cannot make a mesh.
+    from blip2_jax.sharding import make_mesh
+    v4 = aot.topology_devices("v4-128")
+    assert len(v4) == 64 and v4[0].device_kind == "TPU v4"
+    assert aot.chip_spec(v4[0]) == (32 * aot.GiB, 275e12)
+    assert make_mesh(dict(data=16, fsdp=1, tensor=4), devices=v4).devices.size == 64
+
+
 def test_stage1_step_compiles_with_reports(devices):
     c = _config("tiny_stage1", mesh=dict(data=2, fsdp=2, tensor=1))
     report = aot.compile_train(c, devices, TOPOLOGY)
