@@ -123,7 +123,7 @@ def test_refusals(data_dir, cache, tmp_path):
     # A trained ViT.
     with pytest.raises(features.FeatureCacheError, match="does not freeze the ViT"):
         features.build(_config(data_dir, str(tmp_path / "b"), frozen=()))
-    with pytest.raises(features.FeatureCacheError, match="the ViT is trained"):
+    with pytest.raises(features.FeatureCacheError, match="does not freeze the ViT"):
         loop.run(_config(data_dir, feats, frozen=()), str(tmp_path / "r2"))
     # A cache of other ViT weights (another seed draws another random ViT) or image size is
     # neither used nor replaced by train.py.
@@ -141,7 +141,7 @@ def test_refusals(data_dir, cache, tmp_path):
         {**loop._plain(_config(data_dir, feats).data), "image_size": 30}, batch_size=8,
         process_index=0, process_count=1).caches
     with pytest.raises(features.FeatureCacheError, match="other ViT weights"):
-        features.check_vision([cache_obj], "0" * 64, train_vision=False)
+        features.check_vision([cache_obj], "0" * 64)
     # Without a cache (none in that directory) the pipeline says how to make one.
     with pytest.raises(features.FeatureCacheError, match="no feature cache.*blip2_jax.data"):
         pipeline.from_config({**loop._plain(_config(data_dir, str(tmp_path / "none")).data),

@@ -141,14 +141,15 @@ def check_processor(name: str, dataset: str) -> None:
             f"data.image_processor, or the source's image_processor)")
 
 
-def check_vision(caches: Sequence[FeatureCache], vision_sha256: Optional[str],
-                 train_vision: bool) -> None:
+def require_frozen_vision(vision_frozen: bool, frozen: Sequence[str]) -> None:
+    """A trained ViT's outputs change every step: there is nothing to cache."""
+    if not vision_frozen:
+        raise FeatureCacheError(f"config.data.features: config.frozen {list(frozen)} does not "
+                                "freeze the ViT ('vision/.*'), so its outputs cannot be cached")
+
+
+def check_vision(caches: Sequence[FeatureCache], vision_sha256: Optional[str]) -> None:
     """Training: the caches must come from these frozen ViT weights."""
-    if not caches:
-        return
-    if train_vision:
-        raise FeatureCacheError("config.data.features: the ViT is trained in this config (not "
-                                "in config.frozen), so its outputs cannot be cached")
     for c in caches:
         if c.meta["vision_sha256"] != vision_sha256:
             raise FeatureCacheError(
@@ -163,8 +164,7 @@ def vision_is_frozen(cfg, frozen: Sequence[str]) -> bool:
     from blip2_jax.convert.mapping import flatten
     from blip2_jax.train import state as state_lib
     paths = list(flatten(api.abstract_init(cfg)[1]))
-    frozen_paths = state_lib.frozen_paths(paths, frozen)
-    return all(p in frozen_paths for p in paths if p.startswith("vision/"))
+    return "vision" not in state_lib.trained_towers(paths, state_lib.frozen_paths(paths, frozen))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,9 +202,7 @@ def build(config, *, batch_size: int = 64, dtype: Optional[str] = None, overwrit
 
     cfg = loop.model_config(config)
     frozen = tuple(config.get("frozen") or ())
-    if not vision_is_frozen(cfg, frozen):
-        raise FeatureCacheError(f"config.frozen {list(frozen)} does not freeze the ViT "
-                                "('vision/.*'): a trained ViT's outputs cannot be cached")
+    require_frozen_vision(vision_is_frozen(cfg, frozen), frozen)
     # The run's own ViT weights, as the trainer holds them.
     params, sources = init_lib.initial_params(cfg, loop._plain(config.init), int(config.seed))
     vision = params["vision"]

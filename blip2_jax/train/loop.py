@@ -237,8 +237,7 @@ def run(config, workdir: str) -> dict:
     del frozen_host
     data = pipeline.from_config(data_cfg, batch_size=int(config.batch_size),
                                 seed=int(config.seed))
-    features.check_vision(data.caches, frozen_meta.get("vision", {}).get("sha256"),
-                          trainer.loss_cfg.train_vision)
+    features.check_vision(data.caches, frozen_meta.get("vision", {}).get("sha256"))
     state, frozen = trainer.init(params, seed=int(config.seed))
     del params
 
@@ -318,10 +317,8 @@ def run(config, workdir: str) -> dict:
 def _feature_caches(config, cfg, trainer: Trainer, frozen_host, frozen_meta) -> None:
     """config.data.features: computes the caches the run lacks (data/features.py) with the
     run's own frozen ViT; one that exists is checked, never replaced."""
-    if trainer.loss_cfg.train_vision or "vision" not in frozen_meta:
-        raise features.FeatureCacheError("config.data.features: the ViT is trained in this "
-                                         "config (not in config.frozen), so its outputs cannot "
-                                         "be cached")
+    features.require_frozen_vision(not trainer.loss_cfg.train_vision and "vision" in frozen_meta,
+                                   tuple(config.get("frozen") or ()))
     n = jax.local_device_count()
     batch = n * -(-min(int(config.batch_size), 256) // n)
     features.build_with(config, cfg, frozen_host["vision"], frozen_meta["vision"]["sha256"],

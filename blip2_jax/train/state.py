@@ -45,6 +45,11 @@ def frozen_paths(paths: Sequence[str], patterns: Sequence[str]) -> set[str]:
     return {p for p in paths if any(c.fullmatch(p) for c in compiled)}
 
 
+def trained_towers(paths: Sequence[str], frozen: set[str]) -> set[str]:
+    """The top-level sub-trees ("vision", "qformer", "llm", ...) with any parameter not frozen."""
+    return {p.split("/")[0] for p in paths if p not in frozen}
+
+
 def check_patterns(paths: Sequence[str], patterns: Sequence[str], what: str = "frozen") -> None:
     for pat in patterns:
         if not any(re.fullmatch(pat, p) for p in paths):

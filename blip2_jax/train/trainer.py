@@ -39,9 +39,9 @@ class Trainer:
         paths = list(flatten(shapes))
         state_lib.check_patterns(paths, frozen)
         self.frozen_paths = state_lib.frozen_paths(paths, frozen)
-        train_vision = any(p.startswith("vision/") and p not in self.frozen_paths for p in paths)
-        loss_cfg = dataclasses.replace(loss_cfg, train_vision=train_vision)
-        self.train_llm = any(p.startswith("llm/") and p not in self.frozen_paths for p in paths)
+        trained = state_lib.trained_towers(paths, self.frozen_paths)
+        loss_cfg = dataclasses.replace(loss_cfg, train_vision="vision" in trained)
+        self.train_llm = "llm" in trained
         self.cfg, self.loss_cfg, self.mesh, self.rules = cfg, loss_cfg, mesh, rules
         self.frozen_dtype = frozen_dtype
         shardings = sharding_lib.shardings_from_logical(specs, shapes, mesh, rules)
