@@ -132,18 +132,11 @@ def itm_negatives(rng, sim_i2t, sim_t2i, image_ids=None, valid=None):
 def itm_pairs(image_embeds, input_ids, attention_mask, neg_image, neg_text):
     """The 3B ITM pairs: images [pos, neg, pos] with texts [pos, pos, neg]. Labels are
     [1]·B + [0]·2B (`itm_labels`)."""
-    index, ids, mask = itm_pair_index(input_ids, attention_mask, neg_image, neg_text)
-    return image_embeds[index], ids, mask
-
-
-def itm_pair_index(input_ids, attention_mask, neg_image, neg_text):
-    """`itm_pairs` with the images as indices into the batch's B images: (image index (3B,),
-    ids, mask) — for a Q-Former that gathers per-image keys/values (`image_index`)."""
     b = input_ids.shape[0]
     index = jnp.concatenate([jnp.arange(b), neg_image, jnp.arange(b)]).astype(jnp.int32)
     ids = jnp.concatenate([input_ids, input_ids, input_ids[neg_text]], axis=0)
     mask = jnp.concatenate([attention_mask, attention_mask, attention_mask[neg_text]], axis=0)
-    return index, ids, mask
+    return image_embeds[index], ids, mask
 
 
 def itm_labels(b: int):

@@ -54,22 +54,44 @@ class LossConfig:
     masked_rows: bool = False         # a padded batch: rows with valid False take no part
 
 
-def _image_embeds(m: Blip2Module, batch: Mapping, train_vision: bool):
-    # A frozen ViT runs forward only, or not at all when the batch brings its cached output
-    # (data/features.py); ln_vision (trainable) is differentiated either way.
+def _vision_tokens(m: Blip2Module, batch: Mapping, train_vision: bool):
+    """The ViT's output before ln_vision. A frozen ViT runs forward only (a stop_gradient), or
+    not at all when the batch brings its cached output (data/features.py)."""
     if FEATURES in batch:
         if train_vision:
             raise ValueError("a batch of cached ViT features cannot train the ViT")
         h = batch[FEATURES].astype(bnn.dtype_of(m.config.vision.dtype))
     else:
         h = m.vision(batch["image"])
-    return m.ln_vision(h if train_vision else jax.lax.stop_gradient(h))
+    return h if train_vision else jax.lax.stop_gradient(h)
+
+
+def _itm_logits_reusing_kv(m: Blip2Module, vision_tokens, query_cache, ids, mask, neg_image,
+                           neg_text):
+    """The (3B, 2) logits of `losses.itm_pairs`, with the image keys/values of the query pass.
+
+    Two of each row's three pairs show the row's own image (the positive and the hard-negative
+    text): they reuse its cross-attention K/V where the row lives. The hard-negative image
+    lives on another device: its ViT tokens are gathered before ln_vision (bf16, no gradient)
+    and projected again. A gather of the whole batch's K/V instead would move every
+    cross-attention layer's keys and values, and their gradients, across the mesh."""
+    b, t = ids.shape
+    own_ids = jnp.stack([ids, ids[neg_text]], axis=1).reshape(2 * b, t)
+    own_mask = jnp.stack([mask, mask[neg_text]], axis=1).reshape(2 * b, t)
+    own_kv = {k: jnp.repeat(query_cache[f"image_{k}"], 2, axis=1) for k in ("k", "v")}
+    own_ids, own_mask = sharding.constrain_batch((own_ids, own_mask))
+    own = m.itm_logits(None, own_ids, own_mask, image_kv=own_kv,
+                       deterministic=False).reshape(b, 2, -1)
+    neg_images = sharding.constrain_batch(jnp.take(vision_tokens, neg_image, axis=0))
+    neg = m.itm_logits(m.ln_vision(neg_images), ids, mask, deterministic=False)
+    return jnp.concatenate([own[:, 0], neg, own[:, 1]], axis=0)
 
 
 def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     k_itm, _ = jax.random.split(rng)
     ids, mask = batch["qformer_ids"], batch["qformer_mask"]
-    image_embeds = _image_embeds(m, batch, lc.train_vision)
+    vision_tokens = _vision_tokens(m, batch, lc.train_vision)
+    image_embeds = m.ln_vision(vision_tokens)
     share_kv = bool(lc.itm and lc.itm_image_kv_once)
     query_out, query_cache = m.query_output(image_embeds, return_query_cache=True,
                                             return_image_kv=share_kv, deterministic=False)
@@ -86,13 +108,8 @@ def stage1_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
         neg_image, neg_text = losses.itm_negatives(k_itm, *sims, image_ids=image_ids,
                                                    valid=valid)
         if share_kv:
-            # The 3B pairs show only the B images of the batch: the ITM pass gathers their
-            # cross-attention keys/values from the query pass instead of projecting 3B images.
-            index, pair_ids, pair_mask = sharding.constrain_batch(
-                losses.itm_pair_index(ids, mask, neg_image, neg_text))
-            image_kv = {"k": query_cache["image_k"], "v": query_cache["image_v"]}
-            logits = m.itm_logits(None, pair_ids, pair_mask, image_index=index,
-                                  image_kv=image_kv, deterministic=False)
+            logits = _itm_logits_reusing_kv(m, vision_tokens, query_cache, ids, mask,
+                                            neg_image, neg_text)
         else:
             # Gathered across devices, the 3B pairs would otherwise be replicated everywhere.
             pairs = sharding.constrain_batch(losses.itm_pairs(image_embeds, ids, mask,
@@ -115,7 +132,7 @@ def _loss_mask(mask, valid):
 def stage2_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     cfg = m.config
     valid = batch["valid"] if lc.masked_rows else None
-    query_out, _ = m.query_output(_image_embeds(m, batch, lc.train_vision),
+    query_out, _ = m.query_output(m.ln_vision(_vision_tokens(m, batch, lc.train_vision)),
                                   deterministic=False)
     prefix = m.llm_prefix(query_out)
     ids, mask = batch["llm_ids"], batch["llm_mask"]
