@@ -31,11 +31,12 @@ ALIASES = {"v5p-8": "v5p:2x2x1", "v5p-64": "v5p:2x4x4", "v5p-128": "v5p:4x4x4",
            "v5p-256": "v5p:4x4x8", "v5e-8": "v5e:2x4", "v5e-256": "v5e:16x16",
            "v4-8": "v4:2x2x1", "v4-128": "v4:4x4x4", "v6e-256": "v6e:16x16"}
 GiB = 1024 ** 3
-# device_kind -> (HBM bytes, peak dense bf16 FLOP/s) of one JAX device (Cloud TPU datasheets).
-# v4 and v5p are megacore chips: one JAX device per chip, as on a real pod (topology_devices).
-CHIPS = {"TPU v5": (95 * GiB, 459e12), "TPU v5p": (95 * GiB, 459e12),
-         "TPU v5 lite": (16 * GiB, 197e12), "TPU v5e": (16 * GiB, 197e12),
-         "TPU v6 lite": (32 * GiB, 918e12), "TPU v4": (32 * GiB, 275e12)}
+# device_kind -> (HBM bytes, peak dense bf16 FLOP/s, HBM bytes/s) of one chip (Cloud TPU
+# datasheets). v4 and v5p are megacore chips: one JAX device per chip, as on a real pod
+# (topology_devices).
+CHIPS = {"TPU v5": (95 * GiB, 459e12, 2765e9), "TPU v5p": (95 * GiB, 459e12, 2765e9),
+         "TPU v5 lite": (16 * GiB, 197e12, 819e9), "TPU v5e": (16 * GiB, 197e12, 819e9),
+         "TPU v6 lite": (32 * GiB, 918e12, 1640e9), "TPU v4": (32 * GiB, 275e12, 1228e9)}
 
 
 class AotError(ValueError):
@@ -62,10 +63,12 @@ def topology_devices(name: str) -> list:
 
 def chip_spec(device) -> tuple[float, float]:
     """(HBM bytes, peak bf16 FLOP/s) of one device."""
-    hbm, peak = CHIPS.get(device.device_kind, (0.0, 0.0))
-    if device.device_kind == "TPU v4" and getattr(device, "num_cores", 2) == 1:
-        hbm, peak = hbm / 2, peak / 2        # one of the chip's two TensorCores
-    return hbm, peak
+    return CHIPS.get(device.device_kind, (0.0, 0.0, 0.0))[:2]
+
+
+def hbm_bandwidth(device) -> float:
+    """HBM bytes/s of one device (0 if unknown)."""
+    return CHIPS.get(device.device_kind, (0.0, 0.0, 0.0))[2]
 
 
 def _per_device_bytes(tree) -> int:
@@ -142,6 +145,18 @@ class Report:
     compile_seconds: float
     step_batch: Optional[int] = None   # rows per step when config.pad_batch pads the batch
     xla_seconds: Optional[dict] = None  # XLA's raw time entries (a missing estimate shows here)
+    compiler_bytes: Optional[float] = None   # per device, bytes the unrolled program accesses
+    peak_flops: float = 0.0                  # per device, bf16
+    hbm_bandwidth: float = 0.0               # per device, bytes/s
+
+    def roofline(self) -> Optional[dict]:
+        """Lower bounds on the step time (s) from the compiler's counts: its FLOPs at the
+        chip's peak, its memory traffic at the chip's HBM bandwidth."""
+        if not (self.compiler_flops and self.compiler_bytes and self.peak_flops
+                and self.hbm_bandwidth):
+            return None
+        return {"flops_at_peak": self.compiler_flops / self.peak_flops,
+                "bytes_at_hbm_bandwidth": self.compiler_bytes / self.hbm_bandwidth}
 
     def table(self) -> str:
         g = lambda x: (f"{x / GiB:.2f} GiB" if x >= GiB / 10            # noqa: E731
@@ -162,6 +177,12 @@ class Report:
             lines.append(f"  model FLOPs {self.model_flops:.3e} / step (global; "
                          f"{self.model_flops / self.devices:.3e} per device); compiler FLOPs "
                          f"{self.compiler_flops or 0:.3e} per device (layers unrolled)")
+        roof = self.roofline()
+        if roof:
+            lines.append(f"  bounds: compiler FLOPs at peak {1e3 * roof['flops_at_peak']:.1f} ms, "
+                         f"its {self.compiler_bytes / GiB:.1f} GiB of HBM traffic at "
+                         f"{self.hbm_bandwidth / 1e9:.0f} GB/s "
+                         f"{1e3 * roof['bytes_at_hbm_bandwidth']:.1f} ms")
         if self.estimated_seconds:
             mfu = f", estimated MFU {100 * self.mfu:.1f} %" if self.mfu is not None else ""
             lines.append(f"  XLA estimated step time {1e3 * self.estimated_seconds:.1f} ms{mfu}")
@@ -259,7 +280,9 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
                   compiler_flops=cost.get("flops"), model_flops=model_flops,
                   estimated_seconds=est, mfu=mfu, compile_seconds=seconds,
                   step_batch=step_batch,
-                  xla_seconds={k: float(v) for k, v in cost.items() if "second" in k})
+                  xla_seconds={k: float(v) for k, v in cost.items() if "second" in k},
+                  compiler_bytes=cost.get("bytes accessed"), peak_flops=peak,
+                  hbm_bandwidth=hbm_bandwidth(devices[0]))
 
 
 def sharding_table(config, devices: Sequence[Any]) -> dict:
@@ -365,7 +388,7 @@ def main(argv=None) -> int:
     print(report.table())
     if flags_.json:
         with open(flags_.json, "w") as f:
-            json.dump(dataclasses.asdict(report), f, indent=2)
+            json.dump(dict(dataclasses.asdict(report), roofline=report.roofline()), f, indent=2)
     return 0
 
 
