@@ -4,8 +4,9 @@ lever off and on, checked equal, then timed in alternating rounds (a busy machin
     python bench/step_levers.py                      # itm_image_kv_once, bench/train_step.py's shape
     python bench/step_levers.py --width 128 --layers 2 --rounds 5      # smoke
 
-Lever `itm_image_kv_once` (train/step.py): the ITM pass gathers the images' cross-attention
-keys/values from the query pass instead of projecting its 3B paired images again.
+Lever `itm_image_kv_once` (train/step.py): the ITM pairs that show the row's own image reuse
+its cross-attention keys/values from the query pass; only the B hard-negative images are
+projected again (instead of 3B).
 
 Shape (bench/train_step.py's): width 256 (head dim 64), 4 layers in the ViT and the Q-Former
 (cross-attention every 2nd layer), 224-px images in 14-px patches (257 tokens), 32 queries, text
