@@ -215,13 +215,23 @@ def _memory(compiled) -> dict:
     return out
 
 
+def _write_hlo(compiled, path: str) -> None:
+    """The optimized HLO text of a compiled program (gzip when `path` ends in .gz)."""
+    import gzip
+    text = compiled.as_text()
+    with (gzip.open(path, "wt") if path.endswith(".gz") else open(path, "w")) as f:
+        f.write(text)
+
+
 def compile_train(config, devices: Sequence[Any], topology: str = "",
-                  estimate: bool = True) -> Report:
+                  estimate: bool = True, hlo: Optional[str] = None) -> Report:
     """Lower and compile `loop.run`'s step for `devices` from abstract inputs.
 
     Memory comes from the program train.py runs (layers scanned). XLA's cost analysis counts a
     loop body once, so with `estimate` the step is compiled a second time with every layer scan
-    unrolled (`nn.unrolled_layers`: the same math) for the FLOPs and the estimated step time."""
+    unrolled (`nn.unrolled_layers`: the same math) for the FLOPs and the estimated step time.
+    hlo: write the optimized HLO of the program the numbers come from (the unrolled one with
+    `estimate`) to this path, for bench/hlo_traffic.py."""
     from blip2_jax import nn as bnn
     from blip2_jax.train import loop
     from blip2_jax.train.trainer import Trainer
@@ -268,8 +278,11 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
     if estimate:
         with bnn.unrolled_layers():
             start = time.perf_counter()
-            cost = _cost(make_trainer().lower(state, frozen, batch).compile())
+            compiled = make_trainer().lower(state, frozen, batch).compile()
+            cost = _cost(compiled)
             seconds += time.perf_counter() - start
+    if hlo:
+        _write_hlo(compiled, hlo)
     model_flops = trainer.model_flops(batch) * useful
     est = cost.get("optimal_seconds")
     est = float(est) if est and est > 0 else None
@@ -372,13 +385,16 @@ def main(argv=None) -> int:
     flags.DEFINE_string("json", None, "also write the report as JSON here", flag_values=flags_)
     flags.DEFINE_bool("estimate", True, "also compile with layers unrolled for XLA's FLOPs and "
                       "step-time estimate (slower)", flag_values=flags_)
+    flags.DEFINE_string("hlo", None, "train: also write the optimized HLO (the unrolled program "
+                        "with --estimate) here; .gz compresses", flag_values=flags_)
     try:
         flags_(argv)
         if flags_.config is None or flags_.topology is None:
             raise AotError("--config and --topology are required")
         devices = topology_devices(flags_.topology)
         if flags_.program == "train":
-            report = compile_train(config_flag.value, devices, flags_.topology, flags_.estimate)
+            report = compile_train(config_flag.value, devices, flags_.topology, flags_.estimate,
+                                   hlo=flags_.hlo)
         else:
             report = compile_generate(config_flag.value, devices, flags_.topology)
     except (AotError, flags.Error, KeyError, ValueError) as e:

@@ -45,9 +45,10 @@ def test_v4_pods_are_megacore():
     assert make_mesh(dict(data=16, fsdp=1, tensor=4), devices=v4).devices.size == 64
 
 
-def test_stage1_step_compiles_with_reports(devices):
+def test_stage1_step_compiles_with_reports(devices, tmp_path):
     c = _config("tiny_stage1", mesh=dict(data=2, fsdp=2, tensor=1))
-    report = aot.compile_train(c, devices, TOPOLOGY)
+    hlo = str(tmp_path / "step.hlo.gz")
+    report = aot.compile_train(c, devices, TOPOLOGY, hlo=hlo)
     assert report.mesh == {"data": 2, "fsdp": 2, "tensor": 1} and report.fits
     b = report.bytes
     assert 0 < b["trainable"] and 0 < b["frozen"] and b["optimizer"] >= 2 * b["trainable"] * 0.9
@@ -61,6 +62,19 @@ def test_stage1_step_compiles_with_reports(devices):
     assert report.compiler_bytes > 0 and report.hbm_bandwidth == 2765e9
     assert report.estimated_seconds >= 0.99 * max(roof.values()) > 0
     assert "fits" in report.table() and "HBM traffic" in report.table()
+    # bench/hlo_traffic.py reads the unrolled program: every Q-Former pass, forward and
+    # backward, and the collectives of the sharded step (the ITC features are gathered).
+    import gzip
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import hlo_traffic
+    with gzip.open(hlo, "rt") as f:
+        groups, comms = hlo_traffic.traffic(f.read())
+    for method in ("query_output", "text_features", "itm_logits", "itg_logits"):
+        for direction in ("fwd", "bwd"):
+            assert any(k.startswith(f"{direction} Blip2Module.{method}/qformer/layer_*")
+                       for k in groups), (method, direction, sorted(groups))
+    assert any(kind == "all-gather" for kind, _ in comms)
+    assert sum(b for _, b in groups.values()) > b["trainable"]
 
 
 def test_stage2_microbatched_and_generate_compile(devices):

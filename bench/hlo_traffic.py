@@ -1,0 +1,147 @@
+"""Where a compiled step's HBM traffic goes: the top-level ops of an optimized HLO program
+(`python -m blip2_jax.aot ... --hlo step.hlo.gz`, the layers unrolled), grouped by the JAX
+source path in their metadata.
+
+    python bench/hlo_traffic.py step.hlo.gz [--top 30] [--depth 3]
+
+Each top-level op (a fusion, a collective, a copy, a custom call) is charged the bytes of its
+operands and of its result: an upper bound on what it reads and writes (a fusion may read a
+slice of an operand), and the measure XLA's TPU cost model turns into time for memory-bound ops.
+Ops are grouped by `op_name` with the transformations folded into a direction (fwd, or bwd for
+`transpose(...)`) and layer indices dropped, so the 12 Q-Former layers of one pass add up.
+Collectives are listed apart with the bytes they move. Printed per group: ops, GiB, and the
+milliseconds that traffic takes at --bandwidth (default v5p's 2765 GB/s).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import re
+import sys
+
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5,
+               "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+               "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
+        "partition-id", "replica-id", "iota", "opt-barrier"}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\dm\d(?:fn)?)?)\[([\d,]*)\]")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
+
+
+def shape_bytes(shape: str) -> float:
+    """Bytes of an HLO shape string (an array or a tuple of arrays)."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+    """(shape, the text after it) of an instruction's right-hand side."""
+    if rest.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                return rest[:i + 1], rest[i + 1:].lstrip()
+    shape, _, tail = rest.partition(" ")
+    return shape, tail
+
+
+def entry_ops(text: str):
+    """(name, shape, opcode, operand names, op_name) of each instruction of the ENTRY
+    computation."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
+    for line in lines[start + 1:]:
+        if line.startswith("}"):
+            break
+        m = _DEF.match(line)
+        if not m:
+            continue
+        shape, tail = _split_shape(line[m.end():])
+        opcode, _, args = tail.partition("(")
+        depth, end = 1, 0
+        for end, ch in enumerate(args):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                break
+        operands = re.findall(r"%([\w.\-]+)", args[:end])
+        meta = re.search(r'op_name="([^"]*)"', line)
+        yield m.group(1), shape, opcode.strip(), operands, meta.group(1) if meta else ""
+
+
+def group_of(op_name: str, depth: int) -> str:
+    """'bwd Blip2Module.itm_logits/qformer/layer_*' from an op_name (depth 3)."""
+    if not op_name:
+        return "(no source)"
+    direction = "bwd" if "transpose(" in op_name else "fwd"
+    parts = []
+    for p in op_name.split("/"):
+        p = re.sub(r"^(?:jit|jvp|transpose|vmap|remat|checkpoint|pjit)\(", "", p).rstrip(")")
+        p = re.sub(r"^(?:jit|jvp|transpose|vmap|remat|checkpoint|pjit)\(", "", p)
+        if p in ("step", "", "closed_call", "layers", "checkpoint") or p.startswith("_"):
+            continue
+        parts.append(re.sub(r"_\d+$", "_*", p))
+    return f"{direction} " + "/".join(parts[:depth])
+
+
+def traffic(text: str, depth: int = 4):
+    """({group: [ops, bytes]}, {(collective, group): [ops, bytes]})."""
+    size: dict[str, float] = {}
+    groups: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    comms: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0])
+    for name, shape, opcode, operands, op_name in entry_ops(text):
+        size[name] = shape_bytes(shape)
+        if opcode in FREE or opcode.endswith("-done"):
+            continue
+        if opcode.endswith("-start") and shape.startswith("("):
+            # An async start's tuple holds its operand and its result (and a context): the
+            # result is what is written.
+            size[name] = max((shape_bytes(f"{d}[{s}]") for d, s in _ARRAY.findall(shape)),
+                             default=0.0)
+        moved = size[name] + sum(size.get(o, 0.0) for o in operands)
+        key = group_of(op_name, depth)
+        base = opcode.removesuffix("-start")
+        if base in COLLECTIVES:
+            comms[(base, key)][0] += 1
+            comms[(base, key)][1] += size[name]
+        groups[key][0] += 1
+        groups[key][1] += moved
+    return groups, comms
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("hlo", help="optimized HLO text (aot --hlo), .gz allowed")
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--depth", type=int, default=4, help="source-path components per group")
+    p.add_argument("--bandwidth", type=float, default=2765e9, help="HBM bytes/s")
+    args = p.parse_args(argv)
+    opener = gzip.open if args.hlo.endswith(".gz") else open
+    with opener(args.hlo, "rt") as f:
+        groups, comms = traffic(f.read(), args.depth)
+    total = sum(b for _, b in groups.values())
+    gib = 1024 ** 3
+    print(f"top-level HBM traffic {total / gib:.1f} GiB per device "
+          f"({1e3 * total / args.bandwidth:.1f} ms at {args.bandwidth / 1e9:.0f} GB/s)")
+    print("| group | ops | GiB | ms | share |\n|---|---|---|---|---|")
+    for key, (n, b) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:args.top]:
+        print(f"| {key} | {n} | {b / gib:.2f} | {1e3 * b / args.bandwidth:.2f} | "
+              f"{100 * b / total:.1f} % |")
+    if comms:
+        print("\n| collective | group | ops | GiB (result) |\n|---|---|---|---|")
+        for (kind, key), (n, b) in sorted(comms.items(), key=lambda kv: -kv[1][1])[:args.top]:
+            print(f"| {kind} | {key} | {n} | {b / gib:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
