@@ -36,23 +36,6 @@ top two. Visual Genome uses `blip_image_train` (RandAugment) as in LAVIS's yaml,
 """
 from blip2_jax.train import defaults
 
-# Mixture weights: blip2.md gives only the totals (129M images, 115M of them LAION); the per-set
-# sizes are the BLIP / ALBEF paper's pre-training table (entries: image-caption pairs for COCO and
-# VG, whose LAVIS/BLIP annotation files hold one entry per caption; images for the web sets). A
-# uniform draw over the concatenated datasets (what BLIP's and LAVIS's loaders do) samples each
-# dataset in proportion to its entries, so the weights are the entry counts, in millions.
-# If your copies of the web datasets are smaller (dead links), use the sizes you built instead
-# (each dataset's metadata.json lists its examples).
-SOURCES = (
-    # name                             weight (M entries)  image processor (LAVIS yaml)
-    ("blip2_captions/coco_karpathy", 0.567, "blip2_image_train"),   # 113K images, 567K captions
-    ("blip2_captions/vg", 0.769, "blip_image_train"),               # 100K images, 769K captions
-    ("blip2_captions/cc3m", 2.95, "blip2_image_train"),
-    ("blip2_captions/cc12m", 10.06, "blip2_image_train"),
-    ("blip2_captions/sbu", 0.86, "blip2_image_train"),
-    ("blip2_captions/laion115m", 115.0, "blip2_image_train"),
-)
-
 VARIANTS = {
     # arg: (model preset, global batch size)  -- batch sizes: blip2.md §4.1
     "vit_g": ("blip2-pretrain-vit-g", 1680),
@@ -101,21 +84,7 @@ def get_config(arg=None):
     c.seed = 42                          # LAVIS's yaml seed (the paper gives none)
     c.log_every_steps = 100
     c.checkpoint_every_steps = 5000
-    # Image size: the model's (224, §4.1), which the loop passes to the pipeline.
-    c.data = dict(
-        data_dir="/path/to/tfds_data",
-        train=[dict(name=name, split="train", weight=weight, image_processor=proc)
-               for name, weight, proc in SOURCES],
-        image_processor="blip2_image_train",
-        flip=True,
-        max_words=50,                    # LAVIS blip_caption (§4.3)
-        prompt="",                       # pre-training prompt (§3.3)
-        num_workers=8,                   # per host; tune to the host's cores
-        num_threads=16,
-        # A frozen-feature cache directory (blip2_jax/data/features.py): train from the ViT's
-        # precomputed outputs. Only without augmentation: image_processor="blip_image_eval".
-        features="",
-    )
+    c.data = defaults.pretraining_data()
     c.text = dict(qformer_tokenizer="/path/to/bert-base-uncased",
                   max_length=32)         # LAVIS max_txt_len
     if pod:                              # mesh / remat / microbatches for a TPU pod

@@ -33,16 +33,6 @@ in `blip2_jax.data.pipeline._split_prefix`).
 """
 from blip2_jax.train import defaults
 
-# Same as configs/stage1.py (weights: million entries; see the comment there).
-SOURCES = (
-    ("blip2_captions/coco_karpathy", 0.567, "blip2_image_train"),
-    ("blip2_captions/vg", 0.769, "blip_image_train"),
-    ("blip2_captions/cc3m", 2.95, "blip2_image_train"),
-    ("blip2_captions/cc12m", 10.06, "blip2_image_train"),
-    ("blip2_captions/sbu", 0.86, "blip2_image_train"),
-    ("blip2_captions/laion115m", 115.0, "blip2_image_train"),
-)
-
 LLMS = {
     # arg: (preset with ViT-g, preset with ViT-L or None, BLIP-2 checkpoint name, global batch)
     # Batch sizes: blip2.md §4.1 (1920 for OPT, 1520 for FlanT5).
@@ -94,21 +84,7 @@ def get_config(arg=None):
     c.seed = 42                          # LAVIS's yaml seed (the paper gives none)
     # The default mesh is pure data parallelism; `,POD` in the arg picks one found for a pod.
     c.checkpoint_every_steps = 2000
-    # Image size: the model's (224, §4.1), which the loop passes to the pipeline.
-    c.data = dict(
-        data_dir="/path/to/tfds_data",
-        train=[dict(name=name, split="train", weight=weight, image_processor=proc)
-               for name, weight, proc in SOURCES],
-        image_processor="blip2_image_train",
-        flip=True,
-        max_words=50,                    # LAVIS blip_caption (§4.3)
-        prompt="",                       # pre-training prompt (§3.3)
-        num_workers=8,                   # per host; tune to the host's cores
-        num_threads=16,
-        # A frozen-feature cache directory (blip2_jax/data/features.py): train from the ViT's
-        # precomputed outputs. Only without augmentation: image_processor="blip_image_eval".
-        features="",
-    )
+    c.data = defaults.pretraining_data()
     c.text = dict(llm_tokenizer=f"/path/to/{checkpoint}",
                   max_length=32)         # LAVIS max_txt_len (§3.1, §3.2)
     if pods:                             # mesh / remat / microbatches for a TPU pod

@@ -101,6 +101,43 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The pre-training mixture of both stages: tfds name, weight, image processor (LAVIS yaml).
+# Weights:  blip2.md gives only the totals (129M images, 115M of them LAION); the per-set
+# sizes are the BLIP / ALBEF paper's pre-training table (entries: image-caption pairs for COCO and
+# VG, whose LAVIS/BLIP annotation files hold one entry per caption; images for the web sets). A
+# uniform draw over the concatenated datasets (what BLIP's and LAVIS's loaders do) samples each
+# dataset in proportion to its entries, so the weights are the entry counts, in millions.
+# If your copies of the web datasets are smaller (dead links), use the sizes you built instead
+# (each dataset's metadata.json lists its examples).
+PRETRAINING_SOURCES = (
+    ("blip2_captions/coco_karpathy", 0.567, "blip2_image_train"),   # 113K images, 567K captions
+    ("blip2_captions/vg", 0.769, "blip_image_train"),               # 100K images, 769K captions
+    ("blip2_captions/cc3m", 2.95, "blip2_image_train"),
+    ("blip2_captions/cc12m", 10.06, "blip2_image_train"),
+    ("blip2_captions/sbu", 0.86, "blip2_image_train"),
+    ("blip2_captions/laion115m", 115.0, "blip2_image_train"),
+)
+
+
+def pretraining_data() -> dict:
+    """`config.data` of both pre-training stages. Image size: the model's (224, §4.1), which the
+    loop passes to the pipeline."""
+    return dict(
+        data_dir="/path/to/tfds_data",
+        train=[dict(name=name, split="train", weight=weight, image_processor=proc)
+               for name, weight, proc in PRETRAINING_SOURCES],
+        image_processor="blip2_image_train",
+        flip=True,
+        max_words=50,                    # LAVIS blip_caption (§4.3)
+        prompt="",                       # pre-training prompt (§3.3)
+        num_workers=8,                   # per host; tune to the host's cores
+        num_threads=16,
+        # A frozen-feature cache directory (blip2_jax/data/features.py): train from the ViT's
+        # precomputed outputs. Only without augmentation: image_processor="blip_image_eval".
+        features="",
+    )
+
+
 def synthetic_data(data_dir: str, **overrides) -> dict:
     """`config.data` for training on the built-in synthetic dataset."""
     return dict(data_dir=data_dir, train=dict(name="blip2_captions/synthetic", split="train"),
