@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # The pre-training mixture of both stages: tfds name, weight, image processor (LAVIS yaml).
-# Weights:  blip2.md gives only the totals (129M images, 115M of them LAION); the per-set
+# Weights: blip2.md gives only the totals (129M images, 115M of them LAION); the per-set
 # sizes are the BLIP / ALBEF paper's pre-training table (entries: image-caption pairs for COCO and
 # VG, whose LAVIS/BLIP annotation files hold one entry per caption; images for the web sets). A
 # uniform draw over the concatenated datasets (what BLIP's and LAVIS's loaders do) samples each
