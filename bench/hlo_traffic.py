@@ -5,8 +5,9 @@ source path in their metadata.
     python bench/hlo_traffic.py step.hlo.gz [--top 30] [--depth 3]
 
 Each top-level op (a fusion, a collective, a copy, a custom call) is charged the bytes of its
-operands and of its result: an upper bound on what it reads and writes (a fusion may read a
-slice of an operand), and the measure XLA's TPU cost model turns into time for memory-bound ops.
+operands and of its result (a slice: twice its result): an upper bound on what it reads and
+writes — a fusion that slices one layer out of stacked weights is charged the whole stack, so
+compare groups, not the total with XLA's own count, which `aot` prints.
 Ops are grouped by `op_name` with the transformations folded into a direction (fwd, or bwd for
 `transpose(...)`) and layer indices dropped, so the 12 Q-Former layers of one pass add up.
 Collectives are listed apart with the bytes they move. Printed per group: ops, GiB, and the
@@ -52,6 +53,20 @@ def _split_shape(rest: str) -> tuple[str, str]:
                 return rest[:i + 1], rest[i + 1:].lstrip()
     shape, _, tail = rest.partition(" ")
     return shape, tail
+
+
+def _tuple_elements(shape: str) -> list[str]:
+    """The top-level elements of a tuple shape '(a, (b, c), d)'."""
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(shape):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if (ch == "," and depth == 1) or (depth == 0 and i == len(shape) - 1):
+            parts.append(shape[start:i].strip())
+            start = i + 1
+    return parts
 
 
 def entry_ops(text: str):
@@ -103,13 +118,16 @@ def traffic(text: str, depth: int = 4):
         if opcode in FREE or opcode.endswith("-done"):
             continue
         if opcode.endswith("-start") and shape.startswith("("):
-            # An async start's tuple holds its operand and its result (and a context): the
-            # result is what is written.
-            size[name] = max((shape_bytes(f"{d}[{s}]") for d, s in _ARRAY.findall(shape)),
-                             default=0.0)
-        moved = size[name] + sum(size.get(o, 0.0) for o in operands)
-        key = group_of(op_name, depth)
+            # An async start's tuple is (its operands, its result, context...): the result is
+            # what is written.
+            parts = _tuple_elements(shape)
+            size[name] = shape_bytes(parts[1]) if len(parts) > 1 else shape_bytes(shape)
         base = opcode.removesuffix("-start")
+        if base in ("slice", "dynamic-slice"):
+            moved = 2 * size[name]          # reads what it writes, not its whole operand
+        else:
+            moved = size[name] + sum(size.get(o, 0.0) for o in operands)
+        key = group_of(op_name, depth)
         if base in COLLECTIVES:
             comms[(base, key)][0] += 1
             comms[(base, key)][1] += size[name]
