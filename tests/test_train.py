@@ -172,8 +172,9 @@ def test_same_losses_and_updates_on_any_mesh(preset):
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_itm_reusing_the_query_pass_image_kv_is_the_same_step(mesh_name):
-    """`itm_image_kv_once`: the ITM pass gathers the query pass's image keys/values instead of
-    projecting the 3B paired images: the same losses, gradients and updates (no dropout)."""
+    """`itm_image_kv_once`: the ITM pairs of the row's own image reuse the query pass's image
+    keys/values and only the hard-negative images are projected again: the same losses,
+    gradients and updates (no dropout)."""
     cfg = _no_dropout(config.get_preset("tiny-stage1"))
     params = api.init_params(cfg, 0)
     mesh = _mesh(MESHES[mesh_name])
