@@ -174,9 +174,10 @@ class Report:
                  + ("" if self.fits or b["arguments"] else
                     " (the compiler stopped: these are its temporaries alone)")]
         if self.model_flops:
+            compiler = (f"compiler FLOPs {self.compiler_flops:.3e} per device (layers unrolled)"
+                        if self.compiler_flops else "no compiler count (--noestimate)")
             lines.append(f"  model FLOPs {self.model_flops:.3e} / step (global; "
-                         f"{self.model_flops / self.devices:.3e} per device); compiler FLOPs "
-                         f"{self.compiler_flops or 0:.3e} per device (layers unrolled)")
+                         f"{self.model_flops / self.devices:.3e} per device); {compiler}")
         roof = self.roofline()
         if roof:
             lines.append(f"  bounds: compiler FLOPs at peak {1e3 * roof['flops_at_peak']:.1f} ms, "

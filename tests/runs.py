@@ -34,3 +34,29 @@ def config(name: str, arg, *, total_steps: int, **overrides):
             node = node[p]
         node[last] = v
     return c
+
+
+def free_port() -> int:
+    """A free local TCP port, for a jax.distributed coordinator."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(argv, devices: int):
+    """Start `argv` with `devices` fake CPU devices (the suite's XLA_FLAGS otherwise), its
+    stdout and stderr merged into one text pipe."""
+    import subprocess
+    flags = os.environ.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", "")
+    env = {**os.environ,
+           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}"}
+    return subprocess.Popen(list(argv), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def distributed_flags(port: int, process: int, processes: int = 2) -> list:
+    """The jax.distributed flags of process `process` of `processes` on this host."""
+    return ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(processes),
+            "--process_id", str(process)]

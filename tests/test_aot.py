@@ -80,7 +80,8 @@ def test_stage1_step_compiles_with_reports(devices, tmp_path):
 def test_stage2_microbatched_and_generate_compile(devices):
     c = _config("tiny_stage2", "opt", microbatches=2)
     report = aot.compile_train(c, devices, TOPOLOGY, estimate=False)
-    assert report.fits and report.estimated_seconds is None
+    assert report.fits and report.estimated_seconds is None and report.compiler_flops is None
+    assert "no compiler count (--noestimate)" in report.table()
     gen = aot.compile_generate(_config("tiny_stage2", "opt"), devices, TOPOLOGY)
     assert gen.program == "generate" and gen.fits and gen.bytes["frozen"] > 0
 

@@ -245,26 +245,16 @@ def test_two_processes_evaluate_as_one(stage2_run, data_dir, tmp_path):
     """eval.py under jax.distributed (2 processes × 2 CPU devices, each reading its rows of every
     batch) against 1 process × 4 devices: the same predictions and metrics. VQA prompts differ
     in length between the processes' rows, so both must agree on the prompt bucket."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = runs.free_port()
     cfg = f"{os.path.join(ROOT, 'configs', 'tiny_stage2.py')}:opt,{data_dir}"
     final = os.path.join(stage2_run, "final")
-    flags = os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "")
 
     def launch(out, devices, extra=()):
-        env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count="
-                                          f"{devices}"}
-        return subprocess.Popen(_eval_cmd(cfg, "--checkpoint", final, "--output", out,
-                                          "--no_report", *extra),
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        return runs.spawn(_eval_cmd(cfg, "--checkpoint", final, "--output", out, "--no_report",
+                                    *extra), devices)
 
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    procs = [launch(two, 2, ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes",
-                             "2", "--process_id", str(i)]) for i in (0, 1)]
+    procs = [launch(two, 2, runs.distributed_flags(port, i)) for i in (0, 1)]
     procs.append(launch(one, 4))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):

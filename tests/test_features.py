@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -164,6 +165,37 @@ def test_train_py_computes_a_missing_cache_and_reuses_it(data_dir, cache, tmp_pa
         np.testing.assert_allclose(a[i], b[i], rtol=1e-5, atol=1e-6)
     again = loop.run(_config(data_dir, fresh), str(tmp_path / "run2"))
     assert again["loss"] == out["loss"]
+
+
+def test_two_processes_build_the_cache_one_process_builds(data_dir, cache, tmp_path):
+    """The CLI under jax.distributed (2 local processes x 2 CPU devices): each process writes
+    its half of the images into its own shard; the cache reads as the one-process cache, and
+    training from it gives the same losses."""
+    feats, meta = cache
+    two = str(tmp_path / "two")
+    port = runs.free_port()
+    procs = [runs.spawn([sys.executable, "-m", "blip2_jax.data.features",
+                         f"--config={os.path.join(runs.ROOT, 'configs', 'tiny_stage1.py')}:"
+                         f"{data_dir}", f"--config.data.features={two}", "--batch_size=4",
+                         *runs.distributed_flags(port, i)], devices=2) for i in (0, 1)]
+    for p in procs:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-3000:]
+    with open(os.path.join(two, "blip2_captions/synthetic/train/meta.json")) as f:
+        made = json.load(f)
+    assert made["shards"] == ["features-00000-of-00002.array_record",
+                              "features-00001-of-00002.array_record"]
+    for k in ("images", "records", "shape", "vision_sha256", "dtype", "bad_images"):
+        assert made[k] == meta[k], k
+    a, b = (features.open_cache(d, "blip2_captions/synthetic", "train", records=meta["records"],
+                                image_processor="blip_image_eval", image_size=meta["image_size"])
+            for d in (two, feats))
+    for i in range(len(b)):                  # other batch sizes: equal to float rounding
+        np.testing.assert_allclose(a[i], b[i], rtol=1e-5, atol=1e-6, err_msg=str(i))
+    sharded = loop.run(_config(data_dir, two), str(tmp_path / "run_two"))
+    single = loop.run(_config(data_dir, feats), str(tmp_path / "run_one"))
+    for k in ("loss", "itc", "itm", "itg"):
+        np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, err_msg=k)
 
 
 def test_rebuild_keeps_a_matching_cache_and_replaces_only_with_overwrite(data_dir, tmp_path):

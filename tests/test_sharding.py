@@ -315,14 +315,12 @@ print("ok", i)
 
 def test_multiprocess_dcn_mesh_and_batches(tmp_path):
     import os
-    import socket
     import subprocess
     import sys
+    import runs
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(runs.free_port())
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

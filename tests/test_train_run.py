@@ -155,34 +155,21 @@ def test_unnamed_sources_fail(data_dir, tmp_path):
         loop.run(c, str(tmp_path / "y"))
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_the_same_losses_as_one(data_dir, tmp_path):
     """train.py under jax.distributed: 2 local processes × 2 CPU devices (gloo collectives)
     against 1 process × 4 devices, the same global batch: the same losses."""
     cfg = f"{os.path.join(ROOT, 'configs', 'tiny_stage1.py')}:{data_dir}"
     common = ["--config.total_steps=4", "--config.batch_size=8", "--config.log_every_steps=1",
               "--config.checkpoint_every_steps=2", "--config.optimizer.warmup_steps=2"]
-    flags = os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "")
 
     def launch(workdir, devices, extra=()):
-        env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count="
-                                          f"{devices}"}
-        return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", cfg,
-                                 "--workdir", workdir, *common, *extra], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return runs.spawn([sys.executable, os.path.join(ROOT, "train.py"), "--config", cfg,
+                           "--workdir", workdir, *common, *extra], devices)
 
     one = str(tmp_path / "one")
     two = str(tmp_path / "two")
-    port = _free_port()
-    procs = [launch(two, 2, ["--coordinator_address", f"127.0.0.1:{port}",
-                             "--num_processes", "2", "--process_id", str(i)]) for i in (0, 1)]
+    port = runs.free_port()
+    procs = [launch(two, 2, runs.distributed_flags(port, i)) for i in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]

@@ -2,7 +2,8 @@
 computed once and read by training in place of the images.
 
     python -m blip2_jax.data.features --config configs/demo.py:stage1,DIR [--config.k=v ...]
-        [--batch-size 64] [--dtype bfloat16] [--overwrite]
+        [--batch_size 64] [--dtype bfloat16] [--overwrite]
+        [--coordinator_address HOST:PORT --num_processes N --process_id P | --distributed]
 
 For each training source of the config (`data.train`) it runs the config's ViT — the weights
 `config.init` gives, in `frozen_dtype`, exactly as the train step runs it — on each distinct
@@ -189,8 +190,11 @@ def _vision_fn(cfg, mesh):
     from blip2_jax.models.vit import VisionTransformer
     module = VisionTransformer(cfg.vision)         # Blip2Module's `vision`
     rows = NamedSharding(mesh, P("data"))
-    return jax.jit(lambda vision, pixels: module.apply({"params": vision}, pixels),
-                   in_shardings=(NamedSharding(mesh, P()), rows), out_shardings=rows)
+    apply = jax.jit(lambda vision, pixels: module.apply({"params": vision}, pixels),
+                    in_shardings=(NamedSharding(mesh, P()), rows), out_shardings=rows)
+    # Placed explicitly: under jax.distributed, jit refuses numpy inputs with a non-trivial
+    # sharding even when the mesh holds only this process's devices.
+    return lambda vision, pixels: apply(vision, jax.device_put(pixels, rows))
 
 
 def build(config, *, batch_size: int = 64, dtype: Optional[str] = None, overwrite: bool = False,
@@ -347,6 +351,7 @@ def _barrier(name: str) -> None:
 def main(argv=None) -> int:
     from absl import flags
     from ml_collections import config_flags
+    from blip2_jax import cli
 
     argv = list(sys.argv if argv is None else argv)
     flags_ = flags.FlagValues()
@@ -357,12 +362,9 @@ def main(argv=None) -> int:
     flags.DEFINE_string("dtype", None, "storage dtype (default: the ViT's compute dtype)",
                         flag_values=flags_)
     flags.DEFINE_bool("overwrite", False, "replace a cache that differs", flag_values=flags_)
-    flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() first (multi-host)",
-                      flag_values=flags_)
+    initialize_distributed = cli.define_distributed_flags(flags_)
     flags_(argv)
-    if flags_.distributed:
-        import jax
-        jax.distributed.initialize()
+    initialize_distributed()
     try:
         build(config_flag.value, batch_size=flags_.batch_size, dtype=flags_.dtype,
               overwrite=flags_.overwrite)
