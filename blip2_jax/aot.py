@@ -246,9 +246,7 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
     def make_trainer():
         return Trainer(cfg, lc, loop._plain(config.optimizer),
                        total_steps=int(config.total_steps), mesh=mesh,
-                       frozen=tuple(config.get("frozen") or ()),
-                       frozen_dtype=config.get("frozen_dtype") or None,
-                       microbatches=int(config.get("microbatches") or 1))
+                       **loop.trainer_options(config))
     trainer = make_trainer()
     state = trainer.abstract_state()
     frozen = trainer.abstract_frozen()
@@ -309,8 +307,7 @@ def sharding_table(config, devices: Sequence[Any]) -> dict:
     mesh = loop.make_mesh(config, devices=devices)
     trainer = Trainer(cfg, loss_config(config, cfg), loop._plain(config.optimizer),
                       total_steps=int(config.total_steps), mesh=mesh,
-                      frozen=tuple(config.get("frozen") or ()),
-                      frozen_dtype=config.get("frozen_dtype") or None)
+                      **loop.trainer_options(config))
     spec = lambda s: str(tuple(s.spec))                                         # noqa: E731
     params = {k: {"shape": list(v.shape), "trainable": True} for k, v in
               flatten(trainer.trainable_shapes).items()}

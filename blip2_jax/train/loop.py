@@ -53,6 +53,15 @@ def _plain(x):
     return x
 
 
+def trainer_options(config) -> dict:
+    """The Trainer's keyword arguments a run config sets: frozen towers, their dtype,
+    microbatches and the optimizer-state sharding."""
+    return dict(frozen=tuple(config.get("frozen") or ()),
+                frozen_dtype=config.get("frozen_dtype") or None,
+                microbatches=int(config.get("microbatches") or 1),
+                shard_optimizer_state=bool(config.get("shard_optimizer_state", True)))
+
+
 def model_config(config) -> config_lib.Blip2Config:
     """`config.model`: a preset name, or a checkpoint dir (native or HF); then
     `config.model_overrides` (nested dict of config fields) applied on top."""
@@ -222,12 +231,10 @@ def run(config, workdir: str) -> dict:
     if jax.process_count() > 1 and any(ev.kind == "retrieval" for ev in evs):
         raise ValueError("config.eval: retrieval evaluators run in one process; drop them from "
                          "in-training evaluation of a multi-host run (eval.py runs them after)")
-    frozen_patterns = tuple(config.get("frozen") or ())
     frozen_dtype = config.get("frozen_dtype") or None
     trainer = Trainer(cfg, loss_cfg, _plain(config.optimizer), total_steps=total, mesh=mesh,
-                      frozen=frozen_patterns, frozen_dtype=frozen_dtype,
                       skip_nonfinite=config.get("on_nonfinite", "stop") == "skip",
-                      microbatches=int(config.get("microbatches") or 1))
+                      **trainer_options(config))
 
     params, sources = init_lib.initial_params(cfg, _plain(config.init), int(config.seed))
     frozen_tops = sorted({p.split("/")[0] for p in trainer.frozen_paths})
@@ -357,8 +364,7 @@ def load_trained(config, workdir: str) -> tuple[api.Blip2, dict]:
         cfg = with_caption_eos(config, cfg)
         frozen_dtype = config.get("frozen_dtype") or None
         trainer = Trainer(cfg, loss_cfg, _plain(config.optimizer), total_steps=total,
-                          mesh=make_mesh(config), frozen=tuple(config.get("frozen") or ()),
-                          frozen_dtype=frozen_dtype)
+                          mesh=make_mesh(config), **trainer_options(config))
         params, sources = init_lib.initial_params(cfg, _plain(config.init), int(config.seed))
         frozen_host, frozen_meta = _frozen_towers(trainer, params, sources, frozen_dtype)
         del params
