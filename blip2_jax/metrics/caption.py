@@ -189,7 +189,7 @@ def _hyphens(txt):
 _RULE_SPECS: list[tuple[str, str, str | None, Any, int]] = [
     ("PROG_LANGS", r"(?i:c\+\+|[cf]#)", None, _tok, 0),
     ("ASSIMILATIONS3", r"(?i:cannot|'twas)", None, _tok, 3),
-    ("ASSIMILATIONS2", rf"(?i:'tis|gonna|gotta|lemme|gimme|wanna)", None, _tok, 2),
+    ("ASSIMILATIONS2", r"(?i:'tis|gonna|gotta|lemme|gimme|wanna)", None, _tok, 2),
     ("SGML", _SGML, None, lambda t: [re.sub(r"[ \r\n]", "\u00A0", t)], 0),
     ("SPMDASH", r"&(?i:md|mdash|ndash);|[\u0096\u0097\u2013\u2014\u2015]", None, _keep("--"), 0),
     ("SPAMP", r"&(?i:amp);", None, _keep("&"), 0),

@@ -13,14 +13,13 @@ Proven by tests/test_blip2.py (parity of every surface with HF, fp32, eager atte
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from blip2_jax import nn as bnn
-from blip2_jax.config import Blip2Config, OPTConfig
+from blip2_jax.config import Blip2Config, OPTConfig, QFormerConfig
 from blip2_jax.models import opt as opt_lib
 from blip2_jax.models.opt import OPT
 from blip2_jax.models.qformer import QFormer
@@ -269,7 +268,7 @@ class Blip2Module(nn.Module):
 
 class QFormerLMHead(nn.Module):
     """BERT LM head (LAVIS `Qformer.cls.predictions`): dense → GELU → LN → tied decoder + bias."""
-    config: "QFormerConfig"  # noqa: F821
+    config: QFormerConfig
 
     @nn.compact
     def __call__(self, hidden, word_embedding):

@@ -33,7 +33,7 @@ Parameter tree (`cross_attention_frequency` = F, `num_layers` = L, G = L // F gr
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
