@@ -298,8 +298,9 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
 
 
 def sharding_table(config, devices: Sequence[Any]) -> dict:
-    """The named sharding of every parameter (trainable or frozen) and batch field of a config
-    on `devices`: what the golden files under tests/golden/sharding/ hold."""
+    """The named sharding of every parameter (trainable or frozen; for trainable ones also of
+    their optimizer moments) and batch field of a config on `devices`: what the golden files
+    under tests/golden/sharding/ hold."""
     from blip2_jax.convert.mapping import flatten
     from blip2_jax.train import loop
     from blip2_jax.train.trainer import Trainer
@@ -316,6 +317,8 @@ def sharding_table(config, devices: Sequence[Any]) -> dict:
     shardings = {**flatten(trainer.trainable_shardings), **flatten(trainer.frozen_shardings)}
     for k in params:
         params[k]["sharding"] = spec(shardings[k])
+    for k, s in flatten(trainer.moment_shardings).items():
+        params[k]["optimizer_state"] = spec(s)
     batch = abstract_batch(cfg, config, mesh, trainer.rules, loop.check_batch(config, mesh))
     return {"mesh": dict(mesh.shape), "params": dict(sorted(params.items())),
             "batch": {k: {"shape": list(v.shape), "sharding": spec(v.sharding)}

@@ -63,8 +63,10 @@ class Trainer:
             grad_shardings = jax.tree.map(
                 lambda x, s: sharding_lib.optimizer_state_sharding(s, x.shape, rules),
                 t_shapes, self.trainable_shardings)
+        # The sharding of each trainable parameter's optimizer moments (Adam's mu and nu).
+        self.moment_shardings = grad_shardings or self.trainable_shardings
         opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, s: s, opt_shapes, grad_shardings or self.trainable_shardings,
+            self.tx, lambda _, s: s, opt_shapes, self.moment_shardings,
             transform_non_params=lambda _: replicated)
         self.state_shardings = state_lib.TrainState(
             step=replicated, params=self.trainable_shardings, opt_state=opt_shardings,
