@@ -10,8 +10,11 @@ writes — a fusion that slices one layer out of stacked weights is charged the 
 compare groups, not the total with XLA's own count, which `aot` prints.
 Ops are grouped by `op_name` with the transformations folded into a direction (fwd, or bwd for
 `transpose(...)`) and layer indices dropped, so the 12 Q-Former layers of one pass add up.
-Collectives are listed apart with the bytes they move. Printed per group: ops, GiB, and the
-milliseconds that traffic takes at --bandwidth (default v5p's 2765 GB/s).
+Collectives are listed apart with the bytes they move. Printed per group: ops, GiB, the
+milliseconds that traffic takes at --bandwidth (default v5p's 2765 GB/s), and the TPU
+compiler's own time model: the `estimated_cycles` it records on each op (M cycles, and their
+share of the program's), which is what its step-time estimate is built from — the column to
+sort work by (`--by cycles`, the default; `--by bytes`).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after
         "partition-id", "replica-id", "iota", "opt-barrier"}
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\dm\d(?:fn)?)?)\[([\d,]*)\]")
+_WRAPPERS = re.compile(r"^(?:(?:jit|jvp|transpose|vmap|remat|checkpoint|pjit)\()+")
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
 
 
@@ -70,8 +74,8 @@ def _tuple_elements(shape: str) -> list[str]:
 
 
 def entry_ops(text: str):
-    """(name, shape, opcode, operand names, op_name) of each instruction of the ENTRY
-    computation."""
+    """(name, shape, opcode, operand names, op_name, the compiler's estimated cycles or 0) of
+    each instruction of the ENTRY computation."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
     for line in lines[start + 1:]:
@@ -90,7 +94,9 @@ def entry_ops(text: str):
                 break
         operands = re.findall(r"%([\w.\-]+)", args[:end])
         meta = re.search(r'op_name="([^"]*)"', line)
-        yield m.group(1), shape, opcode.strip(), operands, meta.group(1) if meta else ""
+        cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
+        yield (m.group(1), shape, opcode.strip(), operands, meta.group(1) if meta else "",
+               int(cycles.group(1)) if cycles else 0)
 
 
 def group_of(op_name: str, depth: int) -> str:
@@ -100,8 +106,7 @@ def group_of(op_name: str, depth: int) -> str:
     direction = "bwd" if "transpose(" in op_name else "fwd"
     parts = []
     for p in op_name.split("/"):
-        p = re.sub(r"^(?:jit|jvp|transpose|vmap|remat|checkpoint|pjit)\(", "", p).rstrip(")")
-        p = re.sub(r"^(?:jit|jvp|transpose|vmap|remat|checkpoint|pjit)\(", "", p)
+        p = _WRAPPERS.sub("", p).rstrip(")")            # jvp(transpose(vision)) -> vision
         if p in ("step", "", "closed_call", "layers", "checkpoint") or p.startswith("_"):
             continue
         parts.append(re.sub(r"_\d+$", "_*", p))
@@ -109,11 +114,11 @@ def group_of(op_name: str, depth: int) -> str:
 
 
 def traffic(text: str, depth: int = 4):
-    """({group: [ops, bytes]}, {(collective, group): [ops, bytes]})."""
+    """({group: [ops, bytes, cycles]}, {(collective, group): [ops, bytes]})."""
     size: dict[str, float] = {}
-    groups: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    groups: dict[str, list] = collections.defaultdict(lambda: [0, 0.0, 0])
     comms: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0])
-    for name, shape, opcode, operands, op_name in entry_ops(text):
+    for name, shape, opcode, operands, op_name, cycles in entry_ops(text):
         size[name] = shape_bytes(shape)
         if opcode in FREE or opcode.endswith("-done"):
             continue
@@ -133,6 +138,7 @@ def traffic(text: str, depth: int = 4):
             comms[(base, key)][1] += size[name]
         groups[key][0] += 1
         groups[key][1] += moved
+        groups[key][2] += cycles
     return groups, comms
 
 
@@ -142,18 +148,23 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--depth", type=int, default=4, help="source-path components per group")
     p.add_argument("--bandwidth", type=float, default=2765e9, help="HBM bytes/s")
+    p.add_argument("--by", choices=("cycles", "bytes"), default="cycles", help="sort groups by")
     args = p.parse_args(argv)
     opener = gzip.open if args.hlo.endswith(".gz") else open
     with opener(args.hlo, "rt") as f:
         groups, comms = traffic(f.read(), args.depth)
-    total = sum(b for _, b in groups.values())
+    total = sum(g[1] for g in groups.values())
+    cycles = sum(g[2] for g in groups.values()) or 1
     gib = 1024 ** 3
     print(f"top-level HBM traffic {total / gib:.1f} GiB per device "
-          f"({1e3 * total / args.bandwidth:.1f} ms at {args.bandwidth / 1e9:.0f} GB/s)")
-    print("| group | ops | GiB | ms | share |\n|---|---|---|---|---|")
-    for key, (n, b) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:args.top]:
+          f"({1e3 * total / args.bandwidth:.1f} ms at {args.bandwidth / 1e9:.0f} GB/s); "
+          f"the compiler's estimated cycles {cycles / 1e6:.1f} M")
+    print("| group | ops | GiB | ms at bandwidth | M cycles | cycle share |\n"
+          "|---|---|---|---|---|---|")
+    column = 2 if args.by == "cycles" else 1
+    for key, (n, b, c) in sorted(groups.items(), key=lambda kv: -kv[1][column])[:args.top]:
         print(f"| {key} | {n} | {b / gib:.2f} | {1e3 * b / args.bandwidth:.2f} | "
-              f"{100 * b / total:.1f} % |")
+              f"{c / 1e6:.2f} | {100 * c / cycles:.1f} % |")
     if comms:
         print("\n| collective | group | ops | GiB (result) |\n|---|---|---|---|")
         for (kind, key), (n, b) in sorted(comms.items(), key=lambda kv: -kv[1][1])[:args.top]:
