@@ -302,9 +302,9 @@ def optimizer_state_sharding(param: NamedSharding, shape: Sequence[int],
     """ZeRO-1: the sharding of an optimizer-state array (Adam's moments) of a parameter sharded
     as `param`. The batch axes the parameter is replicated over also split the state, on the
     largest dimension they divide that is not sharded yet (trailing axes dropped until one
-    does). Each device then updates its slice of the moments, the gradients are reduce-scattered
-    instead of all-reduced, and the new parameters are all-gathered — instead of every data-
-    parallel replica running the whole update on whole moments."""
+    does). Each device then keeps and updates its slice of the moments and the new parameters
+    are all-gathered, instead of every data-parallel replica running the whole update on whole
+    moments."""
     size = param.mesh.shape
     spec = list(param.spec) + [None] * (len(shape) - len(param.spec))
     # A dimension "sharded" only over size-1 axes (fsdp=1, tensor=1) is whole.

@@ -13,7 +13,6 @@ Proven by tests/test_blip2.py (parity of every surface with HF, fp32, eager atte
 """
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

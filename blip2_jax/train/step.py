@@ -177,7 +177,7 @@ def make_step(cfg: Blip2Config, lc: LossConfig, tx: optax.GradientTransformation
     Microbatch i takes rows i, k + i, 2k + i, ..., so each device's rows stay on it. Stage 1's
     contrastive and hard-negative terms then see the B/k examples of their microbatch.
     grad_shardings: the gradients are constrained to these before the optimizer (ZeRO-1: the
-    optimizer state's sharding, so the data-parallel gradient sum is a reduce-scatter)."""
+    optimizer state's sharding, so each device updates only its slice)."""
     compute = loss_fn(cfg, lc)
     grad_fn = jax.value_and_grad(compute, has_aux=True)
 
