@@ -146,9 +146,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array]
     """softmax(scale·q·kᵀ + bias, masked)·v over (B, T|S, heads, head_dim); softmax in fp32.
 
     GPU: `jax.nn.dot_product_attention` with cuDNN where it applies, else XLA's; TPU (and any
-    other platform): `_tpu_attention`. CPU, and attention-probability dropout
-    (training the Q-Former) anywhere: `_explicit_attention`, the same math arranged so XLA:CPU
-    keeps both matmuls on its fast path (3x faster there than the fused softmax·v form).
+    other platform): `_tpu_attention`, also with attention-probability dropout (training the
+    Q-Former). CPU, and dropout on GPU: `_explicit_attention`, the same math arranged so
+    XLA:CPU keeps both matmuls on its fast path (3x faster there than the fused softmax·v form).
     """
     shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     if mask is not None:
@@ -157,8 +157,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array]
         bias = jnp.broadcast_to(bias, shape).astype(jnp.float32)
     explicit = functools.partial(_explicit_attention, mask=mask, bias=bias, scale=scale,
                                  dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    tpu = functools.partial(_tpu_attention, mask=mask, bias=bias, scale=scale,
+                            dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     if dropout_rate > 0.0 and dropout_rng is not None:
-        return explicit(q, k, v)
+        return jax.lax.platform_dependent(q, k, v, cpu=explicit, cuda=explicit, default=tpu)
 
     def fused(q, k, v, implementation=None):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
@@ -178,11 +180,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array]
             except (ValueError, NotImplementedError, RuntimeError):
                 pass
         return fused(q, k, v)
-    tpu = functools.partial(_tpu_attention, mask=mask, bias=bias, scale=scale)
     return jax.lax.platform_dependent(q, k, v, cpu=explicit, cuda=gpu, default=tpu)
 
 
-def _tpu_attention(q, k, v, *, mask, bias, scale):
+def _tpu_attention(q, k, v, *, mask, bias, scale, dropout_rate=0.0, dropout_rng=None):
     """scale·q·kᵀ in the inputs' dtype, softmax in fp32, probabilities back in the inputs'
     dtype: with 16-bit inputs the logits are written in 16 bits, as HF and LAVIS compute them in
     half precision, instead of the fp32 logits of `jax.nn.dot_product_attention`'s XLA form
@@ -194,8 +195,11 @@ def _tpu_attention(q, k, v, *, mask, bias, scale):
         logits = logits + bias
     if mask is not None:
         logits = jnp.where(mask, logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
 
 
 def _explicit_attention(q, k, v, *, mask, bias, scale, dropout_rate, dropout_rng):

@@ -58,3 +58,15 @@ def test_cpu_dispatch_is_the_explicit_form():
     want = bnn._explicit_attention(q, k, v, mask=jnp.broadcast_to(mask, (2, 3, 5, 7)), bias=None,
                                    scale=0.3, dropout_rate=0.0, dropout_rng=None)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_tpu_form_with_dropout_is_the_explicit_math_with_the_same_mask():
+    """The same key draws the same keep mask in both forms, so the results agree in fp32; the
+    dropped probabilities are zero and the kept ones scaled by 1 / (1 - rate)."""
+    q, k, v, mask, bias = _inputs(jnp.float32)
+    mask, bias = _shaped(mask, bias, q, k)
+    kw = dict(mask=mask, bias=bias, scale=0.3, dropout_rate=0.25,
+              dropout_rng=jax.random.PRNGKey(3))
+    got = bnn._tpu_attention(q, k, v, **kw)
+    np.testing.assert_allclose(got, bnn._explicit_attention(q, k, v, **kw), rtol=1e-5, atol=1e-6)
+    assert np.abs(got - bnn._tpu_attention(q, k, v, mask=mask, bias=bias, scale=0.3)).max() > 0.01
