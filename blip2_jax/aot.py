@@ -148,6 +148,8 @@ class Report:
     compiler_bytes: Optional[float] = None   # per device, bytes the unrolled program accesses
     peak_flops: float = 0.0                  # per device, bf16
     hbm_bandwidth: float = 0.0               # per device, bytes/s
+    # Why there is no estimate though one was asked for (the unrolled copy did not compile).
+    estimate_note: Optional[str] = None
 
     def roofline(self) -> Optional[dict]:
         """Lower bounds on the step time (s) from the compiler's counts: its FLOPs at the
@@ -175,7 +177,7 @@ class Report:
                     " (the compiler stopped: these are its temporaries alone)")]
         if self.model_flops:
             compiler = (f"compiler FLOPs {self.compiler_flops:.3e} per device (layers unrolled)"
-                        if self.compiler_flops else "no compiler count (--noestimate)")
+                        if self.compiler_flops else "no compiler count (no unrolled compile)")
             lines.append(f"  model FLOPs {self.model_flops:.3e} / step (global; "
                          f"{self.model_flops / self.devices:.3e} per device); {compiler}")
         roof = self.roofline()
@@ -187,6 +189,8 @@ class Report:
         if self.estimated_seconds:
             mfu = f", estimated MFU {100 * self.mfu:.1f} %" if self.mfu is not None else ""
             lines.append(f"  XLA estimated step time {1e3 * self.estimated_seconds:.1f} ms{mfu}")
+        if self.estimate_note:
+            lines.append(f"  no XLA estimate: {self.estimate_note}")
         lines.append(f"  compiled in {self.compile_seconds:.1f} s")
         return "\n".join(lines)
 
@@ -273,14 +277,23 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
     seconds = time.perf_counter() - start
     memory = _memory(compiled)
     memory.update(sizes)
-    cost = {}
+    cost, note = {}, None
     if estimate:
         with bnn.unrolled_layers():
             start = time.perf_counter()
-            compiled = make_trainer().lower(state, frozen, batch).compile()
-            cost = _cost(compiled)
+            try:
+                compiled = make_trainer().lower(state, frozen, batch).compile()
+                cost = _cost(compiled)
+            except jax.errors.JaxRuntimeError as e:
+                # Without loop boundaries XLA may keep more alive than the program that runs.
+                oom = _hbm_oom(str(e))
+                if oom is None:
+                    raise
+                note = (f"the unrolled copy compiled for the estimate needs {oom / GiB:.1f} GiB "
+                        f"of temporaries and does not fit (the scanned program above does)")
+                compiled = None
             seconds += time.perf_counter() - start
-    if hlo:
+    if hlo and compiled is not None:
         _write_hlo(compiled, hlo)
     model_flops = trainer.model_flops(batch) * useful
     est = cost.get("optimal_seconds")
@@ -294,7 +307,7 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
                   step_batch=step_batch,
                   xla_seconds={k: float(v) for k, v in cost.items() if "second" in k},
                   compiler_bytes=cost.get("bytes accessed"), peak_flops=peak,
-                  hbm_bandwidth=hbm_bandwidth(devices[0]))
+                  hbm_bandwidth=hbm_bandwidth(devices[0]), estimate_note=note)
 
 
 def sharding_table(config, devices: Sequence[Any]) -> dict:

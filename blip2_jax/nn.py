@@ -336,13 +336,20 @@ _UNROLL_LAYERS = contextvars.ContextVar("blip2_jax_unroll_layers", default=False
 
 @contextlib.contextmanager
 def unrolled_layers():
-    """Within this context every layer scan traces fully unrolled: the same math, but XLA's cost
-    analysis (which counts a loop body once) then sees every layer (`blip2_jax.aot`)."""
+    """Within this context every layer scan (and the train step's microbatch loop) traces fully
+    unrolled: the same math, but XLA's cost analysis (which counts a loop body once) then sees
+    every layer and microbatch (`blip2_jax.aot`)."""
     token = _UNROLL_LAYERS.set(True)
     try:
         yield
     finally:
         _UNROLL_LAYERS.reset(token)
+
+
+def scan_unroll(length: int) -> int:
+    """The `unroll` of a scan over `length` layers or microbatches: 1, or all of them within
+    `unrolled_layers()`."""
+    return length if _UNROLL_LAYERS.get() else 1
 
 
 def scan_layers(block: type[nn.Module], length: int, *, in_axes: Sequence[Any],
@@ -358,7 +365,7 @@ def scan_layers(block: type[nn.Module], length: int, *, in_axes: Sequence[Any],
         cls = nn.remat(block, policy=policy, prevent_cse=False)
     scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=tuple(in_axes), length=length,
-                      unroll=length if _UNROLL_LAYERS.get() else 1,
+                      unroll=scan_unroll(length),
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(name=name, **block_kwargs)
 

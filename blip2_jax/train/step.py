@@ -201,7 +201,8 @@ def make_step(cfg: Blip2Config, lc: LossConfig, tx: optax.GradientTransformation
             add = lambda a, b: jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, b)  # noqa
             return (loss_sum + loss, add(terms_sum, terms), add(grads_sum, grads)), None
         init = (jnp.zeros((), jnp.float32), zeros(terms_shape), zeros(params))
-        (loss, terms, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(k)))
+        (loss, terms, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(k)),
+                                               unroll=bnn.scan_unroll(k))
         mean = lambda tree: jax.tree.map(lambda x: x / k, tree)              # noqa: E731
         grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
         return (loss / k, mean(terms)), grads
