@@ -297,31 +297,6 @@ def shard_params(params, shardings):
     return jax.device_put(params, shardings)
 
 
-def optimizer_state_sharding(param: NamedSharding, shape: Sequence[int],
-                             rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """ZeRO-1: the sharding of an optimizer-state array (Adam's moments) of a parameter sharded
-    as `param`. The batch axes the parameter is replicated over also split the state, on the
-    largest dimension they divide that is not sharded yet (trailing axes dropped until one
-    does). Each device then keeps and updates its slice of the moments and the new parameters
-    are all-gathered, instead of every data-parallel replica running the whole update on whole
-    moments."""
-    size = param.mesh.shape
-    spec = list(param.spec) + [None] * (len(shape) - len(param.spec))
-    # A dimension "sharded" only over size-1 axes (fsdp=1, tensor=1) is whole.
-    whole = [all(size[a] == 1 for a in _as_tuple(entry)) for entry in spec]
-    used = {a for entry in spec for a in _as_tuple(entry) if size[a] > 1}
-    free = [a for a in batch_axes(param.mesh, rules) if a not in used and size[a] > 1]
-    while free:
-        ways = math.prod(size[a] for a in free)
-        open_dims = [d for d in range(len(shape)) if whole[d] and shape[d] % ways == 0]
-        if open_dims:
-            d = max(open_dims, key=lambda i: shape[i])
-            spec[d] = free[0] if len(free) == 1 else tuple(free)
-            return NamedSharding(param.mesh, P(*spec))
-        free = free[:-1]
-    return param
-
-
 # ----------------------------------------------------------------------------------------------
 # Batches
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Golden sharding files (MaxText style): the named sharding of every parameter (and of the
-optimizer moments of the trained ones) and batch field of the paper's configs on a v5p-128 mesh (their pod settings), so that a change of sharding is a
+"""Golden sharding files (MaxText style): the named sharding of every parameter and batch field
+of the paper's configs on a v5p-128 mesh (their pod settings), so that a change of sharding is a
 visible diff. Regenerate after an intended change with
 
     UPDATE_GOLDEN=1 python -m pytest tests/test_golden_sharding.py

@@ -309,35 +309,7 @@ def test_sharding_of_state_follows_logical_axes():
     assert kernel.sharding.is_equivalent_to(expected, kernel.ndim)
     adam = next(s for s in st.opt_state if hasattr(s, "mu"))
     mu = adam.mu["qformer"]["layers"]["layer_0"]["text_ffn"]["fc1"]["kernel"]
-    # ZeRO-1: the data axis the kernel is replicated over also splits its moments.
-    assert mu.sharding.is_equivalent_to(
-        sharding.optimizer_state_sharding(expected, mu.shape), mu.ndim)
-    assert "data" in mu.sharding.spec and "data" not in kernel.sharding.spec
-
-
-def test_optimizer_state_is_split_over_the_data_axis_zero1():
-    """Parameters replicated over data: their Adam moments are split over it (the largest
-    dimension it divides), or follow the parameters with shard_optimizer_state=False."""
-    cfg = config.get_preset("tiny-stage1")
-    mesh = _mesh({"data": 8})
-    abstract = {}
-    for zero in (True, False):
-        tr = Trainer(cfg, LossConfig(dec_token_id=99), OPT, total_steps=10, mesh=mesh,
-                     shard_optimizer_state=zero)
-        abstract[zero] = tr.abstract_state()
-    fc1 = lambda tree: tree["qformer"]["layers"]["layer_0"]["text_ffn"]["fc1"]   # noqa: E731
-    param = fc1(abstract[True].params)["kernel"]
-    assert param.sharding.is_fully_replicated
-    adam = {z: next(s for s in abstract[z].opt_state if hasattr(s, "mu")) for z in abstract}
-    mu, nu = fc1(adam[True].mu)["kernel"], fc1(adam[True].nu)["kernel"]
-    # (2 layers, 32, 37): 8 divides only the 32.
-    assert mu.shape == (2, 32, 37) and mu.sharding.spec[1] == "data"
-    assert nu.sharding == mu.sharding
-    assert fc1(adam[False].mu)["kernel"].sharding.is_equivalent_to(param.sharding, mu.ndim)
-    # A dimension data does not divide stays whole: the ITM head's bias (2,).
-    assert abstract[True].opt_state[0].mu["itm_head"]["bias"].sharding.is_fully_replicated
-    # Scalars and the step count stay replicated.
-    assert adam[True].count.sharding.is_fully_replicated
+    assert mu.sharding.is_equivalent_to(expected, mu.ndim)
 
 
 def test_microbatches_accumulate_to_the_full_batch_step():

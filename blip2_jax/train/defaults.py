@@ -90,9 +90,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Gradient accumulation: the global batch runs as this many microbatches (train/step.py).
     c.microbatches = 1
-    # ZeRO-1: the optimizer state split over the batch axes its parameters are replicated over
-    # (sharding.optimizer_state_sharding).
-    c.shard_optimizer_state = True
     # A batch the mesh's batch axes do not divide: pad each step to the next multiple with rows
     # the losses leave out (else the run refuses to start).
     c.pad_batch = False

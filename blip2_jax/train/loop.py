@@ -54,12 +54,11 @@ def _plain(x):
 
 
 def trainer_options(config) -> dict:
-    """The Trainer's keyword arguments a run config sets: frozen towers, their dtype,
-    microbatches and the optimizer-state sharding."""
+    """The Trainer's keyword arguments a run config sets: frozen towers, their dtype and
+    microbatches."""
     return dict(frozen=tuple(config.get("frozen") or ()),
                 frozen_dtype=config.get("frozen_dtype") or None,
-                microbatches=int(config.get("microbatches") or 1),
-                shard_optimizer_state=bool(config.get("shard_optimizer_state", True)))
+                microbatches=int(config.get("microbatches") or 1))
 
 
 def model_config(config) -> config_lib.Blip2Config:

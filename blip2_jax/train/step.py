@@ -167,7 +167,7 @@ def loss_fn(cfg: Blip2Config, lc: LossConfig):
 
 def make_step(cfg: Blip2Config, lc: LossConfig, tx: optax.GradientTransformation,
               schedule: Optional[optax.Schedule] = None, *, skip_nonfinite: bool = False,
-              microbatches: int = 1, grad_shardings=None):
+              microbatches: int = 1):
     """The un-jitted train step (the caller jits with shardings and donation).
 
     skip_nonfinite: when the loss or the gradients are not finite, keep the params and optimizer
@@ -175,9 +175,7 @@ def make_step(cfg: Blip2Config, lc: LossConfig, tx: optax.GradientTransformation
     microbatches: k > 1 runs the batch as k microbatches (a `lax.scan`, gradients summed in
     fp32, loss and gradients averaged), so the activations of only B/k examples are live.
     Microbatch i takes rows i, k + i, 2k + i, ..., so each device's rows stay on it. Stage 1's
-    contrastive and hard-negative terms then see the B/k examples of their microbatch.
-    grad_shardings: the gradients are constrained to these before the optimizer (ZeRO-1: the
-    optimizer state's sharding, so each device updates only its slice)."""
+    contrastive and hard-negative terms then see the B/k examples of their microbatch."""
     compute = loss_fn(cfg, lc)
     grad_fn = jax.value_and_grad(compute, has_aux=True)
 
@@ -214,8 +212,6 @@ def make_step(cfg: Blip2Config, lc: LossConfig, tx: optax.GradientTransformation
             (loss, terms), grads = accumulated(state.params, frozen, batch, step_rng)
         else:
             (loss, terms), grads = grad_fn(state.params, frozen, batch, step_rng)
-        if grad_shardings is not None:
-            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))

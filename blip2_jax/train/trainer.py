@@ -7,9 +7,7 @@ donated step.
     state, metrics = trainer.step(state, frozen, trainer.place(batch))
 
 Shardings come from the parameters' logical axis names and `sharding.DEFAULT_RULES` (or the
-rules given). The optimizer state follows its parameters' shardings (`optax.tree_map_params`), and with
-`shard_optimizer_state` (ZeRO-1) is split further over the batch axes the parameters are
-replicated over (`sharding.optimizer_state_sharding`).
+rules given). The optimizer state follows its parameters' shardings (`optax.tree_map_params`).
 The batch is sharded over the data axes.
 """
 from __future__ import annotations
@@ -35,8 +33,7 @@ class Trainer:
                  total_steps: int, mesh: Mesh, frozen: Sequence[str] = ("vision/.*",),
                  frozen_dtype: Optional[str] = "bfloat16",
                  rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
-                 skip_nonfinite: bool = False, microbatches: int = 1,
-                 shard_optimizer_state: bool = True):
+                 skip_nonfinite: bool = False, microbatches: int = 1):
         from blip2_jax import api
         specs, shapes = api.abstract_init(cfg)
         paths = list(flatten(shapes))
@@ -58,15 +55,8 @@ class Trainer:
 
         replicated = NamedSharding(mesh, P())
         opt_shapes = jax.eval_shape(self.tx.init, t_shapes)
-        grad_shardings = None
-        if shard_optimizer_state:
-            grad_shardings = jax.tree.map(
-                lambda x, s: sharding_lib.optimizer_state_sharding(s, x.shape, rules),
-                t_shapes, self.trainable_shardings)
-        # The sharding of each trainable parameter's optimizer moments (Adam's mu and nu).
-        self.moment_shardings = grad_shardings or self.trainable_shardings
         opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, s: s, opt_shapes, self.moment_shardings,
+            self.tx, lambda _, s: s, opt_shapes, self.trainable_shardings,
             transform_non_params=lambda _: replicated)
         self.state_shardings = state_lib.TrainState(
             step=replicated, params=self.trainable_shardings, opt_state=opt_shardings,
@@ -74,8 +64,7 @@ class Trainer:
         self._opt_init = jax.jit(self.tx.init, out_shardings=opt_shardings)
         _, self.frozen_shapes = state_lib.split(shapes, self.frozen_paths)
         raw_step = make_step(cfg, loss_cfg, self.tx, self.schedule,
-                             skip_nonfinite=skip_nonfinite, microbatches=microbatches,
-                             grad_shardings=grad_shardings)
+                             skip_nonfinite=skip_nonfinite, microbatches=microbatches)
 
         def step(state, frozen, batch):
             with sharding_lib.activation_sharding(mesh, rules):
