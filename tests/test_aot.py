@@ -122,3 +122,23 @@ def test_an_unrolled_copy_that_does_not_fit_keeps_the_memory_report(devices, mon
     report = aot.compile_train(_config("tiny_stage1"), devices, TOPOLOGY)
     assert report.fits and report.bytes["total"] > 0 and report.estimated_seconds is None
     assert "97.5 GiB" in report.estimate_note and "no XLA estimate" in report.table()
+
+
+def test_every_pod_setting_makes_a_mesh_of_its_pod_that_takes_the_batch():
+    """Each POD_SETTINGS entry, applied by its config (`stage1.py:vit_g,v5p-64`), uses every
+    chip of its pod and a batch the mesh's batch axes divide (padded where it says so)."""
+    import importlib.util
+    from blip2_jax.train import defaults, loop
+    for (key, pod), setting in sorted(defaults.POD_SETTINGS.items()):
+        stage, arg = key.split(":")
+        spec = importlib.util.spec_from_file_location(stage, os.path.join(ROOT, "configs",
+                                                                          f"{stage}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config(f"{arg},{pod}")
+        devices = aot.topology_devices(pod)
+        mesh = loop.make_mesh(c, devices=devices)
+        assert mesh.devices.size == len(devices), (key, pod)
+        rows = loop.check_batch(c, mesh)
+        assert rows >= c.batch_size and rows - c.batch_size < mesh.devices.size, (key, pod)
+        assert (rows == c.batch_size) or setting.get("pad_batch"), (key, pod)

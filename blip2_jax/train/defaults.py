@@ -58,10 +58,23 @@ POD_SETTINGS: dict = {
     ("stage2:flant5-xxl", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1), pad_batch=True),
     # 1680 padded to 1696 rows: 225 ms against 259 ms for 16 x 2-way tensor.
     ("stage1:vit_g", "v5p-64"): dict(mesh=dict(data=32, fsdp=1, tensor=1), pad_batch=True),
-    ("stage2:opt-2.7b", "v5e-256"): dict(mesh=dict(data=128, fsdp=1, tensor=2)),
-    # Compiled: 14.3 of 32 GiB per chip (XLA gives no v4 time estimate; as on v5p-128).
+    # 2320 padded to 2336 rows: 28.3 GiB, 186 ms.
+    ("stage1:vit_l", "v5p-64"): dict(mesh=dict(data=32, fsdp=1, tensor=1), pad_batch=True),
+    # v4 and v5e: XLA gives no time estimate, so these are the most data-parallel meshes that
+    # fit (memory compiled, README "Pods"); as on v5p, 64-way data parallelism beat tensor
+    # parallelism wherever both were estimated.
     ("stage1:vit_g", "v4-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1), pad_batch=True),
+    ("stage1:vit_l", "v4-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1), pad_batch=True),
     ("stage2:opt-2.7b", "v4-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
+    ("stage2:opt-6.7b", "v4-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
+    ("stage1:vit_g", "v5e-256"): dict(mesh=dict(data=256, fsdp=1, tensor=1), pad_batch=True),
+    ("stage2:opt-2.7b", "v5e-256"): dict(mesh=dict(data=128, fsdp=1, tensor=2)),
+    # The frozen LLMs do not fit 16 GiB whole: split 4 ways over tensor.
+    ("stage2:opt-6.7b", "v5e-256"): dict(mesh=dict(data=64, fsdp=1, tensor=4)),
+    ("stage2:flant5-xl", "v5e-256"): dict(mesh=dict(data=256, fsdp=1, tensor=1), pad_batch=True),
+    # 16 x 16-way FSDP needs 28 GiB per chip (the gathered layers); 4-way tensor fits.
+    ("stage2:flant5-xxl", "v5e-256"): dict(mesh=dict(data=64, fsdp=1, tensor=4),
+                                           pad_batch=True),
 }
 
 
