@@ -1,7 +1,7 @@
 """A/B of the frozen ViT's forward in XLA's TPU cost model, without a TPU: N layers of a config's
 ViT (unrolled), `--rows` images per chip, compiled for a TPU topology (libtpu, as
 `python -m blip2_jax.aot`); printed per variant: XLA's estimated time, its FLOPs and bytes, and
-the estimated cycles of the top layer parts (what bench/hlo_traffic.py groups by).
+the estimated cycles of each layer part (read by bench/hlo_traffic.py's parser).
 
     python bench/tpu_vit_cost.py                                   # ViT-g, 2 layers, 27 rows, v5p
     python bench/tpu_vit_cost.py --config configs/stage1.py:vit_l --layers 4 --rows 37
@@ -18,10 +18,10 @@ import collections
 import dataclasses
 import importlib.util
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import hlo_traffic  # noqa: E402  (bench/, beside this file)
 
 
 def _jax_attention(q, k, v, *, mask=None, bias=None, scale=1.0, dropout_rate=0.0,
@@ -82,12 +82,9 @@ def main(argv=None) -> int:
                 params, pixels).compile()
         cost = aot._cost(compiled)
         parts: dict = collections.defaultdict(int)
-        for line in compiled.as_text().splitlines():
-            cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
-            op = re.search(r'op_name="([^"]*)"', line)
-            if cycles and op and "layers/" in op.group(1):
-                parts["/".join(op.group(1).split("layers/")[1].split("/")[:1])] += \
-                    int(cycles.group(1))
+        for *_, op_name, cycles in hlo_traffic.entry_ops(compiled.as_text()):
+            if "layers/" in op_name:
+                parts[op_name.split("layers/")[1].split("/")[0]] += cycles
         top = ", ".join(f"{k} {v / 1e6 / a.layers:.2f}"
                         for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
         print(f"  {name:9s} XLA estimate {1e3 * cost.get('optimal_seconds', -1):.3f} ms, "

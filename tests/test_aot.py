@@ -127,15 +127,10 @@ def test_an_unrolled_copy_that_does_not_fit_keeps_the_memory_report(devices, mon
 def test_every_pod_setting_makes_a_mesh_of_its_pod_that_takes_the_batch():
     """Each POD_SETTINGS entry, applied by its config (`stage1.py:vit_g,v5p-64`), uses every
     chip of its pod and a batch the mesh's batch axes divide (padded where it says so)."""
-    import importlib.util
     from blip2_jax.train import defaults, loop
     for (key, pod), setting in sorted(defaults.POD_SETTINGS.items()):
         stage, arg = key.split(":")
-        spec = importlib.util.spec_from_file_location(stage, os.path.join(ROOT, "configs",
-                                                                          f"{stage}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        c = module.get_config(f"{arg},{pod}")
+        c = _config(stage, f"{arg},{pod}")
         devices = aot.topology_devices(pod)
         mesh = loop.make_mesh(c, devices=devices)
         assert mesh.devices.size == len(devices), (key, pod)
