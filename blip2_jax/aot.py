@@ -342,8 +342,10 @@ def sharding_table(config, devices: Sequence[Any]) -> dict:
                       for k, v in sorted(batch.items())}}
 
 
-def compile_generate(config, devices: Sequence[Any], topology: str = "") -> Report:
-    """Compile the beam-search caption program (prefill + decode loop) for `devices`."""
+def compile_generate(config, devices: Sequence[Any], topology: str = "",
+                     hlo: Optional[str] = None) -> Report:
+    """Compile the beam-search caption program (prefill + decode loop) for `devices`; `hlo`:
+    also write its optimized HLO there."""
     from blip2_jax import api, generate as gen, sharding as sharding_lib
     from blip2_jax.train import loop
     cfg = loop.model_config(config)
@@ -379,6 +381,8 @@ def compile_generate(config, devices: Sequence[Any], topology: str = "") -> Repo
     start = time.perf_counter()
     compiled = program.lower(*args).compile()
     seconds = time.perf_counter() - start
+    if hlo:
+        _write_hlo(compiled, hlo)
     memory = _memory(compiled)
     memory.update(frozen=_per_device_bytes(params), trainable=0, optimizer=0)
     cost = _cost(compiled)
@@ -403,8 +407,8 @@ def main(argv=None) -> int:
     flags.DEFINE_string("json", None, "also write the report as JSON here", flag_values=flags_)
     flags.DEFINE_bool("estimate", True, "also compile with layers unrolled for XLA's FLOPs and "
                       "step-time estimate (slower)", flag_values=flags_)
-    flags.DEFINE_string("hlo", None, "train: also write the optimized HLO (the unrolled program "
-                        "with --estimate) here; .gz compresses", flag_values=flags_)
+    flags.DEFINE_string("hlo", None, "also write the optimized HLO here (train: the unrolled "
+                        "program with --estimate); .gz compresses", flag_values=flags_)
     try:
         flags_(argv)
         if flags_.config is None or flags_.topology is None:
@@ -414,7 +418,8 @@ def main(argv=None) -> int:
             report = compile_train(config_flag.value, devices, flags_.topology, flags_.estimate,
                                    hlo=flags_.hlo)
         else:
-            report = compile_generate(config_flag.value, devices, flags_.topology)
+            report = compile_generate(config_flag.value, devices, flags_.topology,
+                                      hlo=flags_.hlo)
     except (AotError, flags.Error, KeyError, ValueError) as e:
         print(f"aot: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)

@@ -81,7 +81,7 @@ def test_stage1_step_compiles_with_reports(devices, tmp_path):
     assert any(k.startswith("fwd vision") and g[2] > 0 for k, g in groups.items())
 
 
-def test_stage2_microbatched_and_generate_compile(devices):
+def test_stage2_microbatched_and_generate_compile(devices, tmp_path):
     c = _config("tiny_stage2", "opt", microbatches=2)
     report = aot.compile_train(c, devices, TOPOLOGY)
     # The microbatch loop is unrolled for the estimate too: XLA counts both microbatches.
@@ -89,8 +89,10 @@ def test_stage2_microbatched_and_generate_compile(devices):
     report = aot.compile_train(c, devices, TOPOLOGY, estimate=False)
     assert report.fits and report.estimated_seconds is None and report.compiler_flops is None
     assert "no compiler count (no unrolled compile)" in report.table()
-    gen = aot.compile_generate(_config("tiny_stage2", "opt"), devices, TOPOLOGY)
+    hlo = tmp_path / "generate.hlo"
+    gen = aot.compile_generate(_config("tiny_stage2", "opt"), devices, TOPOLOGY, hlo=str(hlo))
     assert gen.program == "generate" and gen.fits and gen.bytes["frozen"] > 0
+    assert "while" in hlo.read_text()           # the decode loop
 
 
 def test_cli_reports_and_errors(tmp_path):

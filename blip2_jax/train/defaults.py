@@ -45,7 +45,7 @@ PAPER_EVALUATORS = {
 _TP4 = dict(mesh=dict(data=16, fsdp=1, tensor=4))      # batch 16-way, model 4-way (64 chips)
 POD_SETTINGS: dict = {
     # 1680 padded to 1728 rows: 64-way data parallel (with the ITM K/V reuse of configs/stage1.py)
-    # estimated 129 ms per step against 168 ms for 16 x 4-way tensor.
+    # estimated 113 ms per step against 168 ms for 16 x 4-way tensor.
     ("stage1:vit_g", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1), pad_batch=True),
     # 2320 padded to 2368 rows: 113 ms against 150 ms for 16 x 4-way tensor.
     ("stage1:vit_l", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1), pad_batch=True),
