@@ -226,7 +226,10 @@ class Attention(nn.Module):
     Self-attention by default; cross-attention with `context`; precomputed `kv=(k, v)` (B, S, H, D)
     skips the key/value projections (Q-Former query cache, T5 cross-attention cache).
     With `cache={"k","v"}` of shape (B, S_max, H, D), the new keys/values are written at
-    `cache_index` and attention runs over the whole cache; the updated cache is returned.
+    `cache_index` and attention runs over the whole cache; the updated cache is returned. With
+    `cache_layer` the cache is every layer's, (L, B, S_max, H, D), carried through a layer scan:
+    only the new positions of layer `cache_layer` are written (in place, where a scan's per-layer
+    cache output rewrote the layer's whole cache every decode step) and its slice is read.
     """
     num_heads: int
     head_dim: int
@@ -269,7 +272,7 @@ class Attention(nn.Module):
     def __call__(self, x: Array, context: Optional[Array] = None, *,
                  kv: Optional[tuple[Array, Array]] = None, mask: Optional[Array] = None,
                  bias: Optional[Array] = None, cache: Optional[dict] = None,
-                 cache_index: Any = 0, deterministic: bool = True):
+                 cache_index: Any = 0, cache_layer: Any = None, deterministic: bool = True):
         if self.fused_qkv:
             if context is not None or kv is not None:
                 raise ValueError("a fused-qkv Attention is self-attention only")
@@ -279,10 +282,17 @@ class Attention(nn.Module):
             k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         new_cache = None
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            new_cache = {"k": k, "v": v}
+            if cache_layer is None:
+                k, v = (jax.lax.dynamic_update_slice(cache[n], x.astype(cache[n].dtype),
+                                                     (0, cache_index, 0, 0))
+                        for n, x in (("k", k), ("v", v)))
+                new_cache = {"k": k, "v": v}
+            else:
+                new_cache = {n: jax.lax.dynamic_update_slice(
+                    cache[n], x[None].astype(cache[n].dtype), (cache_layer, 0, cache_index, 0, 0))
+                    for n, x in (("k", k), ("v", v))}
+                k, v = (jax.lax.dynamic_index_in_dim(new_cache[n], cache_layer, 0, keepdims=False)
+                        for n in ("k", "v"))
         scale = self.head_dim ** -0.5 if self.scale is None else self.scale
         rng = None
         if not deterministic and self.dropout_rate > 0.0:

@@ -326,3 +326,25 @@ def test_warpers_restrict_the_support():
     draws = np.asarray(jax.random.categorical(jax.random.PRNGKey(0), filtered[0], shape=(4000,)))
     assert set(draws.tolist()) == {0, 1}
     assert abs((draws == 0).mean() - 0.5 / 0.8) < 0.03
+
+
+def test_beam_reorder_and_two_step_top_k_match_their_one_op_forms():
+    """The decode loop's TPU forms against the plain ops: the per-beam selects against
+    take_along_axis (and numpy), and the two-step top-k against one top-k over the flattened
+    beams, ties included (quantised scores make many)."""
+    rng = np.random.default_rng(0)
+    b, nb, v, k = 3, 4, 37, 8
+    x = rng.normal(size=(2, b * nb, 5, 3)).astype(np.float32)          # (L, B * nb, S, D)
+    src = rng.integers(0, nb, size=(b, nb))
+    rows = jnp.asarray(x).reshape(2, b, nb, 5, 3)
+    idx = jnp.asarray(src).reshape(1, b, nb, 1, 1)
+    want = np.stack([x.reshape(2, b, nb, 5, 3)[:, i, src[i]] for i in range(b)], 1)
+    np.testing.assert_array_equal(gen._select_beams(rows, idx, 2), want)
+    np.testing.assert_array_equal(gen._reorder_beams(jnp.asarray(x), jnp.asarray(src), 1),
+                                  want.reshape(x.shape))
+
+    scores = jnp.asarray(np.round(rng.normal(size=(b * nb, v)) * 2) / 2, jnp.float32)
+    top, flat = gen._top_k_over_beams(scores, nb, k)
+    want_top, want_flat = jax.lax.top_k(scores.reshape(b, nb * v), k)
+    np.testing.assert_array_equal(top, want_top)
+    np.testing.assert_array_equal(flat, want_flat)

@@ -50,7 +50,9 @@ class OPTBlock(nn.Module):
     config: OPTConfig
 
     @nn.compact
-    def __call__(self, x, mask, cache, cache_index):
+    def __call__(self, carry, mask, cache_index):
+        """carry: (x, every layer's cache or None, this layer's index or None)."""
+        x, cache, layer = carry
         c = self.config
         dtype, pdtype = bnn.dtype_of(c.dtype), bnn.dtype_of(c.param_dtype)
         pre = c.do_layer_norm_before
@@ -62,7 +64,7 @@ class OPTBlock(nn.Module):
         h, new_cache = bnn.Attention(num_heads=c.num_heads, head_dim=c.head_dim,
                                      out_features=c.hidden_size, use_bias=c.enable_bias,
                                      dtype=dtype, param_dtype=pdtype, name="attn")(
-            h, mask=mask, cache=cache, cache_index=cache_index)
+            h, mask=mask, cache=cache, cache_index=cache_index, cache_layer=layer)
         x = residual + h
         if not pre:
             x = attn_ln(x)
@@ -74,7 +76,7 @@ class OPTBlock(nn.Module):
         x = residual + h
         if not pre:
             x = ffn_ln(x)
-        return x, new_cache
+        return (x, new_cache, None if layer is None else layer + 1), None
 
 
 class OPT(nn.Module):
@@ -100,7 +102,7 @@ class OPT(nn.Module):
             self.project_out = bnn.Dense(c.word_embed_proj_dim, ("embed", None), use_bias=False,
                                          dtype=dtype, param_dtype=pdtype)
         self.layers = bnn.scan_layers(OPTBlock, c.num_layers,
-                                      in_axes=(nn.broadcast, 0, nn.broadcast),
+                                      in_axes=(nn.broadcast, nn.broadcast),
                                       remat=c.remat_policy, config=c)
         if c.do_layer_norm_before:
             self.final_ln = _layer_norm(c, None)
@@ -149,7 +151,9 @@ class OPT(nn.Module):
 
         mask = bnn.attention_mask(key_mask, causal=True, query_len=t, key_len=s,
                                   query_offset=cache_index)
-        h, new_cache = self.layers(h, mask, cache, cache_index)
+        # The cache rides in the scan's carry (written in place), not as a per-layer output.
+        layer = None if cache is None else jnp.int32(0)
+        (h, new_cache, _), _ = self.layers((h, cache, layer), mask, cache_index)
 
         h = h[:, logits_from:]
         if c.do_layer_norm_before:

@@ -109,12 +109,14 @@ class T5Block(nn.Module):
     decoder: bool = False
 
     @nn.compact
-    def __call__(self, h, mask, bias, enc=None, enc_mask=None, cross_kv=None, cache=None,
-                 cache_index=0):
+    def __call__(self, carry, mask, bias, enc=None, enc_mask=None, cross_kv=None, cache_index=0):
+        """carry: (h, every layer's self-attention cache or None, this layer's index or None)."""
+        h, cache, layer = carry
         c = self.config
         dt, pdt = _dtypes(c)
         y, new_cache = _attention(c, "attn")(_rms_norm(c, "attn_ln")(h), mask=mask, bias=bias,
-                                             cache=cache, cache_index=cache_index)
+                                             cache=cache, cache_index=cache_index,
+                                             cache_layer=layer)
         h = h + y
         if self.decoder:
             kv = None if cross_kv is None else (cross_kv["k"], cross_kv["v"])
@@ -124,7 +126,7 @@ class T5Block(nn.Module):
         y = bnn.Mlp(hidden=c.d_ff, out_features=c.d_model, act=c.activation, gated=c.gated,
                     use_bias=False, dtype=dt, param_dtype=pdt, name="mlp")(
             _rms_norm(c, "ffn_ln")(h))
-        return h + y, new_cache
+        return (h + y, new_cache, None if layer is None else layer + 1), None
 
 
 class T5Stack(nn.Module):
@@ -138,7 +140,7 @@ class T5Stack(nn.Module):
         self.rel_bias = bnn.Embed(c.relative_attention_num_buckets, c.num_heads, dtype=dt,
                                   param_dtype=pdt, axes=(None, None))
         n = c.num_decoder_layers if self.decoder else c.num_layers
-        in_axes = ((nn.broadcast,) * 4 + (0, 0, nn.broadcast)) if self.decoder else \
+        in_axes = ((nn.broadcast,) * 4 + (0, nn.broadcast)) if self.decoder else \
             (nn.broadcast, nn.broadcast)
         self.layers = bnn.scan_layers(T5Block, n, in_axes=in_axes, remat=c.remat_policy,
                                       config=c, decoder=self.decoder)
@@ -154,11 +156,19 @@ class T5Stack(nn.Module):
                                            max_distance=c.relative_attention_max_distance)
         return jnp.transpose(self.rel_bias(buckets), (2, 0, 1))[None]
 
-    def __call__(self, h, mask, *args, query_offset: Any = 0, key_len: Optional[int] = None):
+    def __call__(self, h, mask, enc=None, enc_mask=None, cross_kv=None, cache=None,
+                 cache_index: Any = 0, *, query_offset: Any = 0, key_len: Optional[int] = None):
+        """(final hidden, updated self-attention cache or None). The cache rides in the layer
+        scan's carry (written in place), not as a per-layer output."""
         t = h.shape[1]
         bias = self.position_bias(t, t if key_len is None else key_len, query_offset)
-        h, per_layer = self.layers(h, mask, bias, *args)
-        return self.final_ln(h), per_layer
+        carry = (h, cache, None if cache is None else jnp.int32(0))
+        if self.decoder:
+            (h, cache, _), _ = self.layers(carry, mask, bias, enc, enc_mask, cross_kv,
+                                           cache_index)
+        else:
+            (h, cache, _), _ = self.layers(carry, mask, bias)
+        return self.final_ln(h), cache
 
     def cross_kv(self, enc) -> dict:
         """Cross-attention K/V of every layer: {"k","v"} (L, B, S, heads, d_kv)."""
