@@ -3,6 +3,11 @@
 source path in their metadata.
 
     python bench/hlo_traffic.py step.hlo.gz [--top 30] [--depth 3]
+    python bench/hlo_traffic.py generate.hlo.gz --loops
+
+`--loops` lists a program's while loops instead (the decode loop of `aot --program generate`
+and the layer scans in it): trip count, and the compiler's estimated cycles of one iteration,
+its own ops and with its nested loops (a decode step, layers included).
 
 Each top-level op (a fusion, a collective, a copy, a custom call) is charged the bytes of its
 operands and of its result (a slice: twice its result): an upper bound on what it reads and
@@ -73,14 +78,28 @@ def _tuple_elements(shape: str) -> list[str]:
     return parts
 
 
-def entry_ops(text: str):
-    """(name, shape, opcode, operand names, op_name, the compiler's estimated cycles or 0) of
-    each instruction of the ENTRY computation."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
-    for line in lines[start + 1:]:
-        if line.startswith("}"):
-            break
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def computations(text: str) -> dict:
+    """{name: its instruction lines} of every computation; the ENTRY one also under "ENTRY"."""
+    comps: dict = {}
+    lines = None
+    for line in text.splitlines():
+        m = None if line.startswith((" ", "}")) else _COMPUTATION.match(line)
+        if m:
+            lines = comps[m.group(2)] = []
+            if m.group(1):
+                comps["ENTRY"] = lines
+        elif line.startswith("}"):
+            lines = None
+        elif lines is not None and line.strip():
+            lines.append(line)
+    return comps
+
+
+def _ops(lines):
+    for line in lines:
         m = _DEF.match(line)
         if not m:
             continue
@@ -97,6 +116,46 @@ def entry_ops(text: str):
         cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
         yield (m.group(1), shape, opcode.strip(), operands, meta.group(1) if meta else "",
                int(cycles.group(1)) if cycles else 0)
+
+
+def entry_ops(text: str):
+    """(name, shape, opcode, operand names, op_name, the compiler's estimated cycles or 0) of
+    each instruction of the ENTRY computation."""
+    return _ops(computations(text)["ENTRY"])
+
+
+def loops(text: str) -> list:
+    """Every while loop of a program (`aot --program generate --hlo`: the decode loop and the
+    layer scans in it): (op_name, trip count from its condition's `< constant` or None, the
+    compiler's estimated cycles of one iteration's own ops, the same with its nested loops
+    (their trips x their cycles; None when a trip count is unknown), the computation the loop
+    sits in)."""
+    comps = computations(text)
+    found = []                                   # (op_name, trip, body, parent)
+    for parent, lines in comps.items():
+        if parent == "ENTRY":
+            continue
+        for line in lines:
+            if " while(" not in line:
+                continue
+            cond = re.search(r"condition=%([\w.\-]+)", line).group(1)
+            body = re.search(r"body=%([\w.\-]+)", line).group(1)
+            meta = re.search(r'op_name="([^"]*)"', line)
+            bounds = re.findall(r"= s32\[\]\S* constant\((\d+)\)", "\n".join(comps[cond]))
+            less = any("direction=LT" in l for l in comps[cond])
+            found.append((meta.group(1) if meta else "", int(bounds[0]) if len(bounds) == 1
+                          and less else None, body, parent))
+    own = {body: sum(c for *_, c in _ops(comps[body])) for _, _, body, _ in found}
+
+    def total(body):
+        inner = [(trip, b) for _, trip, b, parent in found if parent == body]
+        if any(trip is None for trip, _ in inner):
+            return None
+        nested = [total(b) for _, b in inner]
+        return None if None in nested else \
+            own[body] + sum(trip * t for (trip, _), t in zip(inner, nested))
+    return [(op_name, trip, own[body], total(body), parent)
+            for op_name, trip, body, parent in found]
 
 
 def group_of(op_name: str, depth: int) -> str:
@@ -149,10 +208,20 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=4, help="source-path components per group")
     p.add_argument("--bandwidth", type=float, default=2765e9, help="HBM bytes/s")
     p.add_argument("--by", choices=("cycles", "bytes"), default="cycles", help="sort groups by")
+    p.add_argument("--loops", action="store_true",
+                   help="list the while loops instead: trip count and cycles per iteration")
     args = p.parse_args(argv)
     opener = gzip.open if args.hlo.endswith(".gz") else open
     with opener(args.hlo, "rt") as f:
-        groups, comms = traffic(f.read(), args.depth)
+        text = f.read()
+    if args.loops:
+        print("| loop (op_name) | trips | M cycles per iteration: own ops | with nested loops "
+              "| in |\n|---|---|---|---|---|")
+        for op_name, trip, cycles, total, parent in loops(text):
+            print(f"| {op_name} | {'?' if trip is None else trip} | {cycles / 1e6:.2f} | "
+                  f"{'?' if total is None else f'{total / 1e6:.2f}'} | {parent} |")
+        return 0
+    groups, comms = traffic(text, args.depth)
     total = sum(g[1] for g in groups.values())
     cycles = sum(g[2] for g in groups.values()) or 1
     gib = 1024 ** 3

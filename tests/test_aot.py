@@ -92,7 +92,16 @@ def test_stage2_microbatched_and_generate_compile(devices, tmp_path):
     hlo = tmp_path / "generate.hlo"
     gen = aot.compile_generate(_config("tiny_stage2", "opt"), devices, TOPOLOGY, hlo=str(hlo))
     assert gen.program == "generate" and gen.fits and gen.bytes["frozen"] > 0
-    assert "while" in hlo.read_text()           # the decode loop
+    # bench/hlo_traffic.py --loops: the decode loop (max_new_tokens trips) with the LLM's
+    # layer scan inside, whose iterations its per-step total includes.
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import hlo_traffic
+    loops = hlo_traffic.loops(hlo.read_text())
+    [(trip, own, total)] = [(trip, own, total) for op_name, trip, own, total, _ in loops
+                            if op_name.endswith("decode_program)/while")]
+    [layer_scan] = [(trip, own) for op_name, trip, own, _, _ in loops
+                    if "decode_step/llm/" in op_name]
+    assert trip == 12 and total == own + layer_scan[0] * layer_scan[1] and own > 0
 
 
 def test_cli_reports_and_errors(tmp_path):
