@@ -137,7 +137,8 @@ def test_an_unrolled_copy_that_does_not_fit_keeps_the_memory_report(devices, mon
 
 def test_every_pod_setting_makes_a_mesh_of_its_pod_that_takes_the_batch():
     """Each POD_SETTINGS entry, applied by its config (`stage1.py:vit_g,v5p-64`), uses every
-    chip of its pod and a batch the mesh's batch axes divide (padded where it says so)."""
+    chip of its pod and a batch the mesh's batch axes and microbatches divide (padded where it
+    says so)."""
     from blip2_jax.train import defaults, loop
     for (key, pod), setting in sorted(defaults.POD_SETTINGS.items()):
         stage, arg = key.split(":")
@@ -148,3 +149,5 @@ def test_every_pod_setting_makes_a_mesh_of_its_pod_that_takes_the_batch():
         rows = loop.check_batch(c, mesh)
         assert rows >= c.batch_size and rows - c.batch_size < mesh.devices.size, (key, pod)
         assert (rows == c.batch_size) or setting.get("pad_batch"), (key, pod)
+        # Each device's rows split evenly into the microbatches (train/step.py).
+        assert rows % (mesh.devices.size // mesh.shape["tensor"] * c.microbatches) == 0, key
