@@ -14,7 +14,6 @@ Proven by tests/test_blip2.py (parity of every surface with HF, fp32, eager atte
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from blip2_jax import nn as bnn
@@ -283,11 +282,11 @@ class QFormerLMHead(nn.Module):
 
 
 def expand_decode_consts(consts: dict, n: int) -> dict:
-    """`Blip2Module.decode_prefill` consts with every row repeated n times (beam search)."""
+    """`Blip2Module.decode_prefill` consts for n beams per row: OPT's mask repeated per beam;
+    T5's cross K/V and encoder mask stay one per row (the decoder's cross-attention takes a
+    row's beams as query positions; repeating them cost a whole copy every decode step, where
+    XLA sank the repeat into the loop)."""
     if n == 1:
         return consts
-    out = {}
-    for k, x in consts.items():
-        axis = 1 if k == "cross" else 0      # cross K/V: (L, B, S, H, D); masks: (B, S)
-        out[k] = jax.tree.map(lambda a, ax=axis: jnp.repeat(a, n, axis=ax), x)
-    return out
+    return {k: x if k in ("cross", "enc_mask") else jnp.repeat(x, n, axis=0)
+            for k, x in consts.items()}

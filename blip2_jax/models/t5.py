@@ -120,9 +120,13 @@ class T5Block(nn.Module):
         h = h + y
         if self.decoder:
             kv = None if cross_kv is None else (cross_kv["k"], cross_kv["v"])
-            y, _ = _attention(c, "cross_attn")(_rms_norm(c, "cross_ln")(h), enc, kv=kv,
-                                               mask=enc_mask)
-            h = h + y
+            x = _rms_norm(c, "cross_ln")(h)
+            # Beam search: a row's beams share its encoder K/V (B rows for B * beams queries),
+            # attended as extra query positions instead of K/V repeated per beam.
+            group = 1 if kv is None else h.shape[0] // kv[0].shape[0]
+            x = x.reshape(h.shape[0] // group, group * h.shape[1], h.shape[2])
+            y, _ = _attention(c, "cross_attn")(x, enc, kv=kv, mask=enc_mask)
+            h = h + y.reshape(h.shape)
         y = bnn.Mlp(hidden=c.d_ff, out_features=c.d_model, act=c.activation, gated=c.gated,
                     use_bias=False, dtype=dt, param_dtype=pdt, name="mlp")(
             _rms_norm(c, "ffn_ln")(h))
