@@ -225,11 +225,10 @@ class Attention(nn.Module):
     Params: `qkv` (fused, `fused_qkv=True`) or `query`/`key`/`value`, and `out`.
     Self-attention by default; cross-attention with `context`; precomputed `kv=(k, v)` (B, S, H, D)
     skips the key/value projections (Q-Former query cache, T5 cross-attention cache).
-    With `cache={"k","v"}` of shape (B, S_max, H, D), the new keys/values are written at
-    `cache_index` and attention runs over the whole cache; the updated cache is returned. With
-    `cache_layer` the cache is every layer's, (L, B, S_max, H, D), carried through a layer scan:
-    only the new positions of layer `cache_layer` are written (in place, where a scan's per-layer
-    cache output rewrote the layer's whole cache every decode step) and its slice is read.
+    With `cache={"k","v"}`, every layer's cache (L, B, S_max, H, D) carried through a layer
+    scan, the new keys/values of layer `cache_layer` are written at `cache_index` (in place, where
+    a scan's per-layer cache output rewrote the layer's whole cache every decode step) and
+    attention runs over that layer's whole cache; the updated cache is returned.
     """
     num_heads: int
     head_dim: int
@@ -283,16 +282,12 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:
             if cache_layer is None:
-                k, v = (jax.lax.dynamic_update_slice(cache[n], x.astype(cache[n].dtype),
-                                                     (0, cache_index, 0, 0))
-                        for n, x in (("k", k), ("v", v)))
-                new_cache = {"k": k, "v": v}
-            else:
-                new_cache = {n: jax.lax.dynamic_update_slice(
-                    cache[n], x[None].astype(cache[n].dtype), (cache_layer, 0, cache_index, 0, 0))
-                    for n, x in (("k", k), ("v", v))}
-                k, v = (jax.lax.dynamic_index_in_dim(new_cache[n], cache_layer, 0, keepdims=False)
-                        for n in ("k", "v"))
+                raise ValueError("a cache needs cache_layer: the layer's index in it")
+            new_cache = {n: jax.lax.dynamic_update_slice(
+                cache[n], x[None].astype(cache[n].dtype), (cache_layer, 0, cache_index, 0, 0))
+                for n, x in (("k", k), ("v", v))}
+            k, v = (jax.lax.dynamic_index_in_dim(new_cache[n], cache_layer, 0, keepdims=False)
+                    for n in ("k", "v"))
         scale = self.head_dim ** -0.5 if self.scale is None else self.scale
         rng = None
         if not deterministic and self.dropout_rate > 0.0:
