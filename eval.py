@@ -25,6 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from blip2_jax import cli
+from blip2_jax import run_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file[:arg]",
                                           lock_config=True)
@@ -59,7 +60,7 @@ def evaluate():
     from blip2_jax.train import loop
 
     config = _CONFIG.value
-    evs, tokenizers = loop.evaluators(config)
+    evs, tokenizers = run_config.evaluators(config)
     if not evs:
         raise app.UsageError("the config names no evaluators (config.eval.evaluators)")
     if _WORKDIR.value:
@@ -80,7 +81,7 @@ def evaluate():
     if ("qformer" in needed and tokenizers.qformer is None
             and model.config.qformer.has_text_input):
         tokenizers.qformer = model.qformer_tokenizer
-    mesh = loop.make_mesh(config)
+    mesh = run_config.make_mesh(config)
     info = {"model": source["source"], "step": source["step"],
             "config": config_flags.get_config_filename(flags.FLAGS["config"]),
             "devices": f"{len(mesh.devices.flat)} × {mesh.devices.flat[0].platform}",

@@ -28,6 +28,8 @@ import time
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
+from blip2_jax.train import features as feature_builder
+from blip2_jax import run_config
 
 
 def _config(a, data_dir: str, feats: str):
@@ -57,12 +59,11 @@ def _config(a, data_dir: str, feats: str):
 def _flop_shares(a, c) -> tuple[float, float]:
     """(ViT share of this shape's step FLOPs, of the paper config's)."""
     import importlib.util
-    from blip2_jax import aot
-    from blip2_jax.train import flops, loop
+    from blip2_jax.train import flops
 
     def share(config):
-        cfg = loop.model_config(config)
-        br = flops.train_step_flops_breakdown(cfg, aot.loss_config(config, cfg),
+        cfg = run_config.model_config(config)
+        br = flops.train_step_flops_breakdown(cfg, run_config.text_setup(config, cfg, tokenizers=False).loss,
                                               config.batch_size, 32, target_len=32)
         return br["vision"] / sum(br.values())
     name, arg = ("stage1", "vit_g") if a.stage == 1 else ("stage2", "opt-2.7b")
@@ -98,7 +99,6 @@ def main(argv=None) -> int:
 
     import jax
     import runs
-    from blip2_jax.data import features
     from blip2_jax.train import loop
 
     work = tempfile.mkdtemp(prefix="feature_cache_")
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     share, paper_share = _flop_shares(a, config)
 
     t0 = time.perf_counter()
-    (meta,) = features.build(config, batch_size=a.batch, log=lambda *_: None)
+    (meta,) = feature_builder.build(config, batch_size=a.batch, log=lambda *_: None)
     build_s = time.perf_counter() - t0
     cache_bytes = sum(os.path.getsize(os.path.join(feats, "blip2_captions/synthetic/train", s))
                       for s in meta["shards"])

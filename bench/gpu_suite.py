@@ -52,6 +52,7 @@ import numpy as np
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
+from blip2_jax.models import blip2 as blip2_model
 
 SMALL = os.environ.get("GPU_SUITE_SMALL", "0") == "1"
 WARMUP = 2                     # untimed train steps (the first one is reported)
@@ -251,8 +252,8 @@ def part_matmul(s: dict) -> dict:
 
 def _train_jax(s: dict, stage: int) -> dict:
     jax = _jax_setup()
-    from blip2_jax import api, sharding
-    from blip2_jax.train.step import LossConfig
+    from blip2_jax import sharding
+    from blip2_jax.losses import LossConfig
     from blip2_jax.train.trainer import CompiledStep, Trainer
 
     cfg = model_config(stage)
@@ -266,7 +267,7 @@ def _train_jax(s: dict, stage: int) -> dict:
     trainer = Trainer(cfg, lc, optimizer_config(), total_steps=10_000, mesh=mesh, frozen=frozen,
                       frozen_dtype="bfloat16")
     t0 = time.perf_counter()
-    params = api.init_fn(cfg)(jax.random.PRNGKey(0))
+    params = blip2_model.init_fn(cfg)(jax.random.PRNGKey(0))
     state, frozen_tree = trainer.init(params, seed=0)
     del params
     jax.block_until_ready((state, frozen_tree))
@@ -381,7 +382,7 @@ def part_stage2_torch(s: dict) -> dict:
     warm = first + _timed(step, sync, WARMUP - 1)
     times = _timed(step, sync, s["iters"])
     from blip2_jax.train import flops as flops_lib
-    from blip2_jax.train.step import LossConfig
+    from blip2_jax.losses import LossConfig
     model_flops = flops_lib.train_step_flops_for_batch(cfg, LossConfig(), host)
     med = statistics.median(times)
     loss = float(holder["loss"])
@@ -405,7 +406,7 @@ def part_beam_jax(s: dict) -> dict:
     cfg = model_config(2).with_dtypes("bfloat16")
     b, n = s["beam_batch"], s["new_tokens"]
     t0 = time.perf_counter()
-    model = api.Blip2(cfg, api.init_fn(cfg)(jax.random.PRNGKey(0)), check=False)
+    model = api.Blip2(cfg, blip2_model.init_fn(cfg)(jax.random.PRNGKey(0)), check=False)
     jax.block_until_ready(model.params)
     init_s = time.perf_counter() - t0
     pix = jax.device_put(make_batch(cfg, 2, b, 1)["image"])

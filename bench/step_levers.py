@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from blip2_jax.models import blip2 as blip2_model
 
 
 def main(argv=None) -> int:
@@ -43,9 +44,9 @@ def main(argv=None) -> int:
 
     import jax
     from jax.sharding import Mesh
-    from blip2_jax import api, config as config_lib
+    from blip2_jax import config as config_lib
     from blip2_jax.train import defaults
-    from blip2_jax.train.step import LossConfig
+    from blip2_jax.losses import LossConfig
     from blip2_jax.train.trainer import Trainer
 
     w = a.width
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
                                     hidden_dropout=a.dropout, attention_dropout=a.dropout),
         num_query_tokens=32)
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    params = api.init_params(cfg, 0)
+    params = blip2_model.init_params(cfg, 0)
     rng = np.random.default_rng(0)
     b = a.batch
     batch = {"image": rng.normal(size=(b, 224, 224, 3)).astype(np.float32),

@@ -22,6 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import hlo_traffic  # noqa: E402  (bench/, beside this file)
+from blip2_jax import run_config
 
 
 def _jax_attention(q, k, v, *, mask=None, bias=None, scale=1.0, dropout_rate=0.0,
@@ -50,14 +51,13 @@ def main(argv=None) -> int:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from blip2_jax import aot, nn as bnn
     from blip2_jax.models.vit import VisionTransformer
-    from blip2_jax.train import loop
 
     path, _, arg = a.config.partition(":")
     spec = importlib.util.spec_from_file_location("bench_config", path)
     config_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(config_module)
     config = config_module.get_config(arg or None)
-    vc = dataclasses.replace(loop.model_config(config).vision, num_layers=a.layers)
+    vc = dataclasses.replace(run_config.model_config(config).vision, num_layers=a.layers)
     devices = aot.topology_devices(a.topology)
     mesh = Mesh(np.array(devices), ("data",))
     module = VisionTransformer(vc)

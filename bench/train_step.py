@@ -10,7 +10,7 @@ Stages:
   ln_vision, query tokens, Q-Former and the language projection (ours: `configs/stage2.py`
   freezes `vision/.*` and `llm/.*`, so ln_vision trains too, as in LAVIS).
 
-Ours: `Trainer(model_cfg, LossConfig, defaults.base_config().optimizer, mesh=loop.make_mesh(...),
+Ours: `Trainer(model_cfg, LossConfig, defaults.base_config().optimizer, mesh=run_config.make_mesh(...),
 frozen=..., frozen_dtype="float32")`, then `trainer.lower(...).compile()` (timed: the compile
 time), then calls of the compiled, donated step (the state is threaded through).
 
@@ -94,6 +94,8 @@ import numpy as np
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]   # the package and tests/hf_ref.py
+from blip2_jax import run_config
+from blip2_jax.convert import mapping
 
 CLS, SEP = 101, 102            # Q-Former text: [CLS] ... [SEP] [PAD]=0; [DEC] = vocab - 1
 OPT_BOS, OPT_PAD = 2, 1
@@ -148,7 +150,7 @@ def build_stage1(a):
                          "bias": t(pred.bias)}
     params["temp"] = np.float32(temp.item())
     model_cfg = ours.config.replace(itg=True)
-    blip2_jax.api.check_params(model_cfg, params)
+    mapping.check_params(model_cfg, params)
     return hf, head, temp, model_cfg, params
 
 
@@ -201,8 +203,8 @@ class Ours:
     def __init__(self, model_cfg, params, stage: int, batch: dict, a, *, dropout: bool):
         import jax
 
-        from blip2_jax.train import defaults, loop
-        from blip2_jax.train.step import LossConfig
+        from blip2_jax.train import defaults
+        from blip2_jax.losses import LossConfig
         from blip2_jax.train.trainer import CompiledStep, Trainer
         if not dropout:
             model_cfg = model_cfg.replace(qformer=dataclasses.replace(
@@ -213,7 +215,7 @@ class Ours:
         frozen = ("vision/.*",) if stage == 1 else ("vision/.*", "llm/.*")
         self.opt_cfg = dict(base.optimizer)
         self.trainer = Trainer(model_cfg, lc, self.opt_cfg, total_steps=10_000,
-                               mesh=loop.make_mesh(base), frozen=frozen, frozen_dtype="float32")
+                               mesh=run_config.make_mesh(base), frozen=frozen, frozen_dtype="float32")
         self.state, self.frozen = self.trainer.init(params, seed=self.seed)
         self.batch = self.trainer.place(batch)
         t0 = time.perf_counter()

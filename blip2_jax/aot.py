@@ -17,7 +17,10 @@ v5p-64, v5p-128, v5e-256, v4-128, ...).
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
+import os
+import re
 import sys
 import time
 from typing import Any, Mapping, Optional, Sequence
@@ -25,6 +28,15 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from jax.experimental import topologies
+from ml_collections import config_flags
+
+from blip2_jax import api, generate as gen, nn as bnn, sharding as sharding_lib
+from blip2_jax.convert.mapping import flatten
+from blip2_jax import run_config
+from blip2_jax.models.blip2 import abstract_params
+from blip2_jax.train.trainer import Trainer
 
 # Pod name (TensorCores, as Cloud TPU names them) -> topology (chips; v4 counts cores).
 ALIASES = {"v5p-8": "v5p:2x2x1", "v5p-64": "v5p:2x4x4", "v5p-128": "v5p:4x4x4",
@@ -45,8 +57,6 @@ class AotError(ValueError):
 
 def topology_devices(name: str) -> list:
     """The devices of a TPU topology (needs libtpu; nothing runs on them)."""
-    import os
-    from jax.experimental import topologies
     # Compiling only: several processes may load libtpu at once (tests, parallel sweeps).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topology = ALIASES.get(name, name)
@@ -80,51 +90,29 @@ def _per_device_bytes(tree) -> int:
     return total
 
 
-def text_fields(cfg) -> list[str]:
-    """The tokenized fields a stage's batch carries (`pipeline.TextSpec` names)."""
-    if cfg.llm is None:
-        return ["qformer"]
-    return ["llm"] if cfg.llm_kind == "opt" else ["llm", "target"]
-
-
 def abstract_batch(cfg, config, mesh, rules, batch_size: Optional[int] = None) -> dict:
-    """ShapeDtypeStructs (sharded on the batch axes) of the global batch `loop.run` feeds
-    (`batch_size` rows: the padded step batch when it differs from config.batch_size)."""
-    from blip2_jax import sharding as sharding_lib
-    from blip2_jax.data.features import FIELD as FEATURES
-    from blip2_jax.train import flops as flops_lib
-    from blip2_jax.train.loop import _plain
+    """ShapeDtypeStructs (sharded on the batch axes) of the global batch `loop.run` feeds: the
+    fields `run_config.batch_fields` names, `batch_size` rows (the padded step batch when it
+    differs from config.batch_size)."""
     b = int(batch_size or config.batch_size)
-    length = int(_plain(config.get("text") or {}).get("max_length", 32))
-    size = int(_plain(config.get("data") or {}).get("image_size") or cfg.vision.image_size)
-
-    def arr(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.batch_sharding(
-            mesh, len(shape), shape[0], rules))
-    if _plain(config.get("data") or {}).get("features"):
-        # A frozen-feature cache: the ViT's tokens, in its compute dtype (data/features.py).
-        n = flops_lib.vision_tokens(cfg.vision, size)
-        out = {FEATURES: arr((b, n, cfg.vision.hidden_size), jnp.dtype(cfg.vision.dtype))}
-    else:
-        out = {"image": arr((b, size, size, 3), jnp.float32)}
-    out["valid"] = arr((b,), jnp.bool_)
-    for k in ("image_index", "dataset_index", "index"):
-        out[k] = arr((b,), jnp.int32)
-    for name in text_fields(cfg):
-        out[f"{name}_ids"] = arr((b, length), jnp.int32)
-        out[f"{name}_mask"] = arr((b, length), jnp.int32)
+    out = {}
+    for name, field in run_config.batch_fields(config, cfg).items():
+        shape = (b,) + tuple(field.shape)
+        out[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(field.dtype),
+                                         sharding=sharding_lib.batch_sharding(
+                                             mesh, len(shape), b, rules))
     return out
 
 
-def loss_config(config, cfg):
-    """The stage's LossConfig without tokenizers: [DEC] = the Q-Former's last id (BERT vocab +
-    1, as LAVIS adds it); the OPT prompt mask length does not change the program's shapes."""
-    from blip2_jax.train.loop import _plain
-    from blip2_jax.train.step import LossConfig
-    weights = _plain(config.get("loss") or {})
-    if cfg.llm is None:
-        return LossConfig(dec_token_id=cfg.qformer.vocab_size - 1, **weights)
-    return LossConfig(**weights)
+def _trainer(config, cfg, mesh, step_batch: Optional[int] = None) -> Trainer:
+    """The Trainer `loop.run` builds, from the config alone (no tokenizers needed: see
+    `run_config.text_setup`)."""
+    loss = run_config.text_setup(config, cfg, tokenizers=False).loss
+    if step_batch is not None:
+        loss = dataclasses.replace(loss, masked_rows=step_batch != int(config.batch_size))
+    return Trainer(cfg, loss, run_config.section(config, "optimizer"),
+                   total_steps=int(config.total_steps), mesh=mesh,
+                   **run_config.trainer_options(config))
 
 
 @dataclasses.dataclass
@@ -197,7 +185,6 @@ class Report:
 
 def _hbm_oom(message: str) -> Optional[int]:
     """Bytes the TPU compiler said a program needs, from its out-of-HBM error (else None)."""
-    import re
     m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
     if "RESOURCE_EXHAUSTED" not in message or m is None:
         return None
@@ -224,7 +211,6 @@ def _write_hlo(compiled, path: str) -> None:
     """The optimized HLO text of a compiled program (gzip when `path` ends in .gz). XLA's
     printer can fail on a large program (an INTERNAL RET_CHECK on an async op, seen on the
     stage-1 ViT-g step for v5p-128): that is reported and the compile's report kept."""
-    import gzip
     try:
         text = compiled.as_text()
     except jax.errors.JaxRuntimeError as e:
@@ -244,21 +230,11 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
     unrolled (`nn.unrolled_layers`: the same math) for the FLOPs and the estimated step time.
     hlo: write the optimized HLO of the program the numbers come from (the unrolled one with
     `estimate`) to this path, for bench/hlo_traffic.py."""
-    from blip2_jax import nn as bnn
-    from blip2_jax.train import loop
-    from blip2_jax.train.trainer import Trainer
-    cfg = loop.model_config(config)
-    mesh = loop.make_mesh(config, devices=devices)
-    step_batch = loop.check_batch(config, mesh)
-    lc = dataclasses.replace(loss_config(config, cfg),
-                             masked_rows=step_batch != int(config.batch_size))
+    cfg = run_config.model_config(config)
+    mesh = run_config.make_mesh(config, devices=devices)
+    step_batch = run_config.step_batch(config, mesh)
     useful = int(config.batch_size) / step_batch     # padding rows are not model FLOPs
-
-    def make_trainer():
-        return Trainer(cfg, lc, loop._plain(config.optimizer),
-                       total_steps=int(config.total_steps), mesh=mesh,
-                       **loop.trainer_options(config))
-    trainer = make_trainer()
+    trainer = _trainer(config, cfg, mesh, step_batch)
     state = trainer.abstract_state()
     frozen = trainer.abstract_frozen()
     batch = abstract_batch(cfg, config, mesh, trainer.rules, step_batch)
@@ -289,7 +265,8 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
         with bnn.unrolled_layers():
             start = time.perf_counter()
             try:
-                compiled = make_trainer().lower(state, frozen, batch).compile()
+                compiled = _trainer(config, cfg, mesh, step_batch).lower(state, frozen,
+                                                                          batch).compile()
                 cost = _cost(compiled)
             except jax.errors.JaxRuntimeError as e:
                 # Without loop boundaries XLA may keep more alive than the program that runs.
@@ -320,14 +297,9 @@ def compile_train(config, devices: Sequence[Any], topology: str = "",
 def sharding_table(config, devices: Sequence[Any]) -> dict:
     """The named sharding of every parameter (trainable or frozen) and batch field of a config
     on `devices`: what the golden files under tests/golden/sharding/ hold."""
-    from blip2_jax.convert.mapping import flatten
-    from blip2_jax.train import loop
-    from blip2_jax.train.trainer import Trainer
-    cfg = loop.model_config(config)
-    mesh = loop.make_mesh(config, devices=devices)
-    trainer = Trainer(cfg, loss_config(config, cfg), loop._plain(config.optimizer),
-                      total_steps=int(config.total_steps), mesh=mesh,
-                      **loop.trainer_options(config))
+    cfg = run_config.model_config(config)
+    mesh = run_config.make_mesh(config, devices=devices)
+    trainer = _trainer(config, cfg, mesh)
     spec = lambda s: str(tuple(s.spec))                                         # noqa: E731
     params = {k: {"shape": list(v.shape), "trainable": True} for k, v in
               flatten(trainer.trainable_shapes).items()}
@@ -336,7 +308,7 @@ def sharding_table(config, devices: Sequence[Any]) -> dict:
     shardings = {**flatten(trainer.trainable_shardings), **flatten(trainer.frozen_shardings)}
     for k in params:
         params[k]["sharding"] = spec(shardings[k])
-    batch = abstract_batch(cfg, config, mesh, trainer.rules, loop.check_batch(config, mesh))
+    batch = abstract_batch(cfg, config, mesh, trainer.rules, run_config.step_batch(config, mesh))
     return {"mesh": dict(mesh.shape), "params": dict(sorted(params.items())),
             "batch": {k: {"shape": list(v.shape), "sharding": spec(v.sharding)}
                       for k, v in sorted(batch.items())}}
@@ -346,12 +318,10 @@ def compile_generate(config, devices: Sequence[Any], topology: str = "",
                      hlo: Optional[str] = None) -> Report:
     """Compile the beam-search caption program (prefill + decode loop) for `devices`; `hlo`:
     also write its optimized HLO there."""
-    from blip2_jax import api, generate as gen, sharding as sharding_lib
-    from blip2_jax.train import loop
-    cfg = loop.model_config(config)
+    cfg = run_config.model_config(config)
     if cfg.llm is None:
         raise AotError("--program generate needs a model with an LLM (a stage-2 config)")
-    eval_cfg = loop._plain(config.get("eval") or {})
+    eval_cfg = run_config.section(config, "eval")
     settings = next((e for e in (eval_cfg.get("evaluators") or {}).values()
                      if e.get("kind") == "caption"), {})
     llm = cfg.llm
@@ -362,16 +332,16 @@ def compile_generate(config, devices: Sequence[Any], topology: str = "",
                                               else llm.eos_token_id))
     knobs = gen.make_knobs(opts, min_new_tokens=int(settings.get("min_new_tokens", 0)),
                            length_penalty=float(settings.get("length_penalty", 1.0)))
-    mesh = loop.make_mesh(config, devices=devices)
+    mesh = run_config.make_mesh(config, devices=devices)
     dtype = eval_cfg.get("dtype") or "bfloat16"
     cfg = cfg.with_dtypes(dtype)
     shardings = sharding_lib.param_shardings(cfg, mesh)
-    shapes = api.abstract_params(cfg)
+    shapes = abstract_params(cfg)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)
     b = int(eval_cfg.get("batch_size") or 32)
     size = cfg.vision.image_size
-    prompt = 8          # the prompt bucket (api.PROMPT_BUCKET)
+    prompt = api.PROMPT_BUCKET
     model = api.Blip2(cfg, params, check=False)
     program = jax.jit(model._generate_program(opts, (b, size, size, 3), (b, prompt)))
     batch = lambda shape, dt: jax.ShapeDtypeStruct(                           # noqa: E731
@@ -394,8 +364,6 @@ def compile_generate(config, devices: Sequence[Any], topology: str = "",
 
 
 def main(argv=None) -> int:
-    from absl import flags
-    from ml_collections import config_flags
     argv = list(sys.argv if argv is None else argv)
     flags_ = flags.FlagValues()
     config_flag = config_flags.DEFINE_config_file("config", None, "a configs/*.py file[:arg]",

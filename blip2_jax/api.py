@@ -19,81 +19,26 @@
 """
 from __future__ import annotations
 
-import functools
 import os
-from typing import Any, Callable, Optional
+import warnings
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding
 
-from blip2_jax import generate as gen
-from blip2_jax import nn as bnn
+from blip2_jax import generate as gen, processing, sharding
 from blip2_jax.config import Blip2Config, get_preset
-from blip2_jax.convert import hf, mapping, native
-from blip2_jax.models.blip2 import Blip2Module, expand_decode_consts
+from blip2_jax.convert import hf, lavis, native, sources, stream
+from blip2_jax.convert.mapping import check_params
+from blip2_jax.models.blip2 import Blip2Module, cast_params, expand_decode_consts, init_params
 
 PROMPT_BUCKET = 8   # generate() pads prompts to a multiple of this (one program per bucket)
 
 
 class SurfaceError(AttributeError):
     """The model has no such surface (e.g. ITM on a captioning checkpoint)."""
-
-
-def _dummy_inputs(cfg: Blip2Config):
-    s = cfg.vision.image_size
-    args = (jnp.zeros((1, s, s, 3), jnp.float32), jnp.ones((1, 4), jnp.int32),
-            jnp.ones((1, 4), jnp.int32))
-    if cfg.llm_kind == "t5":
-        args += (jnp.zeros((1, 1), jnp.int32),)
-    return args
-
-
-@functools.lru_cache(maxsize=32)
-def abstract_init(cfg: Blip2Config):
-    """(logical PartitionSpecs, ShapeDtypeStructs) of every parameter, from one `eval_shape` of
-    the module's init (nothing allocated; cached per config)."""
-    module = Blip2Module(cfg)
-    boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *_dummy_inputs(cfg)))
-    return nn.get_partition_spec(boxed)["params"], nn.unbox(boxed["params"])
-
-
-def abstract_params(cfg: Blip2Config) -> dict:
-    """ShapeDtypeStructs of every parameter of `cfg` (nothing allocated)."""
-    return abstract_init(cfg)[1]
-
-
-def init_fn(cfg: Blip2Config, out_shardings=None) -> Callable:
-    """A jitted `rng -> params` (random init; placed in `out_shardings` when given)."""
-    module = Blip2Module(cfg)
-    return jax.jit(lambda rng: nn.unbox(module.init(rng, *_dummy_inputs(cfg))["params"]),
-                   out_shardings=out_shardings)
-
-
-def init_params(cfg: Blip2Config, seed: int = 0) -> dict:
-    return init_fn(cfg)(jax.random.PRNGKey(seed))
-
-
-def check_params(cfg: Blip2Config, params, source: str = "params") -> None:
-    """Raise MappingError unless `params` has exactly the names and shapes `cfg` needs."""
-    want = {k: v.shape for k, v in mapping.flatten(abstract_params(cfg)).items()}
-    have = {k: tuple(np.shape(v)) for k, v in mapping.flatten(params).items()}
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    wrong = sorted(f"{k}: expected {want[k]}, found {have[k]}"
-                   for k in set(want) & set(have) if tuple(want[k]) != have[k])
-    mapping.check_names(f"{source} does not fit the model config:",
-                        [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)])
-
-
-def cast_params(cfg: Blip2Config, params):
-    """Each tower's leaves in its config's param dtype."""
-    towers = {"vision": cfg.vision, "ln_vision": cfg.vision,
-              "llm": cfg.llm if cfg.llm is not None else cfg.qformer}
-    return {k: jax.tree.map(lambda a, t=towers.get(k, cfg.qformer):
-                            jnp.asarray(a, bnn.dtype_of(t.param_dtype)), v)
-            for k, v in params.items()}
 
 
 class Blip2:
@@ -250,7 +195,6 @@ class Blip2:
                                  "only, the queries are prepended inside")
         # Every process of a multi-host batch must build the same program: the widest prompt
         # of any process sets the bucket.
-        from blip2_jax import sharding
         width = int(sharding.gather_rows(np.array([(np.asarray(mask) > 0).sum(1).max(
             initial=0)])).max())
         ids, mask = pack_prompts(ids, mask, left=is_opt, pad_id=pad, min_width=width)
@@ -282,7 +226,6 @@ class Blip2:
         fn = self._generate_program(opts, pix.shape, ids.shape)
         out = fn(self.params, self._place(pix), self._place(jnp.asarray(ids, jnp.int32)),
                  self._place(jnp.asarray(mask, jnp.int32)), knobs)
-        from blip2_jax import sharding
         return sharding.to_host(out)
 
     def _generate_program(self, opts: gen.DecodeOptions, pixel_shape, prompt_shape) -> Callable:
@@ -336,8 +279,6 @@ class Blip2:
         if format == "native":
             return native.write(path, self.config, params, max_shard_bytes)
         if format == "lavis":
-            import warnings
-            from blip2_jax.convert import lavis, stream
             lavis.check_writable(self.config)
             for note in lavis.write(path, self.config, stream.leaves_from_tree(params),
                                     lavis_parts):
@@ -350,8 +291,7 @@ class Blip2:
         """This model with its params placed on `mesh` by `blip2_jax.sharding.param_shardings`
         (`rules` default `DEFAULT_RULES`; `overrides=` per-tower rules). Its surfaces take numpy
         inputs and shard their batch over the data axes (replicated when it does not divide)."""
-        from blip2_jax import sharding
-        out = sharding.ShardedBlip2(self, mesh, rules, **kw)
+        out = ShardedBlip2(self, mesh, rules, **kw)
         out._copy_text_side(self)
         return out
 
@@ -397,7 +337,6 @@ class Blip2:
         self._qformer_tokenizer = value
 
     def _load_tokenizer(self, kind: str, attr: str):
-        from blip2_jax import processing
         if self.checkpoint_dir is None:
             raise ValueError(f"this model has no {attr} and no checkpoint directory to load one "
                              f"from; pass Blip2(..., {attr}=...) or set model.{attr}")
@@ -412,7 +351,6 @@ class Blip2:
         """Pixel values (B, H, W, 3) from images (list of PIL images / uint8 arrays / paths, one
         such image, or a 4-D uint8 batch) via `processing.preprocess_images` at the config's
         image size, or from already preprocessed float pixel values (B, H, W, 3)."""
-        from blip2_jax import processing
         dtype = getattr(images, "dtype", None)
         if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
             return self._pixels(images)
@@ -440,16 +378,13 @@ class Blip2:
         raise ValueError(f"{n} {what} for {b} images: give one per image, or one for all")
 
     def _clean(self, texts: list[str], clean_text: bool) -> list[str]:
-        from blip2_jax import processing
         return [processing.pre_caption(t) for t in texts] if clean_text else texts
 
     def _qformer_ids(self, texts: list[str], **kw):
-        from blip2_jax import processing
         return processing.tokenize_prompts(self.qformer_tokenizer, texts, kind="qformer", **kw)
 
     def _text_and_decode(self, pix, prompts: Optional[list[str]], kwargs: dict) -> list[str]:
         """generate() on LLM prompts (None = the model's empty prompt), decoded to strings."""
-        from blip2_jax import processing
         cfg = self.config
         tok = self.tokenizer
         ids = mask = None
@@ -493,7 +428,6 @@ class Blip2:
           max_new_tokens=10, min_new_tokens=1, length_penalty=-1).
         Returns the answers (decoded, cut at EOS, stripped).
         """
-        from blip2_jax import processing
         self._need(self.config.llm is not None, "answer", "language model")
         pix = self._images(images)
         qs = self._strings(questions, "questions")
@@ -585,6 +519,39 @@ class Blip2:
         return out
 
 
+# ----------------------------------------------------------------------------------------------
+# A sharded Blip2
+# ----------------------------------------------------------------------------------------------
+class ShardedBlip2(Blip2):
+    """A `Blip2` whose params live on `mesh` and whose surfaces shard their inputs' batch.
+
+    Surfaces are `jax.jit`-ed functions of (params, inputs) without explicit shardings, so they
+    run SPMD following the shardings of their arguments: params as `sharding.param_shardings`, and each
+    array input with its leading (batch) dimension over the batch axes, or replicated when its
+    size does not divide them (e.g. a batch of 3 on data=2). Outputs are global arrays
+    (`np.asarray` works in a single process). An Explicit-axes mesh is used as Auto. Built by
+    `Blip2.shard(mesh, rules, overrides=...)`.
+    """
+
+    def __init__(self, model: Blip2, mesh: Mesh, rules: Optional[sharding.Rules] = None,
+                 overrides: Sequence[tuple[str, sharding.Rules]] = ()):
+        rules = sharding.DEFAULT_RULES if rules is None else tuple(rules)
+        mesh = sharding.auto_mesh(mesh)
+        shardings = sharding.param_shardings(model.config, mesh, rules, overrides)
+        super().__init__(model.config, sharding.shard_params(model.params, shardings), check=False)
+        self.mesh, self.rules, self.overrides = mesh, rules, overrides
+        self.param_shardings = shardings
+
+    def _place(self, x):
+        """An array input's placement: batch-sharded (or replicated) unless already placed."""
+        if isinstance(x, jax.Array) and (not x.is_fully_addressable
+                                         or isinstance(x.sharding, NamedSharding)):
+            return x   # a global / user-placed array keeps the caller's sharding
+        if isinstance(x, (np.ndarray, jax.Array)) and x.ndim >= 1:
+            return sharding.shard_batch(x, self.mesh, self.rules)
+        return x
+
+
 def pack_prompts(input_ids, attention_mask, *, left: bool, pad_id: int,
                  multiple: int = PROMPT_BUCKET, min_width: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -625,7 +592,6 @@ def load(path: str | os.PathLike, dtype: Optional[str] = "float32", *, config=No
     from `path` on first use (`model.tokenizer`, `model.qformer_tokenizer`), so a checkpoint
     without tokenizer files loads and serves the array surfaces.
     """
-    from blip2_jax.convert import sources, stream
     path = os.fspath(path)
     cfg, leaves, _ = sources.load(path, config, vision, llm, ln_vision_eps)
     params = stream.read_tree(leaves)

@@ -54,6 +54,10 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def should_save(self, step: int) -> bool:
+        """Whether `save` at `step` writes a checkpoint (the interval says so)."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state, data_iterator, meta: Mapping[str, Any], *,
              force: bool = False) -> bool:
         """Saves when `step` is on the interval (or `force`); returns whether it did."""

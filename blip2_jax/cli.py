@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from absl import flags
+import jax
+from absl import flags, logging as absl_logging
 
 
 def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Callable[[], None]:
@@ -24,7 +25,6 @@ def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Cal
                                flag_values=flag_values)
 
     def initialize() -> None:
-        import jax
         if coordinator.value or num_processes.value:
             jax.distributed.initialize(coordinator_address=coordinator.value,
                                        num_processes=num_processes.value,
@@ -40,7 +40,6 @@ _initialize_distributed = define_distributed_flags()
 def setup() -> None:
     """Quiet library logging, ours at INFO; then `jax.distributed.initialize` when the flags
     ask for it."""
-    from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)     # orbax / tfds chatter
     logging.getLogger("blip2_jax").setLevel(logging.INFO)
     _initialize_distributed()

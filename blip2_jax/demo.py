@@ -18,31 +18,26 @@ written to WORK/results.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import time
 
 import numpy as np
 
+import blip2_jax
+from blip2_jax import processing, run_config
+from blip2_jax.data import build as build_cli, builders, pipeline, synthetic
+from blip2_jax.eval import runner
+from blip2_jax.train import loop, unimodal
+
 TEST_IMAGES = 100
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _demo_config(stage: str, work: str, **overrides):
-    spec = importlib.util.spec_from_file_location("demo_config",
-                                                  os.path.join(ROOT, "configs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(f"{stage},{work}")
-    for k, v in overrides.items():
-        c[k] = v
-    return c
+    return run_config.load(f"demo.py:{stage},{work}", overrides)
 
 
 def retrieval(model, data_dir: str, qtok, image_size: int, max_length: int) -> dict:
-    from blip2_jax import processing
-    from blip2_jax.data import builders, pipeline
     truth = builders.retrieval_truth(data_dir, "blip2_captions/synthetic", "test")
     ev = pipeline.Pipeline([pipeline.Source("blip2_captions/synthetic", "test")],
                            data_dir=data_dir, batch_size=100, train=False, image_size=image_size,
@@ -81,11 +76,6 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)  # noqa
 
-    import blip2_jax
-    from blip2_jax import processing
-    from blip2_jax.data import build as build_cli, synthetic
-    from blip2_jax.train import loop, unimodal
-
     data_dir = os.path.join(work, "data")
     tok_dir = build_cli.synthetic_tokenizer_dir(data_dir)
     if not os.path.isdir(tok_dir):
@@ -101,7 +91,7 @@ def main(argv=None) -> dict:
     s1, s2 = _demo_config("stage1", work, **quick), _demo_config("stage2", work, **quick)
     if args.quick:
         s1.eval.every_steps = s2.eval.every_steps = 0   # the reports below evaluate once
-    stage2_cfg = loop.model_config(s2)
+    stage2_cfg = run_config.model_config(s2)
     unimodal_dir = os.path.join(work, "unimodal")
     if not os.path.isdir(unimodal_dir):
         log("2/5 pre-training the unimodal models BLIP-2 freezes")
@@ -141,13 +131,12 @@ def main(argv=None) -> dict:
                "seconds": time.perf_counter() - t_start}
     # The configs' evaluators (retrieval with ITM re-ranking; captioning and zero-shot VQA
     # metrics), with an HTML report per stage.
-    from blip2_jax.eval import runner
     results["evaluators"], reports = {}, []
     for name, c, model in (("stage1", s1, stage1), ("stage2", s2, stage2)):
-        evs, toks = loop.evaluators(c)
+        evs, toks = run_config.evaluators(c)
         out = os.path.join(work, "eval", name)
-        done = runner.run(model, evs, mesh=loop.make_mesh(c), tokenizers=toks, out_dir=out,
-                          info={"model": os.path.join(work, name, "final"), "demo": name},
+        done = runner.run(model, evs, mesh=run_config.make_mesh(c), tokenizers=toks,
+                          out_dir=out, info={"model": os.path.join(work, name, "final"), "demo": name},
                           metrics_jsonl=os.path.join(work, name, "metrics.jsonl"),
                           progress=False)
         results["evaluators"].update({r.name: r.numeric_metrics() for r in done})

@@ -14,6 +14,8 @@ same batch gives the same loss on any mesh. The two differ in two places:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -21,6 +23,21 @@ ITC_LABEL_SMOOTHING = 0.1
 ITG_LABEL_SMOOTHING = 0.1
 MASKED_LOGIT = -10000.0     # LAVIS's fill for positives before sampling ITM negatives
 ABSENT_LOGIT = -1e9         # padding rows of a padded batch: never a class, never drawn
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms (0 disables a term) and stage-specific options."""
+    itc: float = 1.0
+    itm: float = 1.0
+    itg: float = 1.0
+    lm: float = 1.0
+    image_id_itc: bool = False        # COCO retrieval fine-tuning: same-image positives
+    prompt_length: int = 0            # OPT: BOS + prompt tokens that are not targets
+    dec_token_id: int = 0             # the Q-Former tokenizer's [DEC] id (ITG BOS)
+    train_vision: bool = False        # the ViT is trainable (fine-tuning): backprop through it
+    itm_image_kv_once: bool = False   # ITM reuses the query pass's image K/V (train/step.py)
+    masked_rows: bool = False         # a padded batch: rows with valid False take no part
 
 
 def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, where=None, classes=None):

@@ -21,6 +21,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from PIL import Image, UnidentifiedImageError
+
+import blip2_jax
+from blip2_jax.api import SurfaceError
+from blip2_jax.convert.mapping import MappingError
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m blip2_jax.predict",
@@ -44,7 +50,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_images(paths: Sequence[str]) -> None:
     """Fail before loading the model if an image file is missing or not an image."""
-    from PIL import Image, UnidentifiedImageError
 
     for path in paths:
         if not os.path.isfile(path):
@@ -61,7 +66,6 @@ class _Error(Exception):
 
 
 def run(args: argparse.Namespace) -> list[tuple[str, str]]:
-    import blip2_jax
 
     if not os.path.isdir(args.checkpoint):
         raise _Error(f"checkpoint directory {args.checkpoint} does not exist")
@@ -93,8 +97,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             _parser().error(f"--{name.replace('_', '-')} must be >= 1")
-    from blip2_jax.api import SurfaceError
-    from blip2_jax.convert.mapping import MappingError
 
     try:
         rows = run(args)

@@ -278,6 +278,7 @@ def _special_defaults(path: str, defaults: dict) -> dict:
 
 
 def _load_llm(path: str, kind: str):
+    # start-up time: transformers takes seconds to import; only loading a tokenizer needs it
     import transformers
 
     family, how = _find_llm_files(path, kind)
@@ -287,7 +288,7 @@ def _load_llm(path: str, kind: str):
     else:
         if how == "spiece.model":
             try:
-                import sentencepiece  # noqa: F401
+                import sentencepiece  # noqa: F401 (optional dependency: converting spiece.model)
             except ImportError as e:
                 raise ImportError(f"{path} has spiece.model but no tokenizer.json: converting it "
                                   "needs the `sentencepiece` package (pip install sentencepiece)"
@@ -302,6 +303,7 @@ def _load_llm(path: str, kind: str):
 
 
 def _load_qformer(path: str):
+    # start-up time: transformers takes seconds to import; only loading a tokenizer needs it
     import transformers
 
     looked, present = [], []

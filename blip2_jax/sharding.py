@@ -54,11 +54,11 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from blip2_jax import api
 from blip2_jax.config import Blip2Config, get_preset
+from blip2_jax.models.blip2 import abstract_init, init_fn
 
 MeshAxes = Union[None, str, tuple[str, ...]]
 Rules = Sequence[tuple[str, MeshAxes]]
@@ -234,7 +234,7 @@ def logical_specs(cfg: Union[Blip2Config, str]) -> dict:
 
     Unannotated parameters (e.g. the ITC temperature) get `P()`.
     """
-    specs, _ = api.abstract_init(_config(cfg))
+    specs, _ = abstract_init(_config(cfg))
     return jax.tree.map(lambda s: s, specs, is_leaf=_is_spec)   # fresh tree; the cache's is shared
 
 
@@ -270,7 +270,7 @@ def shardings_from_logical(specs, shapes, mesh: Mesh, rules: Rules = DEFAULT_RUL
 def param_shardings(cfg: Union[Blip2Config, str], mesh: Mesh, rules: Rules = DEFAULT_RULES,
                     overrides: Sequence[tuple[str, Rules]] = ()) -> dict:
     """A NamedSharding for every parameter of `cfg` (same tree as the params; nothing allocated)."""
-    specs, shapes = api.abstract_init(_config(cfg))
+    specs, shapes = abstract_init(_config(cfg))
     return shardings_from_logical(specs, shapes, mesh, rules, overrides)
 
 
@@ -279,13 +279,13 @@ def sharded_init(cfg: Union[Blip2Config, str], mesh: Mesh, rules: Rules = DEFAUL
     """A jitted `rng -> params` whose outputs are created in `param_shardings` (no full copy on
     one device; `.lower(rng).out_info` shows the placement without compiling)."""
     cfg = _config(cfg)
-    return api.init_fn(cfg, out_shardings=param_shardings(cfg, mesh, rules, overrides))
+    return init_fn(cfg, out_shardings=param_shardings(cfg, mesh, rules, overrides))
 
 
 def init_params(cfg: Union[Blip2Config, str], mesh: Mesh, rules: Rules = DEFAULT_RULES,
                 overrides: Sequence[tuple[str, Rules]] = (), seed: int = 0) -> dict:
     """Random parameters created directly in their shardings (the same values as
-    `api.init_params(cfg, seed)`: jax's partitionable threefry makes them layout-independent)."""
+    `models.blip2.init_params(cfg, seed)`: jax's partitionable threefry makes them layout-independent)."""
     return sharded_init(cfg, mesh, rules, overrides)(jax.random.PRNGKey(seed))
 
 
@@ -390,7 +390,6 @@ def to_host(x) -> np.ndarray:
     """A (possibly multi-process) jax Array → the whole global array as numpy on every process
     (`process_allgather`, tiled, when other processes hold some of its shards)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
@@ -401,39 +400,4 @@ def gather_rows(x) -> np.ndarray:
     x = np.asarray(x)
     if jax.process_count() == 1:
         return x
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-# ----------------------------------------------------------------------------------------------
-# A sharded Blip2
-# ----------------------------------------------------------------------------------------------
-class ShardedBlip2(api.Blip2):
-    """A `Blip2` whose params live on `mesh` and whose surfaces shard their inputs' batch.
-
-    Surfaces are `jax.jit`-ed functions of (params, inputs) without explicit shardings, so they
-    run SPMD following the shardings of their arguments: params as `param_shardings`, and each
-    array input with its leading (batch) dimension over the batch axes, or replicated when its
-    size does not divide them (e.g. a batch of 3 on data=2). Outputs are global arrays
-    (`np.asarray` works in a single process). An Explicit-axes mesh is used as Auto. Built by
-    `Blip2.shard(mesh, rules, overrides=...)`.
-    """
-
-    def __init__(self, model: api.Blip2, mesh: Mesh, rules: Optional[Rules] = None,
-                 overrides: Sequence[tuple[str, Rules]] = ()):
-        rules = DEFAULT_RULES if rules is None else tuple(rules)
-        mesh = auto_mesh(mesh)
-        shardings = param_shardings(model.config, mesh, rules, overrides)
-        super().__init__(model.config, shard_params(model.params, shardings), check=False)
-        self.mesh, self.rules, self.overrides = mesh, rules, overrides
-        self.param_shardings = shardings
-
-    def _place(self, x):
-        """An array input's placement: batch-sharded (or replicated) unless already placed."""
-        if isinstance(x, jax.Array) and (not x.is_fully_addressable
-                                         or isinstance(x.sharding, NamedSharding)):
-            return x   # a global / user-placed array keeps the caller's sharding
-        if isinstance(x, (np.ndarray, jax.Array)) and x.ndim >= 1:
-            return shard_batch(x, self.mesh, self.rules)
-        return x
-

@@ -2,9 +2,9 @@
 configs loaded with test-sized overrides."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
+from blip2_jax import run_config
 from blip2_jax.data import build as build_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,11 +20,7 @@ def synthetic_data(directory: str, *, train: int, test: int, val: int = 0) -> st
 def config(name: str, arg, *, total_steps: int, **overrides):
     """configs/NAME.py:ARG with total_steps, batch 8, a log every step, a checkpoint every 2
     steps and 2 warm-up steps; `overrides` are dotted keys ("eval.every_steps": 2)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs",
-                                                                      f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
+    c = run_config.load(f"{name}.py:{arg}" if arg is not None else f"{name}.py")
     c.total_steps, c.batch_size, c.log_every_steps, c.checkpoint_every_steps = total_steps, 8, 1, 2
     c.optimizer.warmup_steps = 2
     for k, v in overrides.items():

@@ -8,18 +8,14 @@ import jax
 import pytest
 
 from blip2_jax import aot
+from blip2_jax import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGY = "v5p:2x2x1"        # 4 v5p chips
 
 
 def _config(name, arg=None, **overrides):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs",
-                                                                     f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
+    c = run_config.load(f"{name}.py:{arg}" if arg is not None else f"{name}.py")
     for k, v in overrides.items():
         setattr(c, k, v)
     return c
@@ -142,14 +138,14 @@ def test_every_pod_setting_makes_a_mesh_of_its_pod_that_takes_the_batch():
     """Each POD_SETTINGS entry, applied by its config (`stage1.py:vit_g,v5p-64`), uses every
     chip of its pod and a batch the mesh's batch axes and microbatches divide (padded where it
     says so)."""
-    from blip2_jax.train import defaults, loop
+    from blip2_jax.train import defaults
     for (key, pod), setting in sorted(defaults.POD_SETTINGS.items()):
         stage, arg = key.split(":")
         c = _config(stage, f"{arg},{pod}")
         devices = aot.topology_devices(pod)
-        mesh = loop.make_mesh(c, devices=devices)
+        mesh = run_config.make_mesh(c, devices=devices)
         assert mesh.devices.size == len(devices), (key, pod)
-        rows = loop.check_batch(c, mesh)
+        rows = run_config.step_batch(c, mesh)
         assert rows >= c.batch_size and rows - c.batch_size < mesh.devices.size, (key, pod)
         assert (rows == c.batch_size) or setting.get("pad_batch"), (key, pod)
         # Each device's rows split evenly into the microbatches (train/step.py).

@@ -27,12 +27,12 @@ from safetensors.numpy import load_file, save_file
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 import hf_ref
-from blip2_jax import api
 from blip2_jax.config import PRESETS, TINY_QFORMER, ConfigError
 from blip2_jax.convert import mapping
 from blip2_jax.convert.bert_qformer import init_qformer_from_bert
 from blip2_jax.convert.mapping import MappingError
 from blip2_jax.models.blip2 import Blip2Module, QFormerLMHead
+from blip2_jax.models import blip2 as blip2_model
 
 TOL = 1e-5
 BERT_VOCAB = 99            # ours: 100 = BERT + [DEC]
@@ -65,7 +65,7 @@ def mlm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def given():
     """A full param tree of 7s: what `params=` must keep outside the Q-Former."""
-    return jax.tree.map(lambda a: np.full(a.shape, 7, a.dtype), api.abstract_params(CFG))
+    return jax.tree.map(lambda a: np.full(a.shape, 7, a.dtype), blip2_model.abstract_params(CFG))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_given_params_keep_everything_else(loaded, given):
 def test_without_params_the_rest_is_initialised(mlm, loaded):
     """params=None: the same Q-Former (same rng), everything else from the model's own init."""
     params, report = init_qformer_from_bert(CFG, mlm[0], jax.random.PRNGKey(0))
-    api.check_params(CFG, params)
+    mapping.check_params(CFG, params)
     assert report == loaded[1]
     ref = mapping.flatten(loaded[0])
     for k, v in mapping.flatten(params).items():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -32,10 +31,11 @@ from blip2_jax.convert.mapping import flatten
 from blip2_jax.data import builders, ops, pipeline
 from blip2_jax.eval import evaluators as eval_lib
 from blip2_jax.train import init as init_lib
-from blip2_jax.train import loop
 from blip2_jax.train import state as state_lib
-from blip2_jax.train.step import LossConfig
+from blip2_jax.losses import LossConfig
 import assets
+from blip2_jax import run_config
+from blip2_jax.models import blip2 as blip2_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,27 +61,18 @@ INIT_PROVIDES = {"stage1": {"vision", "ln_vision", "qformer", "query_tokens"},
 TOWER_FILES = ("eva_vit_g", "clip_vit_L")       # LAVIS's image-encoder files
 
 
-@functools.lru_cache(maxsize=None)
-def _module(name):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}",
-                                                  os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _config(name, arg):
-    return _module(name).get_config(arg)     # fresh each time: tests may edit it
+    return run_config.load(f"{name}.py:{arg}" if arg is not None else f"{name}.py")
 
 
 @functools.lru_cache(maxsize=None)
 def _model(name, arg):
-    return loop.model_config(_config(name, arg))
+    return run_config.model_config(_config(name, arg))
 
 
 def _abstract(name, arg):
     """(paths, shapes) of every parameter: api.abstract_init is an lru_cached eval_shape."""
-    return flatten(api.abstract_init(_model(name, arg))[1])
+    return flatten(blip2_model.abstract_init(_model(name, arg))[1])
 
 
 def _tops(paths):
@@ -106,7 +97,7 @@ def test_loads_and_resolves(name, arg):
     assert cfg.vision.variant == ("clip" if "vit_l" in (arg or "") else "eva")
     assert cfg.vision.image_size == (364 if name.endswith("_ft") else 224)
     # Placeholders only: no real path of anyone's machine in the committed configs.
-    paths = [v for k, v in loop._plain(c.init).items() if k != "random"]
+    paths = [v for k, v in run_config.plain(c.init).items() if k != "random"]
     paths += [c.data.data_dir] + [v for k, v in c.text.items() if k.endswith("_tokenizer")]
     assert all(p.startswith("/path/to/") for p in paths), paths
     # Its evaluators build (names, kinds and settings checked) and fit the model.
@@ -133,7 +124,7 @@ def test_frozen_patterns_match(name, arg):
 
 @pytest.mark.parametrize("name,arg", CASES, ids=IDS)
 def test_every_parameter_has_a_source(name, arg):
-    init = loop._plain(_config(name, arg).init)
+    init = run_config.plain(_config(name, arg).init)
     assert set(init) <= {"checkpoint", "stage1", "qformer_bert", "vision", "llm", "random"}
     tops = _tops(_abstract(name, arg))
     random = set(init.get("random") or ())
@@ -156,7 +147,7 @@ def test_every_parameter_has_a_source(name, arg):
 def test_optimizer_builds(name, arg):
     c = _config(name, arg)
     cfg = _model(name, arg)
-    opt = loop._plain(c.optimizer)
+    opt = run_config.plain(c.optimizer)
     frozen = state_lib.frozen_paths(list(_abstract(name, arg)), c.frozen)
     t_specs, t_shapes = state_lib.trainable_abstract(cfg, frozen)
     mask = state_lib.decay_mask(t_specs, t_shapes)
@@ -182,7 +173,7 @@ def test_optimizer_builds(name, arg):
 def test_data_config_builds_a_pipeline(name, arg, monkeypatch, tmp_path):
     c = _config(name, arg)
     cfg = _model(name, arg)
-    data = loop._plain(c.data)
+    data = run_config.plain(c.data)
     raw = data["train"] if isinstance(data["train"], list) else [data["train"]]
     for s in raw:
         assert re.fullmatch(r"blip2_captions/[A-Za-z0-9_-]+", s["name"]), s["name"]
@@ -208,8 +199,8 @@ def test_data_config_builds_a_pipeline(name, arg, monkeypatch, tmp_path):
 @pytest.mark.parametrize("name,arg", CASES, ids=IDS)
 def test_loss_config_and_mesh(name, arg):
     c = _config(name, arg)
-    loss = loop._plain(c.loss)
-    # loop.text_setup supplies these two itself (passing them too would be a TypeError there).
+    loss = run_config.plain(c.loss)
+    # run_config.text_setup supplies these two itself (passing them too would be a TypeError there).
     assert not {"dec_token_id", "prompt_length"} & set(loss)
     lc = LossConfig(**loss)
     if name in ("stage1", "retrieval_coco_ft"):
@@ -219,7 +210,7 @@ def test_loss_config_and_mesh(name, arg):
         assert lc.lm == 1.0
     assert jax.device_count() == 8
     assert c.batch_size % 8 == 0
-    mesh = loop.make_mesh(c)
+    mesh = run_config.make_mesh(c)
     assert mesh.shape["data"] == 8 and mesh.shape["fsdp"] == mesh.shape["tensor"] == 1
     assert c.batch_size % mesh.shape["data"] == 0
 
@@ -327,16 +318,23 @@ def opt_dir(tmp_path_factory):
 def test_text_setup_qformer(name, arg, bert_dir):
     c = _config(name, arg)
     c.text.qformer_tokenizer = bert_dir
-    specs, lc, prefix_lm = loop.text_setup(c, _model(name, arg))
+    text = run_config.text_setup(c, _model(name, arg))
+    specs, lc, prefix_lm = text.specs, text.loss, text.prefix_lm
     assert [(s.name, s.kind, s.max_length) for s in specs] == [("qformer", "qformer", 32)]
     assert lc.dec_token_id == 30522 and not prefix_lm         # [DEC] after bert-base-uncased
     assert lc.image_id_itc == (name == "retrieval_coco_ft")
+    # Without the tokenizer (compiling for a topology), the model config gives the same [DEC].
+    c.text.qformer_tokenizer = os.path.join(bert_dir, "absent")
+    assert run_config.text_setup(c, _model(name, arg), tokenizers=False).loss == lc
+    with pytest.raises(Exception):
+        run_config.text_setup(c, _model(name, arg))
 
 
 def test_text_setup_opt_pretraining(opt_dir):
     c = _config("stage2", "opt-2.7b")
     c.text.llm_tokenizer = opt_dir
-    specs, lc, prefix_lm = loop.text_setup(c, _model("stage2", "opt-2.7b"))
+    text = run_config.text_setup(c, _model("stage2", "opt-2.7b"))
+    specs, lc, prefix_lm = text.specs, text.loss, text.prefix_lm
     assert [(s.name, s.kind, s.max_length, s.suffix) for s in specs] == [
         ("llm", "opt", 32, "\n")]
     assert lc.prompt_length == 0 and not prefix_lm            # prompt "": nothing masked
@@ -348,7 +346,7 @@ def test_text_setup_opt_pretraining(opt_dir):
 def test_caption_prompt_length_matches_lavis(opt_dir):
     c = _config("caption_coco_ft", None)
     c.text.llm_tokenizer = opt_dir
-    _, lc, _ = loop.text_setup(c, _model("caption_coco_ft", None))
+    lc = run_config.text_setup(c, _model("caption_coco_ft", None)).loss
     assert lc.prompt_length == 4
 
 
@@ -356,7 +354,7 @@ def _random_params(cfg, seed=0):
     """Random parameters of the right shapes without compiling the model's init."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
-                        api.abstract_params(cfg))
+                        blip2_model.abstract_params(cfg))
 
 
 def test_init_interpolates_position_table(tmp_path, monkeypatch):
@@ -394,7 +392,7 @@ def test_trainable_vit_gets_gradients(frozen, trains_vit):
                       mesh=mesh, frozen=frozen, frozen_dtype=None)
     assert trainer.loss_cfg.train_vision == trains_vit
     s, b = cfg.vision.image_size, 2
-    params = api.abstract_params(cfg)
+    params = blip2_model.abstract_params(cfg)
     batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
              "qformer_ids": jax.ShapeDtypeStruct((b, 4), jnp.int32),
              "qformer_mask": jax.ShapeDtypeStruct((b, 4), jnp.int32)}

@@ -22,6 +22,7 @@ from blip2_jax import config as config_lib
 from blip2_jax.convert import lavis, pth, sources, stream
 from blip2_jax.convert.mapping import MappingError
 from hf_ref import nchw, pixels, rel_err, text_batch
+from blip2_jax.models import blip2 as blip2_model
 
 TOL = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -248,9 +249,8 @@ def test_lavis_config_inferred_for_released_shapes():
 
 
 def _abstract(cfg):
-    from blip2_jax import api
     from blip2_jax.convert.mapping import flatten
-    return flatten(api.abstract_params(cfg))
+    return flatten(blip2_model.abstract_params(cfg))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PIL import Image
 
 from blip2_jax import processing
 from blip2_jax.data import build as build_cli
-from blip2_jax.data import builders, ops, pipeline, records, synthetic
+from blip2_jax.data import batch as batch_lib, builders, ops, pipeline, records, synthetic
 
 from assets import bert_vocab
 
@@ -574,7 +574,7 @@ def test_pipeline_text_processing_and_tokens(data_dir, tmp_path):
         assert text.startswith("Question: ") and text.endswith("? Answer:")
         assert answer in answers
     assert vqa["answer_ids"].shape == (8, 4)
-    assert set(pipeline.numeric(vqa)) == {"image", "qformer_ids", "qformer_mask", "answer_ids",
+    assert set(batch_lib.numeric(vqa)) == {"image", "qformer_ids", "qformer_mask", "answer_ids",
                                           "answer_mask", "image_index", "dataset_index",
                                           "index", "valid"}
 

@@ -22,6 +22,7 @@ from blip2_jax.eval import retrieval
 from blip2_jax.metrics import caption as caption_metrics
 from blip2_jax.metrics import vqa as vqa_metrics
 from blip2_jax.train import loop
+from blip2_jax import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_IMAGES = 6
@@ -140,9 +141,9 @@ def test_captions_equal_the_model_caption_api(stage2_run, data_dir):
     """The evaluator's sharded, batched, padded generation gives what `Blip2.caption` gives
     image by image."""
     config = _config("tiny_stage2", f"opt,{data_dir}")
-    evs, toks = loop.evaluators(config)
+    evs, toks = run_config.evaluators(config)
     caption = next(ev for ev in evs if ev.kind == "caption")
-    mesh = loop.make_mesh(config)
+    mesh = run_config.make_mesh(config)
     model = blip2_jax.load(os.path.join(stage2_run, "final"), dtype=None, tokenizer=toks.llm)
     result = caption.run(model, mesh=mesh, tokenizers=toks, progress=False)
     src = caption.source()
@@ -165,7 +166,7 @@ def test_retrieval_through_eval_py_equals_evaluate_split(data_dir, tmp_path):
         got = json.load(f)["metrics"]["retrieval_test"]
     model = blip2_jax.load(os.path.join(workdir, "final"), dtype=None,
                            qformer_tokenizer=processing.load_tokenizer(
-                               loop.tokenizer_paths(config)["qformer"], "qformer"))
+                               run_config.tokenizer_paths(config)["qformer"], "qformer"))
     want, score_i2t, _ = retrieval.evaluate_split(model, data_dir, "blip2_captions/synthetic",
                                                   "test", image_batch_size=4, k=16)
     for k, v in want.items():

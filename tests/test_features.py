@@ -17,6 +17,9 @@ import runs
 from blip2_jax.data import builders, features, ops, pipeline
 from blip2_jax.train import init as init_lib
 from blip2_jax.train import loop
+from blip2_jax.data import batch as batch_lib
+from blip2_jax.train import features as feature_builder
+from blip2_jax import run_config
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +36,15 @@ def _config(data_dir, feats, **overrides):
 @pytest.fixture(scope="module")
 def cache(data_dir, tmp_path_factory):
     feats = str(tmp_path_factory.mktemp("features"))
-    (meta,) = features.build(_config(data_dir, feats), batch_size=16, log=lambda *_: None)
+    (meta,) = feature_builder.build(_config(data_dir, feats), batch_size=16, log=lambda *_: None)
     return feats, meta
 
 
 def test_cache_holds_the_frozen_vit_output_of_each_image(data_dir, cache):
     feats, meta = cache
     c = _config(data_dir, feats)
-    cfg = loop.model_config(c)
-    params, _ = init_lib.initial_params(cfg, loop._plain(c.init), int(c.seed))
+    cfg = run_config.model_config(c)
+    params, _ = init_lib.initial_params(cfg, run_config.plain(c.init), int(c.seed))
     # The run holds the frozen ViT in bf16 (config.frozen_dtype) and computes in fp32.
     params["vision"] = jax.tree.map(lambda x: np.asarray(x).astype("bfloat16")
                                     .astype(np.float32), params["vision"])
@@ -76,14 +79,14 @@ def test_pipeline_reads_features_instead_of_images(data_dir, cache):
     feats, meta = cache
     texts = [dict(name="qformer", tokenizer=f"{data_dir}/tokenizers/synthetic/qformer",
                   kind="qformer", max_length=16)]
-    base = {**loop._plain(_config(data_dir, "").data), "texts": texts, "image_size": 30}
+    base = {**run_config.plain(_config(data_dir, "").data), "texts": texts, "image_size": 30}
     plain = next(iter(pipeline.from_config(base, batch_size=8, seed=3, process_index=0,
                                            process_count=1).dataset()))
     batch = next(iter(pipeline.from_config({**base, "features": feats}, batch_size=8, seed=3,
                                            process_index=0, process_count=1).dataset()))
-    assert "image" not in batch and batch[features.FIELD].shape == (8, *meta["shape"])
-    assert set(pipeline.numeric(batch)) == set(pipeline.numeric(plain)) - {"image"} | {
-        features.FIELD}
+    assert "image" not in batch and batch[batch_lib.FEATURES].shape == (8, *meta["shape"])
+    assert set(batch_lib.numeric(batch)) == set(batch_lib.numeric(plain)) - {"image"} | {
+        batch_lib.FEATURES}
     for k in ("qformer_ids", "qformer_mask", "image_index", "index"):
         np.testing.assert_array_equal(batch[k], plain[k])
     # Evaluation pipelines read images whatever data.features says.
@@ -95,7 +98,7 @@ def test_pipeline_reads_features_instead_of_images(data_dir, cache):
 
 def test_bf16_storage_reaches_the_step(data_dir, tmp_path):
     feats = str(tmp_path / "f")
-    (meta,) = features.build(_config(data_dir, feats), batch_size=16, dtype="bfloat16",
+    (meta,) = feature_builder.build(_config(data_dir, feats), batch_size=16, dtype="bfloat16",
                              log=lambda *_: None)
     assert meta["dtype"] == "bfloat16"
     size = os.path.getsize(os.path.join(feats, "blip2_captions/synthetic/train",
@@ -104,10 +107,10 @@ def test_bf16_storage_reaches_the_step(data_dir, tmp_path):
     c = _config(data_dir, feats)
     spec = dict(name="qformer", tokenizer=f"{data_dir}/tokenizers/synthetic/qformer",
                 kind="qformer", max_length=8)
-    batch = pipeline.numeric(next(iter(pipeline.from_config(
-        {**loop._plain(c.data), "texts": [spec], "image_size": 30}, batch_size=8,
+    batch = batch_lib.numeric(next(iter(pipeline.from_config(
+        {**run_config.plain(c.data), "texts": [spec], "image_size": 30}, batch_size=8,
         process_index=0, process_count=1).dataset())))
-    assert batch[features.FIELD].dtype == features.BFLOAT16
+    assert batch[batch_lib.FEATURES].dtype == batch_lib.BFLOAT16
     out = loop.run(c, str(tmp_path / "run"))
     assert np.isfinite(out["loss"])
 
@@ -116,14 +119,14 @@ def test_refusals(data_dir, cache, tmp_path):
     feats, _ = cache
     # Augmentation: random crops cannot be cached.
     with pytest.raises(features.FeatureCacheError, match="blip2_image_train"):
-        features.build(_config(data_dir, str(tmp_path / "a"),
+        feature_builder.build(_config(data_dir, str(tmp_path / "a"),
                                **{"data.image_processor": "blip2_image_train"}))
     with pytest.raises(features.FeatureCacheError, match="blip2_image_train"):
         loop.run(_config(data_dir, feats, **{"data.image_processor": "blip2_image_train"}),
                  str(tmp_path / "r1"))
     # A trained ViT.
     with pytest.raises(features.FeatureCacheError, match="does not freeze the ViT"):
-        features.build(_config(data_dir, str(tmp_path / "b"), frozen=()))
+        feature_builder.build(_config(data_dir, str(tmp_path / "b"), frozen=()))
     with pytest.raises(features.FeatureCacheError, match="does not freeze the ViT"):
         loop.run(_config(data_dir, feats, frozen=()), str(tmp_path / "r2"))
     # A cache of other ViT weights (another seed draws another random ViT) or image size is
@@ -139,13 +142,13 @@ def test_refusals(data_dir, cache, tmp_path):
     assert not os.path.exists(tmp_path / "r3" / "checkpoints")
     # A pipeline opened on a cache of other weights (not through train.py) is refused too.
     (cache_obj,) = pipeline.from_config(
-        {**loop._plain(_config(data_dir, feats).data), "image_size": 30}, batch_size=8,
+        {**run_config.plain(_config(data_dir, feats).data), "image_size": 30}, batch_size=8,
         process_index=0, process_count=1).caches
     with pytest.raises(features.FeatureCacheError, match="other ViT weights"):
         features.check_vision([cache_obj], "0" * 64)
     # Without a cache (none in that directory) the pipeline says how to make one.
     with pytest.raises(features.FeatureCacheError, match="no feature cache.*blip2_jax.data"):
-        pipeline.from_config({**loop._plain(_config(data_dir, str(tmp_path / "none")).data),
+        pipeline.from_config({**run_config.plain(_config(data_dir, str(tmp_path / "none")).data),
                               "image_size": 30}, batch_size=8, process_index=0,
                              process_count=1)
 
@@ -174,7 +177,7 @@ def test_two_processes_build_the_cache_one_process_builds(data_dir, cache, tmp_p
     feats, meta = cache
     two = str(tmp_path / "two")
     port = runs.free_port()
-    procs = [runs.spawn([sys.executable, "-m", "blip2_jax.data.features",
+    procs = [runs.spawn([sys.executable, "-m", "blip2_jax.train.features",
                          f"--config={os.path.join(runs.ROOT, 'configs', 'tiny_stage1.py')}:"
                          f"{data_dir}", f"--config.data.features={two}", "--batch_size=4",
                          *runs.distributed_flags(port, i)], devices=2) for i in (0, 1)]
@@ -201,14 +204,14 @@ def test_two_processes_build_the_cache_one_process_builds(data_dir, cache, tmp_p
 def test_rebuild_keeps_a_matching_cache_and_replaces_only_with_overwrite(data_dir, tmp_path):
     feats = str(tmp_path / "f")
     logs = []
-    (first,) = features.build(_config(data_dir, feats), batch_size=16, log=logs.append)
-    (again,) = features.build(_config(data_dir, feats), batch_size=16, log=logs.append)
+    (first,) = feature_builder.build(_config(data_dir, feats), batch_size=16, log=logs.append)
+    (again,) = feature_builder.build(_config(data_dir, feats), batch_size=16, log=logs.append)
     assert again == first and "up to date" in logs[-1]
     with pytest.raises(features.FeatureCacheError, match="exists and differs.*--overwrite"):
-        features.build(_config(data_dir, feats, seed=1), batch_size=16)
+        feature_builder.build(_config(data_dir, feats, seed=1), batch_size=16)
     with open(os.path.join(feats, "blip2_captions/synthetic/train/meta.json")) as f:
         assert json.load(f) == first                         # the failed attempt lost nothing
-    (new,) = features.build(_config(data_dir, feats, seed=1), batch_size=16, overwrite=True,
+    (new,) = feature_builder.build(_config(data_dir, feats, seed=1), batch_size=16, overwrite=True,
                             log=logs.append)
     assert new["vision_sha256"] != first["vision_sha256"]
     assert not os.path.exists(os.path.join(feats, "blip2_captions/synthetic/train.partial"))
@@ -217,10 +220,10 @@ def test_rebuild_keeps_a_matching_cache_and_replaces_only_with_overwrite(data_di
 def test_cli_builds_and_reports_errors(data_dir, tmp_path, capsys):
     cfg = os.path.join(runs.ROOT, "configs", "tiny_stage1.py")
     feats = str(tmp_path / "f")
-    assert features.main(["x", f"--config={cfg}:{data_dir}", f"--config.data.features={feats}",
+    assert feature_builder.main(["x", f"--config={cfg}:{data_dir}", f"--config.data.features={feats}",
                           "--batch_size=16"]) == 0
     assert "32 records" in capsys.readouterr().out
-    assert features.main(["x", f"--config={cfg}:{data_dir}", f"--config.data.features={feats}",
+    assert feature_builder.main(["x", f"--config={cfg}:{data_dir}", f"--config.data.features={feats}",
                           "--config.data.image_processor=blip_image_train"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("features: error:") and "blip_image_train" in err
@@ -247,7 +250,7 @@ def test_an_image_that_does_not_decode_is_dropped_as_without_the_cache(tmp_path)
                 image_size=30, features=str(tmp_path / "f"))
     c = _config(d, data["features"])
     c.data = data
-    (meta,) = features.build(c, batch_size=8, log=lambda *_: None)
+    (meta,) = feature_builder.build(c, batch_size=8, log=lambda *_: None)
     assert meta["bad_images"] == 1 and meta["first_bad"][0]["image_index"] == 5
     assert "does not decode" in meta["first_bad"][0]["reason"]
     it = iter(pipeline.from_config(data, batch_size=5, process_index=0,

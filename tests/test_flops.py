@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.extend import core as jcore
 
-from blip2_jax import api, config
+from blip2_jax import config
 from blip2_jax import nn as bnn
 from blip2_jax.convert.mapping import flatten
 from blip2_jax.models.opt import OPT
@@ -32,7 +32,9 @@ from blip2_jax.models.t5 import T5
 from blip2_jax.models.vit import VisionTransformer
 from blip2_jax.train import flops
 from blip2_jax.train import state as state_lib
-from blip2_jax.train.step import LossConfig, loss_fn
+from blip2_jax.losses import LossConfig
+from blip2_jax.train.step import loss_fn
+from blip2_jax.models import blip2 as blip2_model
 
 S = jax.ShapeDtypeStruct
 F32, I32 = jnp.float32, jnp.int32
@@ -99,7 +101,7 @@ def _forward_counts(module, args, method=None) -> tuple[float, float]:
 
 
 def _step_parts(cfg, frozen_patterns):
-    shapes = api.abstract_params(cfg)
+    shapes = blip2_model.abstract_params(cfg)
     frozen = state_lib.frozen_paths(list(flatten(shapes)), frozen_patterns)
     return state_lib.split(shapes, frozen)
 
@@ -188,7 +190,7 @@ def test_weight_matmuls_are_two_flops_per_weight_per_token(name):
     """Released sizes, no compile: with every position through every weight, the dense forward
     is 2 × (kernel weights) × tokens."""
     cfg = config.get_preset(name)
-    kernels = {k: math.prod(v.shape) for k, v in flatten(api.abstract_params(cfg)).items()
+    kernels = {k: math.prod(v.shape) for k, v in flatten(blip2_model.abstract_params(cfg)).items()
                if k.endswith("/kernel")}
     per = lambda prefix: sum(v for k, v in kernels.items() if k.startswith(prefix))  # noqa: E731
     v = cfg.vision
@@ -200,7 +202,7 @@ def test_weight_matmuls_are_two_flops_per_weight_per_token(name):
         return
     s = 40
     if cfg.llm_kind == "opt":
-        head = math.prod(api.abstract_params(cfg)["llm"]["embed_tokens"]["embedding"].shape)
+        head = math.prod(blip2_model.abstract_params(cfg)["llm"]["embed_tokens"]["embedding"].shape)
         assert flops.opt_flops(cfg.llm, 1, s).dense == 2 * s * (per("llm/") + head)
     else:
         # encoder and decoder over s positions each: every kernel sees s tokens

@@ -4,13 +4,12 @@ visible diff. Regenerate after an intended change with
 
     UPDATE_GOLDEN=1 python -m pytest tests/test_golden_sharding.py
 """
-import importlib.util
 import json
 import os
 
 import pytest
 
-from blip2_jax import aot
+from blip2_jax import aot, run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden", "sharding")
@@ -20,11 +19,7 @@ PAPER = [("stage1", "vit_g"), ("stage1", "vit_l"), ("stage2", "opt-2.7b"),
 
 
 def _config(name, arg):
-    spec = importlib.util.spec_from_file_location(f"golden_{name}",
-                                                  os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(f"{arg},{POD}")
+    return run_config.load(f"{name}.py:{arg},{POD}")
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from blip2_jax import Blip2, api, sharding as S
+from blip2_jax import Blip2, sharding as S
 from blip2_jax.config import get_preset
+from blip2_jax.models import blip2 as blip2_model
 
 TINY = ["tiny-stage1", "tiny-opt", "tiny-t5"]
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
@@ -97,7 +98,7 @@ def test_model_names_all_have_rules():
 
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_param_shardings_follow_rules(name):
-    expected_shapes = flat(api.abstract_params(get_preset(name)))
+    expected_shapes = flat(blip2_model.abstract_params(get_preset(name)))
     logical = flat(S.logical_specs(name), S._is_spec)
     assert set(logical) == set(expected_shapes)
     rule = dict(S.DEFAULT_RULES)
@@ -140,7 +141,7 @@ def test_tiny_param_shardings_follow_rules(name):
 def test_big_opt_is_sharded_abstractly():
     mesh = mesh_of((1, 4, 2))
     cfg = get_preset("blip2-opt-2.7b")
-    shapes = flat(api.abstract_params(cfg))
+    shapes = flat(blip2_model.abstract_params(cfg))
     s = flat(S.param_shardings(cfg, mesh))
     assert s["llm/embed_tokens/embedding"].spec == P("tensor", "fsdp")        # (50304, 2560)
     for k in ("query", "key", "value"):
@@ -193,7 +194,7 @@ def test_init_params_lands_in_shardings():
     mesh = mesh_of((2, 2, 2))
     out = S.sharded_init("tiny-opt", mesh).lower(jax.random.PRNGKey(3)).out_info
     want = S.param_shardings("tiny-opt", mesh)
-    shapes = api.abstract_params(get_preset("tiny-opt"))
+    shapes = blip2_model.abstract_params(get_preset("tiny-opt"))
     for a, sh, ref in zip(jax.tree.leaves(out), jax.tree.leaves(want), jax.tree.leaves(shapes)):
         assert a.shape == ref.shape and a.sharding == sh
 

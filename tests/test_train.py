@@ -18,9 +18,11 @@ import hf_ref
 from blip2_jax import api, config, losses, sharding
 from blip2_jax.convert.mapping import flatten
 from blip2_jax.train import state as state_lib
-from blip2_jax.train.step import LossConfig, loss_fn
+from blip2_jax.losses import LossConfig
+from blip2_jax.train.step import loss_fn
 from blip2_jax.train.trainer import Trainer
 from hf_ref import IMAGE_TOKEN, nchw, pixels, text_batch
+from blip2_jax.models import blip2 as blip2_model
 
 OPT = dict(lr=1e-3, warmup_steps=1, warmup_lr=1e-4, min_lr=1e-5, b2=0.98, weight_decay=0.05)
 
@@ -149,7 +151,7 @@ def _comparable(path):
 @pytest.mark.parametrize("preset", ["tiny-stage1", "tiny-opt", "tiny-t5"])
 def test_same_losses_and_updates_on_any_mesh(preset):
     cfg = config.get_preset(preset)
-    params = api.init_params(cfg, 0)
+    params = blip2_model.init_params(cfg, 0)
     batch = (_stage1_batch() if preset == "tiny-stage1" else
              {**_opt_batch(b=8), **({} if preset == "tiny-opt" else _t5_batch(b=8))})
     frozen = ("vision/.*",) if cfg.llm is None else ("vision/.*", "llm/.*")
@@ -176,7 +178,7 @@ def test_itm_reusing_the_query_pass_image_kv_is_the_same_step(mesh_name):
     keys/values and only the hard-negative images are projected again: the same losses,
     gradients and updates (no dropout)."""
     cfg = _no_dropout(config.get_preset("tiny-stage1"))
-    params = api.init_params(cfg, 0)
+    params = blip2_model.init_params(cfg, 0)
     mesh = _mesh(MESHES[mesh_name])
     ref = _run(cfg, LossConfig(dec_token_id=99), params, _stage1_batch(), mesh, steps=2)
     got = _run(cfg, LossConfig(dec_token_id=99, itm_image_kv_once=True), params,
@@ -191,7 +193,7 @@ def test_padding_rows_of_a_padded_batch_change_nothing(preset):
     (ITM is checked in test_losses: its negatives are drawn over the padded shape)."""
     from blip2_jax.train import loop
     cfg = _no_dropout(config.get_preset(preset))
-    params = api.init_params(cfg, 0)
+    params = blip2_model.init_params(cfg, 0)
 
     def make(seed):
         if preset == "tiny-stage1":
@@ -231,7 +233,7 @@ def _assert_same_steps(got, ref, rtol=1e-5):
 
 def test_frozen_towers_are_bf16_untouched_and_have_no_optimizer_state():
     cfg = config.get_preset("tiny-opt")
-    params = api.init_params(cfg, 0)
+    params = blip2_model.init_params(cfg, 0)
     tr = Trainer(cfg, LossConfig(), OPT, total_steps=10, mesh=_mesh({"data": 2}),
                  frozen=("vision/.*", "llm/.*"), frozen_dtype="bfloat16")
     st, fr = tr.init(params, seed=0)
@@ -284,7 +286,7 @@ def test_schedule_warmup_then_cosine():
 
 def test_nonfinite_update_is_skipped_when_asked():
     cfg = config.get_preset("tiny-stage1")
-    params = api.init_params(cfg, 0)
+    params = blip2_model.init_params(cfg, 0)
     batch = _stage1_batch()
     batch["image"][0, 0, 0, 0] = np.nan
     tr, st, fr, metrics = _run(cfg, LossConfig(dec_token_id=99), params, batch,
@@ -302,7 +304,7 @@ def test_sharding_of_state_follows_logical_axes():
     cfg = config.get_preset("tiny-stage1")
     tr = Trainer(cfg, LossConfig(dec_token_id=99), OPT, total_steps=10,
                  mesh=_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
-    st, fr = tr.init(api.init_params(cfg, 0))
+    st, fr = tr.init(blip2_model.init_params(cfg, 0))
     kernel = st.params["qformer"]["layers"]["layer_0"]["text_ffn"]["fc1"]["kernel"]
     expected = sharding.param_shardings(cfg, tr.mesh)["qformer"]["layers"]["layer_0"][
         "text_ffn"]["fc1"]["kernel"]
@@ -318,7 +320,7 @@ def test_microbatches_accumulate_to_the_full_batch_step():
     rows i, k + i, ... per microbatch). Stage 1's contrastive terms see each microbatch alone,
     so there only finiteness is checked."""
     cfg = _no_dropout(config.get_preset("tiny-opt"))
-    params = api.init_params(cfg, 0)
+    params = blip2_model.init_params(cfg, 0)
     batch = _opt_batch(b=8)
     batch["llm_mask"][:] = 1
     lc = LossConfig()
@@ -328,7 +330,7 @@ def test_microbatches_accumulate_to_the_full_batch_step():
     got = _run(cfg, lc, params, batch, mesh, steps=2, frozen=frozen, microbatches=4)
     _assert_same_steps(got[1::2], ref[1::2])
     cfg1 = config.get_preset("tiny-stage1")
-    _, _, _, m1 = _run(cfg1, LossConfig(dec_token_id=99), api.init_params(cfg1, 0),
+    _, _, _, m1 = _run(cfg1, LossConfig(dec_token_id=99), blip2_model.init_params(cfg1, 0),
                        _stage1_batch(), mesh, steps=1, microbatches=2)
     assert all(np.isfinite(v) for v in m1[0].values())
     with pytest.raises(ValueError, match="not divisible by 3 microbatches"):

@@ -22,6 +22,7 @@ from blip2_jax.convert.mapping import flatten
 from blip2_jax.data import build as build_cli
 from blip2_jax.train import init as init_lib
 from blip2_jax.train import loop
+from blip2_jax import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,9 +104,9 @@ def test_tiny_stage2_trains_and_exports(data_dir, tmp_path, llm):
     assert rows[-1]["lm"] < rows[0]["lm"]
     # Throughput from counted model FLOPs of the global batch (train/flops.py), all devices.
     from blip2_jax.train import flops as flops_lib
-    from blip2_jax.train.step import LossConfig
+    from blip2_jax.losses import LossConfig
     n = c.text.max_length
-    count = flops_lib.train_step_flops(loop.model_config(c), LossConfig(), c.batch_size, n,
+    count = flops_lib.train_step_flops(run_config.model_config(c), LossConfig(), c.batch_size, n,
                                        target_len=n if llm == "t5" else None)
     for r in rows[1:]:
         np.testing.assert_allclose(r["tflops"], count * r["steps_per_s"] / 1e12, rtol=1e-6)

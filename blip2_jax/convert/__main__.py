@@ -17,6 +17,12 @@ import json
 import sys
 import time
 
+from blip2_jax.config import ConfigError
+from blip2_jax.convert import sources
+from blip2_jax.convert.mapping import MappingError
+from blip2_jax.convert.pth import PthFormatError, UnsafeCheckpointError
+from blip2_jax.convert.stream import CheckpointError
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m blip2_jax.convert",
@@ -37,11 +43,6 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shard-gb", type=float, default=5.0)
     args = parser.parse_args(argv)
 
-    from blip2_jax.config import ConfigError
-    from blip2_jax.convert import sources
-    from blip2_jax.convert.mapping import MappingError
-    from blip2_jax.convert.stream import CheckpointError
-    from blip2_jax.convert.pth import PthFormatError, UnsafeCheckpointError
     start = time.perf_counter()
     try:
         report = sources.convert(args.src, args.dst, args.to, source_format=args.source_format,

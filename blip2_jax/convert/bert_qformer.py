@@ -22,7 +22,7 @@ Source keys may carry the `bert.` prefix (BertForMaskedLM / BertLMHeadModel / Be
 or none (BertModel); the hub's bert-base-uncased file uses the legacy `LayerNorm.gamma/beta` names,
 which are read as HF reads them. The BERT table is the HF Q-Former table (`hf_qformer.rules`) with
 its keys renamed. Everything outside the Q-Former (vision, ln_vision, ITC/ITM heads, temp) is left
-as given, or made by `api.init_fn` when no params are given.
+as given, or made by `models.blip2.init_fn` when no params are given.
 Tests: tests/test_bert_init.py — text path == HF BertModel, MLM logits == HF BertForMaskedLM,
 query FFN == text FFN, the [DEC] row, BertModel gives a fresh lm_head in the report, unknown /
 missing keys, config-field and tensor-shape mismatches, legacy names.
@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax import api
 from blip2_jax.config import Blip2Config, ConfigError, QFormerConfig
-from blip2_jax.convert import hf, hf_qformer, mapping
+from blip2_jax.convert import hf, hf_qformer, mapping, sources
 from blip2_jax.convert.mapping import MappingError, Rule
+from blip2_jax.models import blip2 as blip2_model
 
 # HF BertConfig defaults (a field absent from config.json takes these).
 BERT_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
@@ -197,7 +197,7 @@ def init_qformer_from_bert(cfg: Blip2Config, bert_dir: str, rng, params: Optiona
 
     rng: a jax PRNG key or an int seed. params: a full param tree of `cfg` whose Q-Former leaves
     (`qformer/`, `query_tokens`, `lm_head/`) are replaced (the input is not modified); None makes
-    the rest with `api.init_fn`. Raises ConfigError (config.json disagrees with `cfg.qformer`,
+    the rest with `models.blip2.init_fn`. Raises ConfigError (config.json disagrees with `cfg.qformer`,
     naming each field) or MappingError (missing / unexpected keys, wrong shapes, naming each).
     """
     if not cfg.qformer.has_text_input:
@@ -205,7 +205,6 @@ def init_qformer_from_bert(cfg: Blip2Config, bert_dir: str, rng, params: Optiona
                           "embeddings and text FFN are what BERT provides)")
     bert = read_bert_config(bert_dir)
     check_bert_config(cfg.qformer, bert, f"BERT config {os.path.join(bert_dir, 'config.json')}")
-    from blip2_jax.convert import sources
     reader = sources.hf_weights(bert_dir)      # safetensors, or pytorch_model.bin read safely
     keys = reader.keys()
     body = "bert." if any(k.startswith("bert.") for k in keys) else ""
@@ -213,9 +212,9 @@ def init_qformer_from_bert(cfg: Blip2Config, bert_dir: str, rng, params: Optiona
     has_head = any(k.startswith(MLM_HEAD) and not k.startswith(MLM_HEAD + "decoder.")
                    for k in keys)
     table, copied, fresh = rules(cfg, body, has_head, legacy)
-    abstract = mapping.flatten(api.abstract_params(cfg))
+    abstract = mapping.flatten(blip2_model.abstract_params(cfg))
     if params is not None:
-        api.check_params(cfg, params)
+        mapping.check_params(cfg, params)
     _check_shapes(table, abstract, reader, bert_dir)
     new = mapping.flatten(mapping.load(table, keys, reader.get, ignore=ignorable(body, cfg.itg),
                                        source=bert_dir))
@@ -242,7 +241,7 @@ def init_qformer_from_bert(cfg: Blip2Config, bert_dir: str, rng, params: Optiona
                          ("leaves the model lacks", sorted(set(new) - targets))])
 
     if params is None:
-        params = api.init_fn(cfg)(init_key)
+        params = blip2_model.init_fn(cfg)(init_key)
     flat = dict(mapping.flatten(params))
     flat.update(new)
     needed = {k for r in table for k in r.source_keys()}

@@ -27,7 +27,7 @@ import numpy as np
 
 from blip2_jax import config as config_lib
 from blip2_jax.config import Blip2Config, ConfigError, OPTConfig, VisionConfig
-from blip2_jax.convert import hf_opt, hf_qformer, hf_t5, hf_vision, lavis_vision, stream
+from blip2_jax.convert import hf_opt, hf_qformer, hf_t5, hf_vision, lavis_vision, pth, stream
 from blip2_jax.convert.mapping import MappingError, Rule, linear, norm
 from blip2_jax.convert.stream import Entry, Fused, KeySource
 
@@ -136,7 +136,6 @@ def ignorable(cfg: Blip2Config) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 def open_pth(path: str) -> tuple[KeySource, Optional[Blip2Config]]:
     """(the state dict's tensors, the config we stored beside it, if this file is ours)."""
-    from blip2_jax.convert import pth
     tree = pth.load(path)
     saved = tree.get(CONFIG_ENTRY) if isinstance(tree, dict) else None
     cfg = Blip2Config.from_dict(saved) if isinstance(saved, dict) else None
@@ -287,7 +286,6 @@ def entries(cfg: Blip2Config, leaves: Mapping[str, stream.Leaf], parts: str = "f
 def write(path: str, cfg: Blip2Config, leaves: Mapping[str, stream.Leaf], parts: str = "full",
           dtype=None) -> list[str]:
     """Write `{"model": state_dict, "blip2_jax_config": ...}` to `path`, streamed; the notes."""
-    from blip2_jax.convert import pth
     todo, notes = entries(cfg, leaves, parts, dtype)
     with pth.PthWriter(path, wrap="model", extra={CONFIG_ENTRY: cfg.to_dict()}) as writer:
         for name, array in stream.iter_entries(todo):

@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from blip2_jax.models.blip2 import abstract_params
+
 
 class MappingError(KeyError):
     """Parameter names do not line up; the message lists every offending name."""
@@ -156,3 +158,15 @@ def check_names(title: str, problems: Sequence[tuple[str, list[str]]]) -> None:
 
 def _clip(names: list[str], n: int = 40) -> str:
     return ", ".join(names[:n]) + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def check_params(cfg, params, source: str = "params") -> None:
+    """Raise MappingError unless `params` has exactly the names and shapes `cfg` needs."""
+    want = {k: v.shape for k, v in flatten(abstract_params(cfg)).items()}
+    have = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    wrong = sorted(f"{k}: expected {want[k]}, found {have[k]}"
+                   for k in set(want) & set(have) if tuple(want[k]) != have[k])
+    check_names(f"{source} does not fit the model config:",
+                        [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)])

@@ -21,9 +21,11 @@ import numpy as np
 
 from blip2_jax import config as config_lib
 from blip2_jax.config import Blip2Config, ConfigError
-from blip2_jax.convert import hf, hf_opt, hf_t5, lavis, native, stream
-from blip2_jax.convert.mapping import MappingError, check_names
+from blip2_jax.convert import hf, hf_opt, hf_t5, lavis, native, pth, stream
+from blip2_jax.convert.mapping import MappingError, check_names, flatten
 from blip2_jax.convert.stream import CheckpointError, Leaf
+from blip2_jax.models import blip2 as blip2_model
+from blip2_jax.models.vit import interpolate_pos_embed
 
 FORMATS = ("native", "hf", "lavis")
 PARTS = {"vision": ("vision",), "llm": ("llm",)}
@@ -118,7 +120,6 @@ def hf_weights(path: str) -> stream.KeySource:
         return stream.SafetensorsReader(path)
     except CheckpointError:
         pass
-    from blip2_jax.convert import pth
     single = os.path.join(path, "pytorch_model.bin")
     index = single + ".index.json"
     if os.path.isfile(single):
@@ -197,7 +198,6 @@ def open_part(path: str, cfg: Blip2Config, part: str) -> dict[str, Leaf]:
 def _fit_pos_embed(cfg: Blip2Config, leaf: Leaf) -> Leaf:
     """A ViT position table made for another image size, resized to this model's patch grid
     (bicubic, as LAVIS does when it loads a 224-px tower into a 364-px model; CLS kept)."""
-    from blip2_jax.models.vit import interpolate_pos_embed
     side = cfg.vision.image_size // cfg.vision.patch_size
     eva = cfg.vision.variant == "eva"
 
@@ -216,9 +216,7 @@ def assemble(cfg: Blip2Config, layers: Sequence[tuple[str, Mapping[str, Leaf]]],
     """One leaf per parameter of `cfg` from (label, leaves) layers, later ones winning. Fails
     naming every leaf the model lacks, every shape that does not fit, and every tower left
     without a source (with the option that supplies it); names in `random` may stay absent."""
-    from blip2_jax import api
-    from blip2_jax.convert.mapping import flatten
-    abstract = flatten(api.abstract_params(cfg))
+    abstract = flatten(blip2_model.abstract_params(cfg))
     out: dict[str, Leaf] = {}
     unknown, wrong = [], []
     for label, leaves in layers:

@@ -20,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from blip2_jax.convert.mapping import MappingError, Rule, check_names, flatten, _to_ours, _to_theirs
+from blip2_jax.convert.mapping import (MappingError, Rule, _to_ours, _to_theirs, check_names,
+                                       flatten, unflatten)
+from blip2_jax.models import blip2 as blip2_model
 
 ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -329,7 +332,6 @@ def leaves_from_rules(rules: Sequence[Rule], source: KeySource, *, ignore: Seque
     `shapes` ({leaf: shape}, the model's): every source key of a wrong shape is named too (the
     ViT position table may differ in its grid: it is resized later).
     """
-    import re
     keys = source.keys()
     needed = {k for r in rules for k in r.source_keys()}
     unexpected = sorted(k for k in keys - needed if not any(re.fullmatch(p, k) for p in ignore))
@@ -393,13 +395,11 @@ def contiguous(a: np.ndarray) -> np.ndarray:
 
 def model_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """{leaf: shape} of a model config's parameters (abstract: nothing is allocated)."""
-    from blip2_jax import api
-    return {k: tuple(v.shape) for k, v in flatten(api.abstract_params(cfg)).items()}
+    return {k: tuple(v.shape) for k, v in flatten(blip2_model.abstract_params(cfg)).items()}
 
 
 def read_tree(leaves: Mapping[str, Leaf]) -> dict:
     """Every leaf read (a nested tree, as `mapping.unflatten`)."""
-    from blip2_jax.convert.mapping import unflatten
     return unflatten({k: leaf.value() for k, leaf in leaves.items()})
 
 

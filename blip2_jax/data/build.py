@@ -21,7 +21,9 @@ import os
 import re
 import sys
 
-from blip2_jax.data import builders, records
+import absl.logging
+
+from blip2_jax.data import builders, records, synthetic
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -82,7 +84,7 @@ def _print_reports(kind: str, name: str, data_dir: str, reports) -> None:
 
 def _quiet_tfds() -> None:
     # Our report replaces tfds's progress bars and its "custom configuration" warnings.
-    import absl.logging
+    # start-up time: tfds takes seconds to import; only building or reading a dataset needs it
     import tensorflow_datasets as tfds
     absl.logging.set_verbosity(absl.logging.ERROR)
     tfds.disable_progress_bar()
@@ -126,7 +128,6 @@ def main(argv=None) -> int:
 
     try:
         if args.kind == "synthetic":
-            from blip2_jax.data import synthetic
             sizes = {"train": args.train, "val": args.val, "test": args.test}
             opts = dict(seed=args.seed, image_size=args.image_size,
                         min_objects=args.min_objects, max_objects=args.max_objects)

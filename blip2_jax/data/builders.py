@@ -39,6 +39,7 @@ SKIPPED_SHOWN = 5
 
 
 def _features(kind: str):
+    # start-up time: tfds takes seconds to import; only building or reading a dataset needs it
     import tensorflow_datasets as tfds
     common = {"image": tfds.features.Image(), "image_id": tfds.features.Text(),
               "image_index": np.int64, "index": np.int64}
@@ -65,6 +66,7 @@ class SplitReport:
 
 
 def _builder_class(kind: str):
+    # start-up time: tfds takes seconds to import; only building or reading a dataset needs it
     import tensorflow_datasets as tfds
 
     class _Builder(tfds.core.GeneratorBasedBuilder):
@@ -120,6 +122,7 @@ def build(kind: str, name: str, data_dir: str,
     Each iterable yields example dicts (the schema's fields) or `Skipped` records, which are
     counted, not written. An existing dataset is an error unless `overwrite` (then it is
     replaced only after the new one is complete: tfds writes into a temporary folder first)."""
+    # start-up time: tfds takes seconds to import; only building or reading a dataset needs it
     import tensorflow_datasets as tfds
     if not name or "/" in name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"dataset name {name!r}: use letters, digits, '_' and '-'")
@@ -271,6 +274,7 @@ def available(data_dir: str) -> list[str]:
 
 def open_split(data_dir: str, name: str, split: str):
     """A `tfds` ArrayRecord data source (random access, `len`) of one split, images undecoded."""
+    # start-up time: tfds takes seconds to import; only building or reading a dataset needs it
     import tensorflow_datasets as tfds
     path = dataset_path(data_dir, name)
     builder = tfds.builder_from_directory(path)

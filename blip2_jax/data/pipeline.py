@@ -33,7 +33,7 @@ Batch fields:
 - `image_index`, `dataset_index`, `index` int32; `image_id` (and `question_id`) strings;
   `valid` bool; evaluation batches also have `position` int32, the record's position in the
   split's data source (`builders.open_split(...)[position]`).
-`numeric(batch)` keeps the arrays a device step takes.
+`data.batch` defines the fields a device step takes (`batch.numeric(batch)` keeps them).
 """
 from __future__ import annotations
 
@@ -43,10 +43,12 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from blip2_jax import processing
-from blip2_jax.data import builders, features, ops
+from blip2_jax.data import batch as batch_lib, builders, features, ops
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ class _Process(grain.transforms.RandomMap):
         cache = self.caches[dataset_index]
         try:
             if cache is not None:
-                image = cache.decode(record[features.FIELD])
+                image = cache.decode(record[batch_lib.FEATURES])
             else:
                 image = self.image_fns[dataset_index](ops.decode(record["image"]), rng)
             bad = None
@@ -130,7 +132,7 @@ class _Process(grain.transforms.RandomMap):
             image = (cache.zeros() if cache is not None
                      else np.zeros((self.image_size, self.image_size, 3), np.float32))
             bad = f"{_text(record['image_id'])} (index {int(record['index'])}): {e}"
-        out = {features.FIELD if cache is not None else "image": image,
+        out = {batch_lib.FEATURES if cache is not None else batch_lib.IMAGE: image,
                **({"position": np.int32(record[_POSITION])} if _POSITION in record else {}),
                "image_index": np.int32(record["image_index"]),
                "dataset_index": np.int32(dataset_index),
@@ -246,7 +248,7 @@ class _WithFeatures:
     def __getitem__(self, i):
         record = dict(self.records[i])
         record.pop("image", None)
-        record[features.FIELD] = self.cache.raw(record["image_index"])
+        record[batch_lib.FEATURES] = self.cache.raw(record["image_index"])
         return record
 
 
@@ -373,7 +375,6 @@ class Pipeline:
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
                                                   prefetch_buffer_size=self.prefetch))
         if self.num_workers > 0:
-            from absl import flags
             if not flags.FLAGS.is_parsed():
                 # grain's workers read absl flags; outside an absl app use their defaults.
                 flags.FLAGS.mark_as_parsed()
@@ -383,13 +384,6 @@ class Pipeline:
 
     def __iter__(self):
         return iter(self.dataset())
-
-
-def numeric(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The fields a device step takes (numbers and bools, bfloat16 included; no strings or
-    objects)."""
-    return {k: v for k, v in batch.items() if v.dtype.kind in "biuf"
-            or v.dtype == features.BFLOAT16}
 
 
 def skipped(iterator) -> tuple[int, list[str]]:
@@ -417,7 +411,6 @@ def from_config(data, *, batch_size: int, seed: int = 0, train: bool = True,
     jax's."""
     data = dict(data)
     if process_index is None or process_count is None:
-        import jax
         process_index, process_count = jax.process_index(), jax.process_count()
     if split_key not in data:
         raise KeyError(f"data config has no {split_key!r} sources (keys: {sorted(data)})")

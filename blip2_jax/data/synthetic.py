@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import re
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 COLORS = {"red": (222, 45, 38), "green": (49, 178, 74), "blue": (55, 90, 235),
@@ -151,7 +154,6 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
 
 def _caption_grammar():
     """(object-then-place, place-then-object, caption frame) regexes of the caption templates."""
-    import re
     alt = lambda words: "|".join(sorted(words, key=len, reverse=True))  # noqa: E731 longest first
     colors, shapes, sizes = alt(COLORS), alt(SHAPES), alt(SIZES)
     places = alt([p for row in POSITIONS for p in row] + ["middle"])
@@ -278,9 +280,6 @@ def write_tokenizers(texts: list[str], out_dir: str, *, qformer_vocab: int = 100
     t5: a SentencePiece-style Unigram `tokenizer.json` with T5's <pad> 0, </s> 1, <unk> 2, one
         piece per word plus single characters.
     Deterministic for the same texts."""
-    import os
-    import re
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     dirs = {k: os.path.join(out_dir, k) for k in ("qformer", "opt", "t5")}
     for d in dirs.values():

@@ -30,13 +30,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, Iterable, Mapping, Optional
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
-from blip2_jax import processing
-from blip2_jax import sharding as sharding_lib
+from blip2_jax import processing, sharding as sharding_lib
 from blip2_jax.data import builders, pipeline
+from blip2_jax.eval import retrieval
+from blip2_jax.metrics import caption as caption_metrics, vqa as vqa_metrics
+from blip2_jax import api
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +169,6 @@ class Evaluator:
         return builders.open_split(self.opts["data_dir"], self.opts["dataset"], self.opts["split"])
 
     def _pipeline(self, model, mesh, question_template: str = "{}") -> pipeline.Pipeline:
-        import jax
         bs = _round_to_mesh(self.opts["batch_size"], mesh)
         return pipeline.Pipeline(
             [pipeline.Source(self.opts["dataset"], self.opts["split"])],
@@ -280,7 +284,6 @@ class CaptionEvaluator(GenerationEvaluator):
         return [self.opts["prompt"] or ""] * len(batch["image"])
 
     def score(self, positions, generated):
-        from blip2_jax.metrics import caption as caption_metrics
         src = self.source()
         refs: dict[str, list[str]] = {}
         for r in range(len(src)):            # references: every record of every scored image
@@ -316,7 +319,6 @@ class VqaEvaluator(GenerationEvaluator):
         return list(batch["text"])
 
     def score(self, positions, answers):
-        from blip2_jax.metrics import vqa as vqa_metrics
         src = self.source()
         records = {p: src[p] for p in positions}
         qid = {p: _text(records[p]["question_id"]) for p in positions}
@@ -353,8 +355,6 @@ class RetrievalEvaluator(Evaluator):
         return "retrieval", "qformer"
 
     def run(self, model, *, mesh=None, tokenizers=Tokenizers(), progress=True) -> EvalResult:
-        import jax
-        from blip2_jax.eval import retrieval
         self._check_model(model, tokenizers)
         if jax.process_count() > 1:
             raise NotImplementedError(
@@ -433,23 +433,19 @@ def _flat(metrics: Mapping, prefix: str = "") -> dict:
 
 def _round_to_mesh(batch_size: int, mesh) -> int:
     """`batch_size` rounded up so that it splits over the mesh's batch axes and the processes."""
-    import math
 
-    import jax
     n = math.lcm(sharding_lib.batch_shards(mesh), jax.process_count())
     return -(-int(batch_size) // n) * n
 
 
 def _on_mesh(model, mesh):
-    if mesh is None or isinstance(model, sharding_lib.ShardedBlip2):
+    if mesh is None or isinstance(model, api.ShardedBlip2):
         return model
     return model.shard(mesh)
 
 
 def _progress(total: int, name: str):
-    import jax
     if jax.process_index() != 0:
         return None
-    from tqdm.auto import tqdm
     return tqdm(total=total, desc=f"eval {name}", dynamic_ncols=True, mininterval=1.0,
                 leave=False)

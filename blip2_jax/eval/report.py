@@ -420,7 +420,9 @@ def plot_training_curves(metrics_jsonl: str, out_dir: str) -> list[str]:
         return []
     # Figure + Agg canvas directly, not pyplot: no global backend switch, no figure registry.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    # start-up time: matplotlib is imported only when a report plots curves
     from matplotlib.figure import Figure
+    # start-up time: matplotlib is imported only when a report plots curves
     from matplotlib.ticker import MaxNLocator
 
     out_dir = os.path.abspath(out_dir)

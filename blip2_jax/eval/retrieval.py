@@ -55,8 +55,10 @@ from typing import Iterable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from blip2_jax import api
+from blip2_jax import api, processing, sharding
+from blip2_jax.data import builders, pipeline
 from blip2_jax.models.blip2 import Blip2Module
 
 K_TEST = 128            # LAVIS retrieval configs' k_test
@@ -137,7 +139,6 @@ class _Placement:
     """Where program inputs go: the default device, or batch-sharded / replicated on a mesh."""
 
     def __init__(self, mesh=None, rules=None):
-        from blip2_jax import sharding
         self.mesh = mesh
         self.rules = sharding.DEFAULT_RULES if rules is None else tuple(rules)
         self.n = sharding.batch_shards(mesh, self.rules)
@@ -149,29 +150,26 @@ class _Placement:
     def batch(self, x):
         if self.mesh is None:
             return jax.device_put(x)
-        from blip2_jax import sharding
         return sharding.shard_batch(x, self.mesh, self.rules)
 
     def replicated(self, x):
         if self.mesh is None:
             return jax.device_put(x)
-        from jax.sharding import NamedSharding, PartitionSpec
         return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
 
 
 def _setup(model: api.Blip2, mesh=None, rules=None, *, itm: bool = False):
     """(model with params on `mesh` when one is given, its placement)."""
-    from blip2_jax import sharding
     model._need(model.config.itc, "retrieval evaluation", "ITC projections (vision_proj/text_proj)")
     if itm:
         model._need(model.config.itm, "retrieval reranking", "ITM head (itm_head)")
     if mesh is None:
-        if isinstance(model, sharding.ShardedBlip2):
+        if isinstance(model, api.ShardedBlip2):
             return model, _Placement(model.mesh, model.rules)
         return model, _Placement()
     mesh = sharding.auto_mesh(mesh)
     rules = sharding.DEFAULT_RULES if rules is None else tuple(rules)
-    if not (isinstance(model, sharding.ShardedBlip2) and model.mesh == mesh
+    if not (isinstance(model, api.ShardedBlip2) and model.mesh == mesh
             and tuple(model.rules) == rules):
         model = model.shard(mesh, rules)
     return model, _Placement(mesh, rules)
@@ -266,7 +264,6 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int = TEXT_MAX_L
                    clean: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """LAVIS's retrieval text side: `pre_caption` (when clean), then the Q-Former tokenizer's
     `[CLS] text [SEP]` truncated and padded to max_length (int32 ids, mask)."""
-    from blip2_jax import processing
     texts = [processing.pre_caption(t) if clean else t for t in texts]
     return processing.tokenize_prompts(tokenizer, texts, kind="qformer", max_length=max_length,
                                        padding="max_length")
@@ -490,7 +487,6 @@ def evaluate_split(model: api.Blip2, data_dir: str, name: str, split: str = "tes
                    image_processor: str = "blip_image_eval", **kwargs):
     """`evaluate` on a stored captions split (`builders.retrieval_truth` + an evaluation
     `pipeline.Pipeline`): (metrics, score_i2t, score_t2i). kwargs go to `evaluate`."""
-    from blip2_jax.data import builders, pipeline
     truth = builders.retrieval_truth(data_dir, name, split)
     ev = pipeline.Pipeline([pipeline.Source(name, split)], data_dir=data_dir,
                            batch_size=image_batch_size, train=False,

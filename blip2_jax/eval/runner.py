@@ -14,8 +14,10 @@ import os
 import time
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
 
+from blip2_jax.eval import report as report_lib
 from blip2_jax.eval.evaluators import EvalResult, Evaluator, Tokenizers
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,6 @@ def run(model, evaluators: Sequence[Evaluator], *, mesh=None,
         progress: bool = True) -> list[EvalResult]:
     """Every evaluator in turn; with `out_dir`, results.json, predictions.jsonl and (`report`)
     report.html (with training curves from `metrics_jsonl` when given)."""
-    import jax
     results, seconds = [], {}
     for ev in evaluators:
         t0 = time.perf_counter()
@@ -63,7 +64,6 @@ def write(out_dir: str, results: Sequence[EvalResult], *, info: Optional[dict] =
     lines = [json.dumps(p, default=_jsonable) for r in results for p in r.predictions]
     _atomic_write(os.path.join(out_dir, "predictions.jsonl"), "\n".join(lines) + "\n")
     if report:
-        from blip2_jax.eval import report as report_lib
         report_lib.write_report(
             out_dir, [{"name": r.name, "kind": r.kind, "metrics": r.metrics,
                        "examples": r.examples} for r in results],

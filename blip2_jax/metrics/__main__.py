@@ -32,6 +32,9 @@ import json
 import sys
 from typing import Any
 
+from blip2_jax.metrics.caption import caption_metrics
+from blip2_jax.metrics.vqa import exact_match, spacy_lemmatizer, vqa_accuracy
+
 
 class InputError(Exception):
     """Bad input: reported as ``error: <message>`` with exit status 2."""
@@ -199,10 +202,6 @@ def _cmd_caption(args: argparse.Namespace) -> dict:
     refs = load_caption_references(args.references)
     preds = load_predictions(args.predictions, "image_id", ("caption",))
     try:
-        from blip2_jax.metrics.caption import caption_metrics
-    except ImportError as e:
-        raise _Unavailable(f"caption metrics unavailable: {e}") from None
-    try:
         return caption_metrics(refs, preds, tokenize=args.tokenize, meteor=not args.no_meteor)
     except (RuntimeError, OSError) as e:  # e.g. Java missing for tokenize="java" / METEOR
         raise _Unavailable(f"caption metrics failed: {e}") from None
@@ -211,7 +210,6 @@ def _cmd_caption(args: argparse.Namespace) -> dict:
 def _lemmatizer(args: argparse.Namespace):
     if not args.lemmatize:
         return None
-    from blip2_jax.metrics.vqa import spacy_lemmatizer
     try:
         return spacy_lemmatizer()
     except (ImportError, OSError) as e:   # OSError: spaCy installed but the model is not
@@ -219,7 +217,6 @@ def _lemmatizer(args: argparse.Namespace):
 
 
 def _cmd_vqa(args: argparse.Namespace) -> dict:
-    from blip2_jax.metrics.vqa import vqa_accuracy
     refs, ans_types, q_types = load_vqa_references(args.references)
     preds = load_predictions(args.predictions, "question_id", ("answer", "pred_ans"))
     if args.answer_types:
@@ -230,7 +227,6 @@ def _cmd_vqa(args: argparse.Namespace) -> dict:
 
 
 def _cmd_gqa(args: argparse.Namespace) -> dict:
-    from blip2_jax.metrics.vqa import exact_match
     refs = load_gqa_references(args.references)
     preds = load_predictions(args.predictions, "question_id", ("answer", "pred_ans"))
     return exact_match(refs, preds, normalize=not args.no_normalize,

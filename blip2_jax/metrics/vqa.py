@@ -357,6 +357,7 @@ def spacy_lemmatizer(model: str = "en_core_web_sm", nlp: Callable | None = None
     """
     if nlp is None:
         try:
+            # optional dependency: spaCy lemmatizes VQA answers only when it is installed
             import spacy
         except ImportError as e:
             raise ImportError("OK-VQA lemmatisation needs spaCy (not a dependency of blip2_jax): "

@@ -13,7 +13,11 @@ Proven by tests/test_blip2.py (parity of every surface with HF, fp32, eager atte
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from blip2_jax import nn as bnn
@@ -290,3 +294,49 @@ def expand_decode_consts(consts: dict, n: int) -> dict:
         return consts
     return {k: x if k in ("cross", "enc_mask") else jnp.repeat(x, n, axis=0)
             for k, x in consts.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters: shapes, logical specs and random init of a config (nothing else allocates them)
+# ------------------------------------------------------------------------------------------------
+def _dummy_inputs(cfg: Blip2Config):
+    s = cfg.vision.image_size
+    args = (jnp.zeros((1, s, s, 3), jnp.float32), jnp.ones((1, 4), jnp.int32),
+            jnp.ones((1, 4), jnp.int32))
+    if cfg.llm_kind == "t5":
+        args += (jnp.zeros((1, 1), jnp.int32),)
+    return args
+
+
+@functools.lru_cache(maxsize=32)
+def abstract_init(cfg: Blip2Config):
+    """(logical PartitionSpecs, ShapeDtypeStructs) of every parameter, from one `eval_shape` of
+    the module's init (nothing allocated; cached per config)."""
+    module = Blip2Module(cfg)
+    boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *_dummy_inputs(cfg)))
+    return nn.get_partition_spec(boxed)["params"], nn.unbox(boxed["params"])
+
+
+def abstract_params(cfg: Blip2Config) -> dict:
+    """ShapeDtypeStructs of every parameter of `cfg` (nothing allocated)."""
+    return abstract_init(cfg)[1]
+
+
+def init_fn(cfg: Blip2Config, out_shardings=None) -> Callable:
+    """A jitted `rng -> params` (random init; placed in `out_shardings` when given)."""
+    module = Blip2Module(cfg)
+    return jax.jit(lambda rng: nn.unbox(module.init(rng, *_dummy_inputs(cfg))["params"]),
+                   out_shardings=out_shardings)
+
+
+def init_params(cfg: Blip2Config, seed: int = 0) -> dict:
+    return init_fn(cfg)(jax.random.PRNGKey(seed))
+
+
+def cast_params(cfg: Blip2Config, params):
+    """Each tower's leaves in its config's param dtype."""
+    towers = {"vision": cfg.vision, "ln_vision": cfg.vision,
+              "llm": cfg.llm if cfg.llm is not None else cfg.qformer}
+    return {k: jax.tree.map(lambda a, t=towers.get(k, cfg.qformer):
+                            jnp.asarray(a, bnn.dtype_of(t.param_dtype)), v)
+            for k, v in params.items()}

@@ -46,7 +46,7 @@ import dataclasses
 from typing import Mapping, Optional, Sequence, Union
 
 from blip2_jax.config import Blip2Config, OPTConfig, QFormerConfig, T5Config, VisionConfig
-from blip2_jax.data.features import FIELD as FEATURES
+from blip2_jax.data.batch import FEATURES
 
 ImageSize = Union[int, Sequence[int]]
 

@@ -29,10 +29,10 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from blip2_jax import api
 from blip2_jax.config import Blip2Config, ConfigError
-from blip2_jax.convert import sources
+from blip2_jax.convert import bert_qformer, sources
 from blip2_jax.convert.mapping import MappingError, flatten, unflatten
+from blip2_jax.models import blip2 as blip2_model
 
 
 class InitError(ValueError):
@@ -89,7 +89,7 @@ def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict
     unknown = set(init) - known
     if unknown:
         raise KeyError(f"unknown config.init keys {sorted(unknown)} (known {sorted(known)})")
-    flat = flatten(jax.tree.map(np.asarray, api.init_params(cfg, seed)))
+    flat = flatten(jax.tree.map(np.asarray, blip2_model.init_params(cfg, seed)))
     loaded: dict[str, str] = {}
     top = sorted({p.split("/")[0] for p in flat})
 
@@ -102,7 +102,6 @@ def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict
         _take(flat, loaded, src, ["vision", "ln_vision", "qformer", "query_tokens"],
               f"stage-1 model {init['stage1']}", all_leaves=False, cfg=cfg)
     if init.get("qformer_bert"):
-        from blip2_jax.convert import bert_qformer
         params, report = bert_qformer.init_qformer_from_bert(
             cfg, init["qformer_bert"], jax.random.PRNGKey(seed + 1), params=unflatten(flat))
         fresh = {f for f in report.fresh if "[" not in f}     # "leaf[i]": one new row only

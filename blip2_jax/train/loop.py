@@ -25,14 +25,15 @@ from typing import Mapping, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
-from blip2_jax import api, checkpoint as ckpt_lib, config as config_lib, processing
-from blip2_jax import sharding as sharding_lib
-from blip2_jax.data import features, pipeline
-from blip2_jax.train import init as init_lib
-from blip2_jax.train import state as state_lib
+from blip2_jax import (api, checkpoint as ckpt_lib, config as config_lib, run_config,
+                       sharding as sharding_lib)
+from blip2_jax.data import batch as batch_lib, features, pipeline
+from blip2_jax.eval import runner
+from blip2_jax.train import features as feature_builder, init as init_lib, state as state_lib
 from blip2_jax.train.metrics import MetricWriter
-from blip2_jax.train.step import LossConfig
 from blip2_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -40,139 +41,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def _plain(x):
-    """ml_collections / nested containers → plain Python (dicts, lists, scalars)."""
-    if hasattr(x, "to_dict"):
-        x = x.to_dict()
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
-
-def trainer_options(config) -> dict:
-    """The Trainer's keyword arguments a run config sets: frozen towers, their dtype and
-    microbatches."""
-    return dict(frozen=tuple(config.get("frozen") or ()),
-                frozen_dtype=config.get("frozen_dtype") or None,
-                microbatches=int(config.get("microbatches") or 1))
-
-
-def model_config(config) -> config_lib.Blip2Config:
-    """`config.model`: a preset name, or a checkpoint dir (native or HF); then
-    `config.model_overrides` (nested dict of config fields) applied on top."""
-    name = config.model
-    if os.path.isdir(str(name)):
-        from blip2_jax.convert import native
-        cfg = (native.read_config(name) if native.is_native(name)
-               else config_lib.read_hf_config(name))
-    else:
-        cfg = config_lib.get_preset(name)
-    overrides = _plain(config.get("model_overrides") or {})
-    if overrides:
-        d = cfg.to_dict()
-
-        def update(dst, src, where):
-            for k, v in src.items():
-                if k not in dst:
-                    raise KeyError(f"config.model_overrides: {where}{k} is not a model config "
-                                   f"field (have {sorted(dst)})")
-                if isinstance(v, Mapping):
-                    update(dst[k], v, f"{where}{k}.")
-                else:
-                    dst[k] = v
-        update(d, overrides, "")
-        cfg = config_lib.Blip2Config.from_dict(d)
-    return cfg
-
-
-def text_setup(config, cfg: config_lib.Blip2Config) -> tuple[list, LossConfig, bool]:
-    """(TextSpecs for the pipeline, the LossConfig, prefix_lm) of the stage. Tokenizer paths may
-    say "{data_dir}" (config.data.data_dir)."""
-    data_dir = _plain(config.data).get("data_dir", "")
-    text = {k: v.format(data_dir=data_dir) if isinstance(v, str) else v
-            for k, v in _plain(config.text).items()}
-    max_length = int(text.get("max_length", 32))
-    lw = _plain(config.get("loss") or {})
-    if cfg.llm is None:
-        tok_dir = text["qformer_tokenizer"]
-        tok = processing.load_tokenizer(tok_dir, "qformer")
-        specs = [pipeline.TextSpec("qformer", tok_dir, "qformer", max_length)]
-        return specs, LossConfig(dec_token_id=int(tok.bos_token_id), **lw), False
-    tok_dir = text["llm_tokenizer"]
-    kind = cfg.llm_kind
-    prompt = _plain(config.data).get("prompt", "")
-    if kind == "opt":
-        tok = processing.load_tokenizer(tok_dir, "opt")
-        # LAVIS: prompt_length = BOS + the model prompt's tokens ("a photo of", without the
-        # space its text processor adds before the caption), masked only when a prompt is set.
-        prompt_length = (1 + len(tok(prompt.rstrip(), add_special_tokens=False)["input_ids"])
-                         if prompt else 0)
-        specs = [pipeline.TextSpec("llm", tok_dir, "opt", max_length, suffix="\n")]
-        return specs, LossConfig(prompt_length=prompt_length, **lw), False
-    specs = [pipeline.TextSpec("llm", tok_dir, "t5", max_length),
-             pipeline.TextSpec("target", tok_dir, "t5", max_length, field="target")]
-    return specs, LossConfig(**lw), True
-
-
-def with_caption_eos(config, cfg: config_lib.Blip2Config) -> config_lib.Blip2Config:
-    """BLIP-2 OPT ends every training caption with "\\n" and generates up to it: the model's
-    EOS becomes the "\\n" token (LAVIS `eos_token_id`, HF blip2-opt's text_config 50118), so
-    the exported checkpoint captions as trained."""
-    if cfg.llm is None or cfg.llm_kind != "opt":
-        return cfg
-    tok_dir = tokenizer_paths(config)["llm"]
-    ids = processing.load_tokenizer(tok_dir, "opt")("\n", add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"the OPT tokenizer at {tok_dir} splits '\\n' into {ids}; BLIP-2 OPT "
-                         "needs it as one token (its caption EOS)")
-    return cfg.replace(llm=dataclasses.replace(cfg.llm, eos_token_id=int(ids[0])))
-
-
-def tokenizer_paths(config) -> dict:
-    """{"llm": dir or None, "qformer": dir or None} from config.text ("{data_dir}" expanded)."""
-    data_dir = _plain(config.get("data") or {}).get("data_dir", "")
-    text = _plain(config.get("text") or {})
-    return {k: (text[f"{k}_tokenizer"].format(data_dir=data_dir)
-                if text.get(f"{k}_tokenizer") else None) for k in ("llm", "qformer")}
-
-
-def evaluators(config, *, batch_size: Optional[int] = None):
-    """(evaluators of config.eval, their Tokenizers loaded from config.text) — ([], None) when
-    the config names none."""
-    from blip2_jax.eval import evaluators as eval_lib
-    eval_cfg = _plain(config.get("eval") or {})
-    if not eval_cfg.get("evaluators"):
-        return [], None
-    data_dir = _plain(config.get("data") or {}).get("data_dir")
-    evs = eval_lib.from_config(eval_cfg, data_dir=data_dir, batch_size=batch_size)
-    paths = tokenizer_paths(config)
-    need = {ev.needs()[1] for ev in evs}
-    toks = {k: processing.load_tokenizer(paths[k], k) for k in ("llm", "qformer")
-            if k in need and paths[k]}
-    return evs, eval_lib.Tokenizers(**toks)
-
-
-def check_batch(config, mesh) -> int:
-    """The step's global batch. config.batch_size must split evenly over the mesh's batch axes:
-    otherwise it would be replicated (every device computing every example), which no one wants
-    in training. With config.pad_batch it is rounded up to the next multiple instead: the extra
-    rows are padding (valid False) that the losses leave out (train/step.py `masked_rows`)."""
-    n = sharding_lib.batch_shards(mesh)
-    b = int(config.batch_size)
-    if b % n == 0:
-        return b
-    if config.get("pad_batch"):
-        return n * -(-b // n)
-    axes = sharding_lib.batch_axes(mesh)
-    raise ValueError(f"config.batch_size {b} is not divisible by the mesh's batch axes "
-                     f"{axes} ({n} ways, mesh {dict(mesh.shape)}): use a mesh whose data x fsdp "
-                     f"divides it (e.g. config.mesh.tensor > 1), another batch size, or "
-                     f"config.pad_batch=True (steps of {n * -(-b // n)} rows, the extra "
-                     f"{n * -(-b // n) - b} padding that the losses leave out)")
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict:
@@ -184,21 +52,10 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict:
             for k, v in batch.items()}
 
 
-def make_mesh(config, devices=None):
-    m = _plain(config.mesh)
-    axes = {k: int(m.get(k, 1 if k != "data" else -1)) for k in ("data", "fsdp", "tensor")}
-    dcn = {k[4:]: int(v) for k, v in m.items() if k.startswith("dcn_") and int(v) != 1}
-    unknown = set(m) - set(axes) - {f"dcn_{k}" for k in axes}
-    if unknown:
-        raise KeyError(f"unknown config.mesh keys {sorted(unknown)}")
-    return sharding_lib.make_mesh(axes, dcn=dcn or None, devices=devices)
-
-
 def _export(path: str, cfg: config_lib.Blip2Config, params, frozen_dtype: Optional[str],
             frozen_towers: set):
     """The whole model, native format; frozen towers keep their stored dtype (the config says
     so), trained ones are float32."""
-    from jax.experimental import multihost_utils
     host = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
     if jax.process_index() != 0:
         return
@@ -213,29 +70,29 @@ def _export(path: str, cfg: config_lib.Blip2Config, params, frozen_dtype: Option
 def run(config, workdir: str) -> dict:
     """Train (or resume) to `total_steps` (or `stop_after_steps`); returns the last metrics."""
     os.makedirs(workdir, exist_ok=True)
-    cfg = model_config(config)
+    cfg = run_config.model_config(config)
     total = int(config.total_steps)
     stop_at = int(config.get("stop_after_steps") or 0) or total
-    mesh = make_mesh(config)
-    step_batch = check_batch(config, mesh)
-    texts, loss_cfg, prefix_lm = text_setup(config, cfg)
-    loss_cfg = dataclasses.replace(loss_cfg, masked_rows=step_batch != int(config.batch_size))
-    cfg = with_caption_eos(config, cfg)
-    data_cfg = {**_plain(config.data), "texts": [dataclasses.asdict(t) for t in texts]}
-    data_cfg.setdefault("image_size", cfg.vision.image_size)
-    if prefix_lm:
-        data_cfg["prefix_lm"] = True
-    eval_every = int(_plain(config.get("eval") or {}).get("every_steps") or 0)
-    evs, eval_tokenizers = evaluators(config) if eval_every > 0 else ([], None)
+    mesh = run_config.make_mesh(config)
+    step_batch = run_config.step_batch(config, mesh)
+    text = run_config.text_setup(config, cfg)
+    loss_cfg = dataclasses.replace(text.loss, masked_rows=step_batch != int(config.batch_size))
+    cfg = run_config.with_caption_eos(config, cfg)
+    data_cfg = run_config.data_config(config, cfg, text)
+    fields = run_config.batch_fields(config, cfg, text)
+    eval_every = int(run_config.section(config, "eval").get("every_steps") or 0)
+    evs, eval_tokenizers = run_config.evaluators(config) if eval_every > 0 else ([], None)
     if jax.process_count() > 1 and any(ev.kind == "retrieval" for ev in evs):
         raise ValueError("config.eval: retrieval evaluators run in one process; drop them from "
                          "in-training evaluation of a multi-host run (eval.py runs them after)")
     frozen_dtype = config.get("frozen_dtype") or None
-    trainer = Trainer(cfg, loss_cfg, _plain(config.optimizer), total_steps=total, mesh=mesh,
-                      skip_nonfinite=config.get("on_nonfinite", "stop") == "skip",
-                      **trainer_options(config))
+    skip_nonfinite = config.get("on_nonfinite", "stop") == "skip"
+    trainer = Trainer(cfg, loss_cfg, run_config.section(config, "optimizer"), total_steps=total,
+                      mesh=mesh, skip_nonfinite=skip_nonfinite,
+                      **run_config.trainer_options(config))
 
-    params, sources = init_lib.initial_params(cfg, _plain(config.init), int(config.seed))
+    params, sources = init_lib.initial_params(cfg, run_config.section(config, "init"),
+                                              int(config.seed))
     frozen_tops = sorted({p.split("/")[0] for p in trainer.frozen_paths})
     frozen_host, frozen_meta = _frozen_towers(trainer, params, sources, frozen_dtype)
     if data_cfg.get("features"):
@@ -251,7 +108,7 @@ def run(config, workdir: str) -> dict:
         os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 3),
         save_interval_steps=int(config.checkpoint_every_steps))
     it = iter(data.dataset())
-    meta = {"config": _plain(config), "model": cfg.to_dict(), "frozen": frozen_meta,
+    meta = {"config": run_config.plain(config), "model": cfg.to_dict(), "frozen": frozen_meta,
             "sources": sources}
     if checkpointer.latest_step() is not None:
         state, saved = checkpointer.restore(trainer.abstract_state(), it)
@@ -270,27 +127,44 @@ def run(config, workdir: str) -> dict:
     local_rows = step_batch // jax.process_count()
 
     def next_batch():
-        return trainer.place(pad_rows(pipeline.numeric(next(it)), local_rows))
+        """The next batch on the devices, and the iterator's state once it is drawn: what a
+        checkpoint taken after this batch's step resumes from."""
+        host = pad_rows(batch_lib.select(next(it), fields), local_rows)
+        return trainer.place(host), it.get_state()
     try:
-        batch = next_batch()
+        batch, drawn = next_batch()
         compiled = trainer.compile(state, frozen, batch)
         # The model's FLOPs for the real rows (padding is not useful work).
         flops = trainer.model_flops(batch) * int(config.batch_size) / step_batch
         bar = _progress(step, stop_at)
         t_window, n_window = time.perf_counter(), 0
+        unchecked: list = []    # (step, its device-side `finite` flag) not yet read
         while step < stop_at:
+            # Dispatched, not waited for: the next batch is read, processed and placed while
+            # this step runs. The host reads the device only on log, eval and checkpoint steps.
             state, metrics = compiled(state, frozen, batch)
             step += 1
             n_window += 1
-            if not bool(metrics["finite"]):
-                if config.get("on_nonfinite", "stop") == "stop":
-                    vals = {k: float(v) for k, v in metrics.items()}
-                    raise NonFiniteLoss(f"non-finite loss at step {step}: {vals}; the last "
-                                        f"checkpoint is step {checkpointer.latest_step()}")
-                log.warning("step %d: non-finite loss, update skipped", step)
-            if step % int(config.log_every_steps) == 0 or step in (1, stop_at):
+            consumed = drawn
+            unchecked.append((step, metrics["finite"]))
+            done = preempted["flag"] or step == stop_at
+            if not done:
+                batch, drawn = next_batch()
+            if len(unchecked) >= 2:
+                # At most two steps in flight: the batches placed ahead stay bounded.
+                unchecked[-2][1].block_until_ready()
+            log_now = step % int(config.log_every_steps) == 0 or step in (1, stop_at)
+            save_now = done or checkpointer.should_save(step)
+            eval_now = bool(evs) and not preempted["flag"] and (step % eval_every == 0
+                                                                 or step == total)
+            if log_now or save_now or eval_now:
+                # Before anything is written: halt names the first non-finite step, and a
+                # non-finite state is never checkpointed.
+                _check_finite(unchecked, skip_nonfinite, checkpointer.latest_step())
+                unchecked = []
+            if log_now:
                 dt = time.perf_counter() - t_window
-                last = {k: float(v) for k, v in metrics.items()}
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 last.update(_throughput(n_window, dt, int(config.batch_size), flops,
                                         config.get("peak_tflops_per_device")))
                 last["data_skipped"] = pipeline.skipped(it)[0]
@@ -300,16 +174,14 @@ def run(config, workdir: str) -> dict:
                 t_window, n_window = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
-            # Saved before the next batch is drawn, so the iterator state resumes with it.
-            done = preempted["flag"] or step == stop_at
-            checkpointer.save(step, state, it, meta, force=done)
-            if evs and not preempted["flag"] and (step % eval_every == 0 or step == total):
+            if save_now:
+                checkpointer.save(step, state, _IteratorState(consumed), meta, force=done)
+            if eval_now:
                 eval_model = _evaluate(evs, eval_tokenizers, cfg, state, frozen, mesh, workdir,
                                        step, writer, eval_model)
                 t_window, n_window = time.perf_counter(), 0     # eval time is not step time
             if done:
                 break
-            batch = next_batch()
     finally:
         signal.signal(signal.SIGTERM, previous)
         checkpointer.close()
@@ -320,6 +192,31 @@ def run(config, workdir: str) -> dict:
     return {"step": step, "preempted": preempted["flag"], **last}
 
 
+class _IteratorState:
+    """A data iterator's state taken earlier, saved in its place: the loop draws the next batch
+    before the step that precedes it is checkpointed."""
+
+    def __init__(self, state):
+        self._state = state
+
+    def get_state(self):
+        return self._state
+
+
+def _check_finite(unchecked: list, skip: bool, last_checkpoint: Optional[int]) -> None:
+    """Reads the `finite` flags of the steps not yet checked: halts at the first non-finite one
+    (`on_nonfinite="stop"`), or says which updates the step skipped ("skip")."""
+    flags = jax.device_get([f for _, f in unchecked])
+    bad = [s for (s, _), ok in zip(unchecked, flags) if not bool(ok)]
+    if not bad:
+        return
+    if not skip:
+        raise NonFiniteLoss(f"non-finite loss at step {bad[0]}; the last checkpoint is step "
+                            f"{last_checkpoint}")
+    for s in bad:
+        log.warning("step %d: non-finite loss, update skipped", s)
+
+
 def _feature_caches(config, cfg, trainer: Trainer, frozen_host, frozen_meta) -> None:
     """config.data.features: computes the caches the run lacks (data/features.py) with the
     run's own frozen ViT; one that exists is checked, never replaced."""
@@ -327,7 +224,7 @@ def _feature_caches(config, cfg, trainer: Trainer, frozen_host, frozen_meta) -> 
                                    tuple(config.get("frozen") or ()))
     n = jax.local_device_count()
     batch = n * -(-min(int(config.batch_size), 256) // n)
-    features.build_with(config, cfg, frozen_host["vision"], frozen_meta["vision"]["sha256"],
+    feature_builder.build_with(config, cfg, frozen_host["vision"], frozen_meta["vision"]["sha256"],
                         frozen_meta["vision"]["source"], batch_size=batch, log=log.info)
 
 
@@ -358,13 +255,15 @@ def load_trained(config, workdir: str) -> tuple[api.Blip2, dict]:
         if latest is None:
             raise FileNotFoundError(f"{workdir} holds neither a final/ export nor checkpoints/ "
                                     "(is it a train.py workdir?)")
-        cfg = model_config(config)
-        _, loss_cfg, _ = text_setup(config, cfg)
-        cfg = with_caption_eos(config, cfg)
+        cfg = run_config.model_config(config)
+        loss_cfg = run_config.text_setup(config, cfg).loss
+        cfg = run_config.with_caption_eos(config, cfg)
         frozen_dtype = config.get("frozen_dtype") or None
-        trainer = Trainer(cfg, loss_cfg, _plain(config.optimizer), total_steps=total,
-                          mesh=make_mesh(config), **trainer_options(config))
-        params, sources = init_lib.initial_params(cfg, _plain(config.init), int(config.seed))
+        trainer = Trainer(cfg, loss_cfg, run_config.section(config, "optimizer"),
+                          total_steps=total, mesh=run_config.make_mesh(config),
+                          **run_config.trainer_options(config))
+        params, sources = init_lib.initial_params(cfg, run_config.section(config, "init"),
+                                                  int(config.seed))
         frozen_host, frozen_meta = _frozen_towers(trainer, params, sources, frozen_dtype)
         del params
         state, saved = checkpointer.restore(trainer.abstract_state())
@@ -382,7 +281,6 @@ def _evaluate(evs, tokenizers, cfg, state, frozen, mesh, workdir: str, step: int
     """config.eval's evaluators on the current parameters: metrics logged as
     `eval/NAME/METRIC` at this step, results and predictions in WORKDIR/eval/step_N/. Returns
     the model, to be passed back next time: its compiled programs are reused with new params."""
-    from blip2_jax.eval import runner
     params = state_lib.merge(state.params, frozen)
     if model is None:
         model = api.Blip2(cfg, params, check=False).shard(mesh)
@@ -411,5 +309,4 @@ def _throughput(steps: int, seconds: float, batch_size: int, flops: Optional[flo
 def _progress(start: int, stop: int):
     if jax.process_index() != 0:
         return None
-    from tqdm.auto import tqdm
     return tqdm(total=stop, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)

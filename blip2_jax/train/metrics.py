@@ -7,6 +7,8 @@ import math
 import os
 from typing import Mapping
 
+from tensorboardX import SummaryWriter
+
 
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
@@ -15,7 +17,6 @@ class MetricWriter:
         self._tb = None
         if enabled:
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-            from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:

@@ -26,8 +26,9 @@ import jax
 import numpy as np
 import optax
 
-from blip2_jax import api, config as config_lib
+from blip2_jax import config as config_lib
 from blip2_jax.convert.mapping import flatten, unflatten
+from blip2_jax.models import blip2 as blip2_model
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -144,7 +145,7 @@ def optimizer(opt_cfg: Mapping, total_steps: int, mask, lr_scales=None
 
 def trainable_abstract(cfg: config_lib.Blip2Config, frozen: set[str]):
     """(logical specs, shapes) of the trainable sub-tree."""
-    specs, shapes = api.abstract_init(cfg)
+    specs, shapes = blip2_model.abstract_init(cfg)
     flat_specs = flatten(specs) if isinstance(specs, Mapping) else {}
     t_shapes, _ = split(shapes, frozen)
     t_specs = unflatten({k: flat_specs.get(k) for k in flatten(t_shapes)})

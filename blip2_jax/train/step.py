@@ -13,17 +13,11 @@ Stage 2 OPT: the projected queries prefix `[BOS] caption "\\n"`; LAVIS's targets
 Stage 2 T5: the prefix LM. The encoder reads [queries; caption prefix] and the decoder
 predicts the caption suffix (`data.pipeline` splits the caption).
 
-Batch fields (from `data.pipeline` with the stage's `TextSpec`s):
-- all stages: `image` (B, S, S, 3) — or `vision_features` (B, N, Dv), the frozen ViT's output
-  from a feature cache — and `valid` (B,);
-- stage 1: `qformer_ids`/`qformer_mask`, and `image_index` + `dataset_index` when the
-  config asks for image-id-aware ITC;
-- stage 2 OPT: `llm_ids`/`llm_mask`;
-- stage 2 T5: `llm_ids`/`llm_mask` (prefix) and `target_ids`/`target_mask` (suffix).
+The batch: the fields `data.batch` defines (images or cached ViT tokens, `valid`, the indices,
+and the stage's tokenized texts: `qformer` in stage 1, `llm` for OPT, `llm` + `target` for T5).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping, Optional
 
 import jax
@@ -32,26 +26,12 @@ import optax
 
 from blip2_jax import losses, nn as bnn, sharding
 from blip2_jax.config import Blip2Config, OPTConfig
-from blip2_jax.data.features import FIELD as FEATURES
+from blip2_jax.data.batch import FEATURES
+from blip2_jax.losses import LossConfig
 from blip2_jax.models.blip2 import Blip2Module
 from blip2_jax.train.state import TrainState, merge
 
 _IMAGE_ID_STRIDE = 1 << 24   # dataset_index * stride + image_index: one id per distinct image
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Weights of the loss terms (0 disables a term) and stage-specific options."""
-    itc: float = 1.0
-    itm: float = 1.0
-    itg: float = 1.0
-    lm: float = 1.0
-    image_id_itc: bool = False        # COCO retrieval fine-tuning: same-image positives
-    prompt_length: int = 0            # OPT: BOS + prompt tokens that are not targets
-    dec_token_id: int = 0             # the Q-Former tokenizer's [DEC] id (ITG BOS)
-    train_vision: bool = False        # the ViT is trainable (fine-tuning): backprop through it
-    itm_image_kv_once: bool = False   # ITM reuses the query pass's image K/V (train/step.py)
-    masked_rows: bool = False         # a padded batch: rows with valid False take no part
 
 
 def _vision_tokens(m: Blip2Module, batch: Mapping, train_vision: bool):

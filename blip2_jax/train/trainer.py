@@ -24,8 +24,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from blip2_jax import sharding as sharding_lib
 from blip2_jax.config import Blip2Config
 from blip2_jax.convert.mapping import flatten, unflatten
-from blip2_jax.train import state as state_lib
-from blip2_jax.train.step import LossConfig, make_step
+from blip2_jax.losses import LossConfig
+from blip2_jax.models.blip2 import abstract_init
+from blip2_jax.train import flops as flops_lib, state as state_lib
+from blip2_jax.train.step import make_step
 
 
 class Trainer:
@@ -33,9 +35,9 @@ class Trainer:
                  total_steps: int, mesh: Mesh, frozen: Sequence[str] = ("vision/.*",),
                  frozen_dtype: Optional[str] = "bfloat16",
                  rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
+                 overrides: Sequence[tuple[str, sharding_lib.Rules]] = (),
                  skip_nonfinite: bool = False, microbatches: int = 1):
-        from blip2_jax import api
-        specs, shapes = api.abstract_init(cfg)
+        specs, shapes = abstract_init(cfg)
         paths = list(flatten(shapes))
         state_lib.check_patterns(paths, frozen)
         self.frozen_paths = state_lib.frozen_paths(paths, frozen)
@@ -44,7 +46,7 @@ class Trainer:
         self.train_llm = "llm" in trained
         self.cfg, self.loss_cfg, self.mesh, self.rules = cfg, loss_cfg, mesh, rules
         self.frozen_dtype = frozen_dtype
-        shardings = sharding_lib.shardings_from_logical(specs, shapes, mesh, rules)
+        shardings = sharding_lib.shardings_from_logical(specs, shapes, mesh, rules, overrides)
         self.trainable_shardings, self.frozen_shardings = state_lib.split(shardings,
                                                                          self.frozen_paths)
         t_specs, t_shapes = state_lib.trainable_abstract(cfg, self.frozen_paths)
@@ -128,7 +130,6 @@ class Trainer:
     def model_flops(self, batch) -> float:
         """Counted model FLOPs (matmuls, forward + backward) of one step over the global
         `batch` (train/flops.py): the basis of the logged TFLOP/s and MFU."""
-        from blip2_jax.train import flops as flops_lib
         return flops_lib.train_step_flops_for_batch(self.cfg, self.loss_cfg, batch,
                                                     train_llm=self.train_llm)
 

@@ -31,6 +31,7 @@ from PIL import Image
 from blip2_jax import api, processing
 from blip2_jax.config import Blip2Config, OPTConfig, VisionConfig
 from blip2_jax.data import synthetic
+from blip2_jax.models import blip2 as blip2_model
 from blip2_jax.models.opt import OPT
 from blip2_jax.models.vit import VisionTransformer
 
@@ -194,7 +195,7 @@ def make_unimodal(cfg: Blip2Config, out_dir: str, tokenizer, *, vision_steps: in
     log("pre-training the language model (causal LM on synthetic captions)")
     llm, llm_acc = pretrain_llm(cfg.llm, tokenizer, steps=llm_steps, batch_size=batch_size,
                                 corpus=caption_corpus(3000, seed), seed=seed, log=log)
-    params = jax.tree.map(np.asarray, api.init_params(cfg, seed))
+    params = jax.tree.map(np.asarray, blip2_model.init_params(cfg, seed))
     params["vision"] = jax.tree.map(np.asarray, vision)
     params["llm"] = jax.tree.map(np.asarray, llm)
     api.Blip2(cfg, params).save(out_dir, format="native")
