@@ -1,7 +1,7 @@
 """Evaluate BLIP-2: the evaluators a config names (captioning, VQA, retrieval) on a trained model.
 
     python eval.py --config configs/NAME.py[:args] (--workdir DIR | --checkpoint PATH) \\
-        [--output OUT] [--config.key=value ...]
+        [--output OUT] [--no-report] [--config.key=value ...]
 
 --workdir: a train.py run directory (its final/ export, or its latest checkpoint when the run
   has not finished); OUT defaults to DIR/eval/step_N (where train.py's in-training
@@ -12,66 +12,73 @@ Writes OUT/results.json, OUT/predictions.jsonl and OUT/report.html (blip2_jax/ev
 The evaluators live in config.eval (blip2_jax/eval/evaluators.py lists their settings); their
 datasets in config.data.data_dir unless an evaluator names its own; tokenizers come from
 config.text (llm_tokenizer / qformer_tokenizer), else from the checkpoint directory.
-Multi-host: the same flags as train.py (--coordinator_address ... or --distributed).
+Multi-host: the same flags as train.py (--coordinator-address ... or --distributed). Flags:
+blip2_jax/cli.py (`--help`).
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import sys
-
-from absl import app, flags
-from ml_collections import config_flags
+from typing import Optional, Sequence
 
 from blip2_jax import cli
 from blip2_jax import run_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file[:arg]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "a train.py run directory to evaluate")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a model directory (native or HF)")
-_OUTPUT = flags.DEFINE_string("output", None, "where results, predictions and report go")
-_NO_REPORT = flags.DEFINE_bool("no_report", False, "skip report.html")
-flags.mark_flags_as_required(["config"])
+
+def parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
+                           config=True, lock_config=True, distributed=True)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--workdir", metavar="DIR", help="a train.py run directory to evaluate")
+    model.add_argument("--checkpoint", metavar="PATH", help="a model directory (native or HF)")
+    p.add_argument("--output", metavar="OUT", help="where results, predictions and report go")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write OUT/report.html")
+    return p
 
 
-def main(argv):
-    del argv
-    if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
-        raise app.UsageError("give exactly one of --workdir and --checkpoint")
-    cli.setup()
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`argv` as sys.argv: the program name first."""
+    argv = list(sys.argv if argv is None else argv)
+    args = parser().parse_args(argv[1:])
+    cli.setup(args)
+    # The package's heavy modules load after jax.distributed.initialize (cli.setup).
     from blip2_jax.checkpoint import CheckpointError
     from blip2_jax.config import ConfigError
     from blip2_jax.convert.mapping import MappingError
     from blip2_jax.eval.evaluators import EvalConfigError
     try:
-        evaluate()
+        evaluate(args)
     except (FileNotFoundError, ConfigError, EvalConfigError, MappingError, CheckpointError,
             KeyError) as e:
         # Bad input (paths, configs, evaluator settings): the message, not a traceback.
         print(f"eval.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
 
 
-def evaluate():
+def evaluate(args: argparse.Namespace):
     import blip2_jax
+    from blip2_jax.config import ConfigError
     from blip2_jax.eval import runner
     from blip2_jax.train import loop
 
-    config = _CONFIG.value
+    config = args.config
     evs, tokenizers = run_config.evaluators(config)
     if not evs:
-        raise app.UsageError("the config names no evaluators (config.eval.evaluators)")
-    if _WORKDIR.value:
-        model, source = loop.load_trained(config, _WORKDIR.value)
-        out = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval", f"step_{source['step']}")
-        curves = os.path.join(_WORKDIR.value, "metrics.jsonl")
+        raise ConfigError("the config names no evaluators (config.eval.evaluators)")
+    if args.workdir:
+        model, source = loop.load_trained(config, args.workdir)
+        out = args.output or os.path.join(args.workdir, "eval", f"step_{source['step']}")
+        curves = os.path.join(args.workdir, "metrics.jsonl")
     else:
-        path = _CHECKPOINT.value
+        path = args.checkpoint
         model = blip2_jax.load(path, dtype=(config.get("eval") or {}).get("dtype") or None)
         source = {"source": os.path.abspath(path), "step": None}
-        out = _OUTPUT.value or f"eval_{os.path.basename(os.path.normpath(path))}"
+        out = args.output or f"eval_{os.path.basename(os.path.normpath(path))}"
         curves = None
     # A tokenizer the evaluators need and the config does not name: the checkpoint's own
     # (a model without the tower is refused by the evaluator, naming it).
@@ -83,15 +90,15 @@ def evaluate():
         tokenizers.qformer = model.qformer_tokenizer
     mesh = run_config.make_mesh(config)
     info = {"model": source["source"], "step": source["step"],
-            "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+            "config": args.config_file,
             "devices": f"{len(mesh.devices.flat)} × {mesh.devices.flat[0].platform}",
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
     results = runner.run(model, evs, mesh=mesh, tokenizers=tokenizers, out_dir=out, info=info,
-                         metrics_jsonl=curves, report=not _NO_REPORT.value)
+                         metrics_jsonl=curves, report=args.report)
     print(json.dumps({r.name: r.metrics for r in results}, default=str, indent=1))
     print(f"wrote {out}/results.json, predictions.jsonl"
-          + ("" if _NO_REPORT.value else ", report.html"))
+          + (", report.html" if args.report else ""))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -1,32 +1,37 @@
 """Train BLIP-2: `python train.py --config configs/NAME.py[:args] --workdir DIR [--config.key=value]`.
 
 Re-running the same command resumes from the latest checkpoint in DIR. Multi-host: pass
-`--coordinator_address HOST:PORT --num_processes N --process_id I` on every host (or set
+`--coordinator-address HOST:PORT --num-processes N --process-id I` on every host (or set
 `--distributed` to let `jax.distributed.initialize()` detect a TPU pod / SLURM / Kubernetes).
-See blip2_jax/train/loop.py for what DIR holds.
+See blip2_jax/train/loop.py for what DIR holds. Flags: blip2_jax/cli.py (`--help`).
 """
 from __future__ import annotations
 
 import json
-
-from absl import app, flags
-from ml_collections import config_flags
+import sys
+from typing import Optional, Sequence
 
 from blip2_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file[:arg]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics)")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                           config=True, lock_config=True, distributed=True)
+    p.add_argument("--workdir", required=True, metavar="DIR",
+                   help="output directory (checkpoints, metrics); a re-run resumes from it")
+    return p
 
 
-def main(argv):
-    del argv
-    cli.setup()
-    from blip2_jax.train import loop
-    result = loop.run(_CONFIG.value, _WORKDIR.value)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`argv` as sys.argv: the program name first."""
+    argv = list(sys.argv if argv is None else argv)
+    args = parser().parse_args(argv[1:])
+    cli.setup(args)
+    from blip2_jax.train import loop      # after jax.distributed.initialize (cli.setup)
+    result = loop.run(args.config, args.workdir)
     print(json.dumps(result, default=float))
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -16,6 +16,7 @@ v5p-64, v5p-128, v5e-256, v4-128, ...).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gzip
 import json
@@ -28,11 +29,9 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 from jax.experimental import topologies
-from ml_collections import config_flags
 
-from blip2_jax import api, generate as gen, nn as bnn, sharding as sharding_lib
+from blip2_jax import api, cli, generate as gen, nn as bnn, sharding as sharding_lib
 from blip2_jax.convert.mapping import flatten
 from blip2_jax import run_config
 from blip2_jax.models.blip2 import abstract_params
@@ -363,38 +362,36 @@ def compile_generate(config, devices: Sequence[Any], topology: str = "",
                   model_flops=None, estimated_seconds=None, mfu=None, compile_seconds=seconds)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`argv` as sys.argv: the program name first. Flags: blip2_jax/cli.py's convention."""
     argv = list(sys.argv if argv is None else argv)
-    flags_ = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file("config", None, "a configs/*.py file[:arg]",
-                                                  flag_values=flags_, lock_config=False,
-                                                  sys_argv=argv)
-    flags.DEFINE_string("topology", None, "TPU topology or pod name", flag_values=flags_)
-    flags.DEFINE_enum("program", "train", ["train", "generate"], "what to compile",
-                      flag_values=flags_)
-    flags.DEFINE_string("json", None, "also write the report as JSON here", flag_values=flags_)
-    flags.DEFINE_bool("estimate", True, "also compile with layers unrolled for XLA's FLOPs and "
-                      "step-time estimate (slower)", flag_values=flags_)
-    flags.DEFINE_string("hlo", None, "also write the optimized HLO here (train: the unrolled "
-                        "program with --estimate); .gz compresses", flag_values=flags_)
+    p = cli.ArgumentParser(prog="python -m blip2_jax.aot", description=__doc__.split("\n\n")[0],
+                           config=True, lock_config=False)
+    p.add_argument("--topology", required=True, help="TPU topology (v5p:4x4x4) or pod name "
+                   f"({', '.join(ALIASES)})")
+    p.add_argument("--program", choices=("train", "generate"), default="train",
+                   help="what to compile (default: train)")
+    p.add_argument("--json", metavar="OUT.json", help="also write the report as JSON here")
+    p.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=True,
+                   help="also compile with layers unrolled for XLA's FLOPs and step-time "
+                        "estimate (slower; default: on)")
+    p.add_argument("--hlo", metavar="PATH", help="also write the optimized HLO here (train: the "
+                   "unrolled program with --estimate); .gz compresses")
+    args = p.parse_args(argv[1:])
     try:
-        flags_(argv)
-        if flags_.config is None or flags_.topology is None:
-            raise AotError("--config and --topology are required")
-        devices = topology_devices(flags_.topology)
-        if flags_.program == "train":
-            report = compile_train(config_flag.value, devices, flags_.topology, flags_.estimate,
-                                   hlo=flags_.hlo)
+        devices = topology_devices(args.topology)
+        if args.program == "train":
+            report = compile_train(args.config, devices, args.topology, args.estimate,
+                                   hlo=args.hlo)
         else:
-            report = compile_generate(config_flag.value, devices, flags_.topology,
-                                      hlo=flags_.hlo)
-    except (AotError, flags.Error, KeyError, ValueError) as e:
+            report = compile_generate(args.config, devices, args.topology, hlo=args.hlo)
+    except (AotError, KeyError, ValueError) as e:
         print(f"aot: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)
         return 2
     print(report.table())
-    if flags_.json:
-        with open(flags_.json, "w") as f:
+    if args.json:
+        with open(args.json, "w") as f:
             json.dump(dict(dataclasses.asdict(report), roofline=report.roofline()), f, indent=2)
     return 0
 

@@ -24,12 +24,13 @@ from typing import Optional, Sequence
 from PIL import Image, UnidentifiedImageError
 
 import blip2_jax
+from blip2_jax import cli
 from blip2_jax.api import SurfaceError
 from blip2_jax.convert.mapping import MappingError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m blip2_jax.predict",
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m blip2_jax.predict",
                                 description="BLIP-2 captioning / zero-shot VQA on image files.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="HF save_pretrained BLIP-2 directory (or a native blip2-jax one)")

@@ -12,11 +12,11 @@ Bad input ends with one `convert: error: ...` line and exit code 2.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
+from blip2_jax import cli
 from blip2_jax.config import ConfigError
 from blip2_jax.convert import sources
 from blip2_jax.convert.mapping import MappingError
@@ -25,7 +25,7 @@ from blip2_jax.convert.stream import CheckpointError
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2_jax.convert",
+    parser = cli.ArgumentParser(prog="python -m blip2_jax.convert",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("src")
     parser.add_argument("dst")

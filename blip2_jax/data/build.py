@@ -14,7 +14,6 @@ message naming the file and entry on malformed input.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import itertools
 import os
@@ -23,6 +22,7 @@ import sys
 
 import absl.logging
 
+from blip2_jax import cli
 from blip2_jax.data import builders, records, synthetic
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -91,7 +91,7 @@ def _quiet_tfds() -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2_jax.data.build",
+    parser = cli.ArgumentParser(prog="python -m blip2_jax.data.build",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
 

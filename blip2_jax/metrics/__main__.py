@@ -32,6 +32,7 @@ import json
 import sys
 from typing import Any
 
+from blip2_jax import cli
 from blip2_jax.metrics.caption import caption_metrics
 from blip2_jax.metrics.vqa import exact_match, spacy_lemmatizer, vqa_accuracy
 
@@ -202,7 +203,7 @@ def _cmd_caption(args: argparse.Namespace) -> dict:
     refs = load_caption_references(args.references)
     preds = load_predictions(args.predictions, "image_id", ("caption",))
     try:
-        return caption_metrics(refs, preds, tokenize=args.tokenize, meteor=not args.no_meteor)
+        return caption_metrics(refs, preds, tokenize=args.tokenize, meteor=args.meteor)
     except (RuntimeError, OSError) as e:  # e.g. Java missing for tokenize="java" / METEOR
         raise _Unavailable(f"caption metrics failed: {e}") from None
 
@@ -229,7 +230,7 @@ def _cmd_vqa(args: argparse.Namespace) -> dict:
 def _cmd_gqa(args: argparse.Namespace) -> dict:
     refs = load_gqa_references(args.references)
     preds = load_predictions(args.predictions, "question_id", ("answer", "pred_ans"))
-    return exact_match(refs, preds, normalize=not args.no_normalize,
+    return exact_match(refs, preds, normalize=args.normalize,
                        lemmatize=_lemmatizer(args))
 
 
@@ -250,15 +251,16 @@ def _num_answers(s: str) -> int | None:
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m blip2_jax.metrics",
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m blip2_jax.metrics",
                                 description="Score predictions; prints one JSON object.")
     sub = p.add_subparsers(dest="task", required=True, metavar="{caption,vqa,gqa}")
 
     c = sub.add_parser("caption", help="COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr)")
     c.add_argument("--references", required=True, metavar="R.json")
     c.add_argument("--predictions", required=True, metavar="P.json")
-    c.add_argument("--no-meteor", action="store_true", help="skip METEOR")
+    c.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=True,
+                   help="METEOR (needs Java; default: on)")
     c.add_argument("--tokenize", choices=("python", "java"), default="python",
                    help="PTB tokenizer: pure-Python re-implementation or the Java original")
     c.set_defaults(func=_cmd_caption)
@@ -279,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gqa", help="GQA exact match after VQA normalisation (percent)")
     g.add_argument("--references", required=True, metavar="R.json")
     g.add_argument("--predictions", required=True, metavar="P.json")
-    g.add_argument("--no-normalize", action="store_true",
-                   help="compare raw strings (LAVIS 'rank' inference)")
+    g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                   help="VQA answer normalisation before comparing (default: on; --no-normalize "
+                        "compares raw strings, as LAVIS 'rank' inference)")
     g.add_argument("--lemmatize", action="store_true", help=argparse.SUPPRESS)
     g.set_defaults(func=_cmd_gqa)
     return p

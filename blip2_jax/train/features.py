@@ -27,11 +27,9 @@ from typing import Mapping, Optional, Sequence
 
 import jax
 import numpy as np
-from absl import flags
 from array_record.python.array_record_module import ArrayRecordWriter
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from ml_collections import config_flags
 
 from blip2_jax import checkpoint as ckpt_lib, cli, run_config
 from blip2_jax.convert.mapping import flatten
@@ -212,22 +210,20 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`argv` as sys.argv: the program name first. Flags: blip2_jax/cli.py's convention."""
     argv = list(sys.argv if argv is None else argv)
-    flags_ = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file("config", None, "the training config",
-                                                  flag_values=flags_, sys_argv=argv)
-    flags.DEFINE_integer("batch_size", 64, "images per ViT call (multiple of the local "
-                         "devices)", flag_values=flags_)
-    flags.DEFINE_string("dtype", None, "storage dtype (default: the ViT's compute dtype)",
-                        flag_values=flags_)
-    flags.DEFINE_bool("overwrite", False, "replace a cache that differs", flag_values=flags_)
-    initialize_distributed = cli.define_distributed_flags(flags_)
-    flags_(argv)
-    initialize_distributed()
+    p = cli.ArgumentParser(prog="python -m blip2_jax.train.features",
+                           description=__doc__.split("\n\n")[0], config=True, distributed=True)
+    p.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help="images per ViT call (multiple of the local devices; default 64)")
+    p.add_argument("--dtype", help="storage dtype (default: the ViT's compute dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache that differs")
+    args = p.parse_args(argv[1:])
+    cli.initialize_distributed(args)
     try:
-        build(config_flag.value, batch_size=flags_.batch_size, dtype=flags_.dtype,
-              overwrite=flags_.overwrite)
+        build(args.config, batch_size=args.batch_size, dtype=args.dtype,
+              overwrite=args.overwrite)
     except (FeatureCacheError, FileNotFoundError, ValueError) as e:
         print(f"features: error: {e}", file=sys.stderr)
         return 2
