@@ -17,7 +17,7 @@ time), then calls of the compiled, donated step (the state is threaded through).
 Torch: `Blip2ForImageTextRetrieval` (stage 1) / `Blip2ForConditionalGeneration` (stage 2) built
 with the same shapes and randomised weights, saved with `save_pretrained` and loaded by
 `blip2_jax.load`, so both sides start from the same numbers. HF has no stage-1 losses and no
-ITG head; the bench writes them as LAVIS does (shared/reference/blip2.md §2-§3), mirroring
+ITG head; the bench writes them as LAVIS does (blip2_qformer.py, blip2_opt.py), mirroring
 `blip2_jax/losses.py` and `blip2_jax/train/step.py`:
 - ViT forward under `torch.no_grad`, then `post_layernorm` (= ln_vision) with gradients;
 - ITC: max over queries of image·text / temp, the other modality detached in each direction,

@@ -380,7 +380,7 @@ def read_hf_config(path: Union[str, os.PathLike]) -> Blip2Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets: values of the released checkpoints (blip2.md §1, §8.1) and tiny ones for tests.
+# Presets: values of the released checkpoints (their HF config.json files) and tiny ones for tests.
 # ----------------------------------------------------------------------------------------------
 EVA_VIT_G = VisionConfig()
 CLIP_VIT_L = VisionConfig(variant="clip", hidden_size=1024, intermediate_size=4096, num_layers=23,

@@ -1,6 +1,6 @@
 """Stage-1 (ITC, ITM, ITG) and stage-2 (OPT LM, T5 prefix LM) losses: pure functions of model
 outputs over the *global* batch (LAVIS `blip2_qformer.py`, `blip2_opt.py`, `blip2_t5.py`;
-formulas in shared/reference/blip2.md §2-§3).
+the BLIP-2 paper §3.1).
 
 Global batch, not per device. LAVIS computes each loss per GPU against features gathered from all
 GPUs and averages the gradients (DDP). Here the batch is one global array, sharded or not, so the

@@ -1,5 +1,5 @@
-"""BLIP-2 COCO captioning fine-tuning (OPT-2.7B): paper Table 7 (blip2.md §4.1) and LAVIS
-`lavis/projects/blip2/train/caption_coco_ft.yaml` (§4.2), prompt from §3.3.
+"""BLIP-2 COCO captioning fine-tuning (OPT-2.7B): paper Table 7 and LAVIS
+`lavis/projects/blip2/train/caption_coco_ft.yaml`, prompt "a photo of" (paper §4.1).
 
     python train.py --config configs/caption_coco_ft.py --workdir /runs/caption_coco_opt-2.7b \\
         --config.data.data_dir=/data/tfds \\
@@ -8,32 +8,26 @@
 
 Every "/path/to/..." below is a placeholder: set it with `--config.KEY=...` as above.
 
-- Model: BLIP-2 OPT-2.7B at 364 px (§1.1, §4.1); the Q-Former and the ViT are trained, the LLM
+- Model: BLIP-2 OPT-2.7B at 364 px; the Q-Former and the ViT are trained, the LLM
   stays frozen (Table 7; LAVIS `freeze_vit: False`, ViT in fp32). The ViT gets layer-wise LR
   decay 0.95 (Table 7; the transcription is ambiguous about which models' columns carry it —
   0.95 taken for OPT-2.7B). LAVIS's `use_grad_checkpoint: True` becomes full remat of the ViT
   blocks.
 - Initialisation: `init.checkpoint`, a stage-2 OPT-2.7B model (a `stage2.py:opt-2.7b` run's
   `final/`, or the released `Salesforce/blip2-opt-2.7b`), built at 224 px. Its 16x16-patch
-  position table must be interpolated to the 26x26 grid of 364 px (LAVIS: bicubic,
-  align_corners=False, §1.1); init.py does not do this yet, so this config fails at init with a
-  `vision/pos_embed` shape mismatch until it does.
+  position table is interpolated to the 26x26 grid of 364 px when it is loaded (LAVIS: bicubic,
+  align_corners=False; `convert.sources`).
 - Data: COCO Karpathy train as a `blip2_captions/coco_karpathy` dataset (built with
   `python -m blip2_jax.data.build captions --annotations coco_karpathy_train.json ...`: one
   record per caption, as LAVIS's file). Training image processor `blip_image_train` at 364 px
-  (LAVIS yaml); prompt "a photo of " prepended to every caption (§3.3, LAVIS text processor).
+  (LAVIS yaml); prompt "a photo of " prepended to every caption (LAVIS text processor).
 - Steps: "5 epochs" over the 566,747 captions of Karpathy train (113,287 images) at batch 256:
   566,747 / 256 = 2213.9, LAVIS drops the last partial batch, so 2,213 steps per epoch and
   5 x 2,213 = 11,065 steps.
 
-What the code lacks for this recipe (besides the position-table interpolation above):
-- blip2_jax/train/step.py applies stop_gradient to the ViT output unconditionally, so a
-  trainable ViT gets zero gradients (only the decoupled weight decay moves it);
-- loop.text_setup counts the prompt's trailing space as a token: prompt_length becomes
-  1 + 4 ("a", " photo", " of", " ") = 5 where LAVIS masks BOS + "a photo of" = 4, so the first
-  caption token is left out of the loss;
-- loop._export marks the vision tower with frozen_dtype (bf16) in `final/` even though it was
-  fine-tuned here.
+The trainable ViT is differentiated (`LossConfig.train_vision`, set by the Trainer when
+`frozen` leaves it out) and exported in float32; the OPT prompt mask covers BOS + "a photo of"
+(4 tokens, as LAVIS: the prompt's trailing space is not a token of its own).
 """
 from blip2_jax.train import defaults
 
@@ -65,7 +59,7 @@ def get_config(arg=None):
         weight_decay=0.05,    # Table 7 / LAVIS
         clip_norm=0.0,        # none (LAVIS does not clip)
         # Table 7. LAVIS computes lr_scale per ViT layer but its scheduler never applies it
-        # (§4.2); the paper's value is applied here.
+        #; the paper's value is applied here.
         vit_layer_decay=0.95,
     )
     c.total_steps = STEPS
@@ -79,8 +73,8 @@ def get_config(arg=None):
         train=dict(name="blip2_captions/coco_karpathy", split="train"),
         image_processor="blip_image_train",   # LAVIS caption_coco_ft.yaml (RandAugment)
         flip=True,
-        max_words=50,                         # LAVIS blip_caption (§4.3)
-        prompt="a photo of ",                 # §3.3: the training text processor's prefix
+        max_words=50,                         # LAVIS blip_caption
+        prompt="a photo of ",                 # the training text processor's prefix
         num_workers=8,                        # per host; tune to the host's cores
         num_threads=16,
     )

@@ -1,4 +1,4 @@
-"""The paper's evaluations (blip2.md §5, LAVIS's eval yamls) for `eval.py --checkpoint`.
+"""The paper's evaluations (the paper §4, LAVIS's eval yamls) for `eval.py --checkpoint`.
 
     python eval.py --config configs/eval_blip2.py:coco_caption \\
         --checkpoint /ckpt/blip2-opt-2.7b-coco --config.data.data_dir=/data

@@ -1,6 +1,6 @@
 """BLIP-2 COCO retrieval fine-tuning of the stage-1 model (ITC + ITM + ITG, no LLM): paper
-Table 9 (blip2.md §4.1) and LAVIS `lavis/projects/blip2/train/retrieval_coco_ft.yaml` (§4.2), with
-LAVIS's image-id-aware ITC / ITM for COCO (§2.1 item 10, §2.2).
+Table 9 and LAVIS `lavis/projects/blip2/train/retrieval_coco_ft.yaml`, with
+LAVIS's image-id-aware ITC / ITM for COCO.
 
     python train.py --config configs/retrieval_coco_ft.py:vit_g --workdir /runs/retrieval_vit_g \\
         --config.data.data_dir=/data/tfds \\
@@ -8,18 +8,16 @@ LAVIS's image-id-aware ITC / ITM for COCO (§2.1 item 10, §2.2).
         --config.text.qformer_tokenizer=/models/bert-base-uncased
 
 Arg: `vit_g` (default; LR 1e-5, AdamW (0.9, 0.999)) or `vit_l` (LR 5e-6, AdamW (0.9, 0.98)):
-Table 9's per-encoder columns (the transcription of Table 9 is partly garbled, §11 item 1; the
-ViT-g values agree with LAVIS's yaml). Every "/path/to/..." below is a placeholder: set it with
-`--config.KEY=...` as above.
+Table 9's per-encoder columns (the ViT-g values agree with LAVIS's yaml). Every "/path/to/..."
+below is a placeholder: set it with `--config.KEY=...` as above.
 
 - Model: the stage-1 model (`blip2-pretrain-vit-g` / `-vit-l`: Q-Former with ITC, ITM and ITG
   heads) at 364 px; nothing is frozen: the ViT is fine-tuned with layer-wise LR decay 0.95
   (Table 9, LAVIS `freeze_vit: False`, `lr_layer_decay: 0.95`, ViT in fp32). LAVIS's
   `use_grad_checkpoint: True` (blip2_coco.yaml) becomes full remat of the ViT blocks.
-- Initialisation: `init.checkpoint`, a stage-1 run's `final/` (224 px). Its position table must
-  be interpolated to the 26x26 grid of 364 px (LAVIS: bicubic, align_corners=False for EVA ViT-g,
-  align_corners=True for CLIP ViT-L, §1.1 and blip2_jax/convert/lavis_vision.py); init.py does
-  not do this yet, so this config fails at init with a `vision/pos_embed` shape mismatch.
+- Initialisation: `init.checkpoint`, a stage-1 run's `final/` (224 px). Its position table is
+  interpolated to the 26x26 grid of 364 px when it is loaded (LAVIS: bicubic, align_corners=False
+  for EVA ViT-g, align_corners=True for CLIP ViT-L; `convert.sources`).
 - Data: COCO Karpathy train as `blip2_captions/coco_karpathy` (one record per caption; captions
   of one image share `image_index`, which image-id ITC uses), processor `blip2_image_train` at
   364 px (LAVIS yaml).
@@ -27,9 +25,8 @@ ViT-g values agree with LAVIS's yaml). Every "/path/to/..." below is a placehold
   14 x 16 GPUs): 566,747 / 224 = 2530.1, LAVIS drops the last partial batch, so 2,530 steps per
   epoch and 5 x 2,530 = 12,650 steps.
 
-What the code lacks for this recipe (besides the interpolation above): blip2_jax/train/step.py
-applies stop_gradient to the ViT output unconditionally, so the trainable ViT gets zero gradients
-(only the decoupled weight decay moves it).
+The trainable ViT is differentiated (`LossConfig.train_vision`, set by the Trainer when
+`frozen` leaves it out) and exported in float32.
 """
 from blip2_jax.train import defaults
 
@@ -70,7 +67,7 @@ def get_config(arg=None):
         eps=1e-8,
         weight_decay=0.05,    # Table 9 / LAVIS
         clip_norm=0.0,        # none (LAVIS does not clip)
-        # Table 9 / LAVIS lr_layer_decay (which LAVIS's scheduler never applies, §4.2; the paper's
+        # Table 9 / LAVIS lr_layer_decay (which LAVIS's scheduler never applies; the paper's
         # value is applied here).
         vit_layer_decay=0.95,
     )
@@ -85,7 +82,7 @@ def get_config(arg=None):
         train=dict(name="blip2_captions/coco_karpathy", split="train"),
         image_processor="blip2_image_train",   # LAVIS retrieval_coco_ft.yaml
         flip=True,
-        max_words=50,                          # LAVIS blip_caption (§4.3)
+        max_words=50,                          # LAVIS blip_caption
         prompt="",
         num_workers=8,                         # per host; tune to the host's cores
         num_threads=16,

@@ -1,7 +1,6 @@
 """Test-side, independent construction of Salesforce LAVIS BLIP-2 state dicts (numpy in, numpy out).
 
-Written from the spec (`shared/reference/blip2.md` §1.1, §1.2, §1.4, §3.1-3.2, §7.1-7.3, §9)
-and the LAVIS / HF-convert sources it cites, NOT from `blip2_jax.convert`'s tables, so converter
+Written from the LAVIS sources and HF's BLIP-2 conversion script, NOT from `blip2_jax.convert`'s tables, so converter
 tests can check our converter against something built another way.
 
 API (every dict maps a key to a numpy array; inputs are never aliased, outputs are fresh copies):

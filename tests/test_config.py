@@ -22,7 +22,7 @@ def test_hf_defaults_are_the_released_vit_g_and_qformer():
 
 
 def test_opt_2_7b_hub_config_matches_preset():
-    # Values of Salesforce/blip2-opt-2.7b's config.json (blip2.md §8.1).
+    # Values of Salesforce/blip2-opt-2.7b's config.json .
     opt = HFOPTConfig(vocab_size=50304, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240,
                       num_attention_heads=32, word_embed_proj_dim=2560, eos_token_id=50118)
     cfg = C.from_hf_dict(_hf_blip2(opt, image_token_index=50265))
@@ -79,7 +79,7 @@ def test_bad_configs_name_the_field():
 
 
 def test_param_counts_match_the_paper():
-    # blip2.md §1.4: stage-2 trainable (Q-Former w/o text parts + projection + ln_vision) 107.1M for
+    # The paper §3.1: stage-2 trainable (Q-Former w/o text parts + projection + ln_vision) 107.1M for
     # OPT-2.7B; stage-1 Q-Former 186.7M. Counted from abstract shapes (nothing allocated).
     import numpy as np
     from blip2_jax.api import abstract_params

@@ -6,7 +6,7 @@ parameter has a source in `config.init`; the optimizer (decay mask, layer-wise L
 and its init / update trace on the abstract trainable tree; the data config builds a Pipeline
 (the tfds reader stubbed) with valid dataset names and image processors; `LossConfig(**c.loss)`
 constructs; the batch divides the 8 fake devices and the mesh; the text setup works with real
-vocabularies; and the headline values equal blip2.md §4.
+vocabularies; and the headline values equal the paper's (§3.4 / Appendix) and LAVIS's yamls.
 
 The last section checks, on tiny models, what the fine-tuning configs need from the code: the
 LAVIS prompt length, a 224-px position table loaded into a larger model, and gradients through a
@@ -216,7 +216,7 @@ def test_loss_config_and_mesh(name, arg):
 
 
 # ------------------------------------------------------------------------------------------------
-# Headline values against blip2.md §4
+# Headline values against the paper and LAVIS's yamls
 # ------------------------------------------------------------------------------------------------
 # (batch, steps, peak lr, min lr, warm-up steps, beta2, vit_layer_decay)
 PAPER = {

@@ -1,7 +1,7 @@
 """Weight porting: LAVIS `.pth` <-> ours <-> HF, tower files, the converter CLI, streaming I/O.
 
 LAVIS state dicts are built by `lavis_layout` (an independent, test-side inversion of HF's
-conversion rules, blip2.md §7.3), from tiny random HF models; LAVIS numerics are checked against
+conversion rules), from tiny random HF models; LAVIS numerics are checked against
 the HF torch modules with LAVIS's ln_vision eps (1e-5).
 """
 import dataclasses

@@ -1,4 +1,4 @@
-"""Losses against direct PyTorch renderings of the LAVIS formulas (blip2.md §2-§3), including a
+"""Losses against direct PyTorch renderings of the LAVIS formulas (LAVIS blip2_qformer.py, blip2_opt.py, blip2_t5.py), including a
 simulation of LAVIS's multi-GPU ITC (no-grad gather, DDP gradient averaging)."""
 from __future__ import annotations
 

@@ -3,12 +3,12 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from blip2_jax.metrics import __main__ as metrics_main
 from blip2_jax.metrics.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,8 +93,7 @@ def test_caption_arguments_and_numpy_output(tmp_path, monkeypatch, capsys):
         calls.append((references, predictions, tokenize, meteor))
         return {"CIDEr": np.float64(1.25), "Bleu_4": np.float32(0.5)}
 
-    monkeypatch.setitem(sys.modules, "blip2_jax.metrics.caption",
-                        types.SimpleNamespace(caption_metrics=fake))
+    monkeypatch.setattr(metrics_main, "caption_metrics", fake)
     anns = {"annotations": [{"image_id": 7, "caption": "a b"}, {"image_id": 7, "caption": "c"}]}
     rc = main(["caption", "--references", str(write(tmp_path, "r.json", anns)),
                "--predictions", str(write(tmp_path, "p.json", {"7": "a b"})),

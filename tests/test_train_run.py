@@ -132,6 +132,30 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path):
         loop.run(c, str(tmp_path / "nan"))
 
 
+def test_nonfinite_halt_names_the_first_bad_step_when_checked_rarely(data_dir, tmp_path):
+    """The loop reads the step's `finite` flag only on log and checkpoint steps: halting must
+    still name the first non-finite step (as reading every step does), and no checkpoint may
+    hold a non-finite state."""
+    def named_step(log_every, ckpt_every, workdir):
+        # The LR ramps from 1e-5 to 1e12 over 8 steps: the loss turns non-finite part-way.
+        c = _config("tiny_stage1", data_dir, total_steps=8, log_every_steps=log_every,
+                    checkpoint_every_steps=ckpt_every)
+        c.optimizer.update(lr=1e12, warmup_lr=1e-5, warmup_steps=8)
+        with pytest.raises(loop.NonFiniteLoss) as e:
+            loop.run(c, workdir)
+        return int(str(e.value).split("non-finite loss at step ")[1].split(";")[0]), workdir
+    every, _ = named_step(1, 100, str(tmp_path / "every"))
+    assert 1 < every <= 8
+    rarely, workdir = named_step(100, 1, str(tmp_path / "rarely"))
+    assert rarely == every
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
+    try:
+        steps = checkpointer.manager.all_steps()
+    finally:
+        checkpointer.close()
+    assert steps and max(steps) == every - 1        # every finite step saved, no later one
+
+
 def test_a_batch_the_mesh_does_not_divide_is_refused_or_padded(data_dir, tmp_path):
     c = _config("tiny_stage1", data_dir, total_steps=3, batch_size=6)    # 8 devices
     with pytest.raises(ValueError, match=r"batch_size 6 is not divisible .*pad_batch=True "

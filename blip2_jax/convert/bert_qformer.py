@@ -1,6 +1,6 @@
 """A stage-1 Q-Former initialised from a BERT checkpoint, as LAVIS does it (training from scratch).
 
-Matches LAVIS `Blip2Base.init_Qformer` + `Blip2Qformer.__init__` (blip2.md §1.4, §1.6) for a
+Matches LAVIS `Blip2Base.init_Qformer` + `Blip2Qformer.__init__` for a
 BERT directory in the HF `bert-base-uncased` layout (`config.json` + `model.safetensors`,
 safetensors shards, or `pytorch_model.bin` read by the safe reader):
   loaded   embeddings (word, position, LayerNorm), every layer's self-attention and text FFN

@@ -1,6 +1,6 @@
 """HF `Blip2VisionModel` <-> our `VisionTransformer` (variant "eva") key table.
 
-HF layout (blip2.md §7.2): `vision_model.embeddings.{class_embedding, position_embedding,
+HF layout: `vision_model.embeddings.{class_embedding, position_embedding,
 patch_embedding.{weight,bias}}`, `vision_model.encoder.layers.{i}.{layer_norm1, self_attn.qkv,
 self_attn.projection, layer_norm2, mlp.fc1, mlp.fc2}.*`. `vision_model.post_layernorm` is not part
 of this tower (the composite maps it to `ln_vision`). Early-2023 HF checkpoints store

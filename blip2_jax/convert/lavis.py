@@ -1,8 +1,8 @@
 """Salesforce LAVIS BLIP-2 checkpoints (`.pth`) <-> our parameter tree; EVA / CLIP tower files.
 
-LAVIS models (blip2.md §7.1): stage 1 `Blip2Qformer` (`blip2`, `blip2_feature_extractor`,
+LAVIS models: stage 1 `Blip2Qformer` (`blip2`, `blip2_feature_extractor`,
 `blip2_image_text_matching`), stage 2 `Blip2OPT` (`blip2_opt`) and `Blip2T5` (`blip2_t5`). Their
-keys are HF's (§7.2) under HF's conversion renames (§7.3) run backwards, so the tables here are
+keys are HF's under HF's conversion renames run backwards, so the tables here are
 the HF tables with renamed keys, plus what HF lacks:
   * the EVA attention bias stored as `attn.q_bias` + `attn.v_bias` (our fused qkv bias has a zero
     key part; writing refuses a non-zero one), and the CLIP ViT-L tower (`lavis_vision`);
@@ -46,7 +46,7 @@ _EVA_RENAMES = (("embeddings.class_embedding", "cls_token"),
 
 
 def lavis_numerics(cfg: Blip2Config) -> Blip2Config:
-    """`cfg` computing what LAVIS computes (blip2.md §9): `ln_vision` eps 1e-5. The other
+    """`cfg` computing what LAVIS computes: `ln_vision` eps 1e-5. The other
     LAVIS/HF differences are either in the presets already (exact GELU in FlanT5's FFN, OPT's
     "\\n" EOS) or below fp32 resolution (LAVIS scales q before q·k, HF the product; -10000 vs
     dtype-min masks on all-ones image masks)."""

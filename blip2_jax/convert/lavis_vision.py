@@ -1,6 +1,6 @@
 """LAVIS CLIP ViT-L (`lavis/models/clip_vit.py`) <-> our `VisionTransformer` (variant "clip").
 
-LAVIS layout (blip2.md §7.1): `visual_encoder.{conv1.weight, class_embedding (D,),
+LAVIS layout: `visual_encoder.{conv1.weight, class_embedding (D,),
 positional_embedding (1+N, D), ln_pre.*}`, `visual_encoder.transformer.resblocks.{i}.{ln_1,
 attn.in_proj_weight, attn.in_proj_bias, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}.*`.
 `ln_vision` is not part of this tower (the composite maps it).

@@ -3,7 +3,7 @@
     metrics, score_i2t, score_t2i = evaluate(model, image_batches, texts, text_to_image,
                                              image_to_texts, k=128, mesh=None)
 
-What LAVIS does (`lavis/models/blip2_models/blip2.py::compute_sim_matrix`, spec §5.3):
+What LAVIS does (`lavis/models/blip2_models/blip2.py::compute_sim_matrix`):
   1. text features: every caption tokenized to max_length 35 (padding="max_length"),
      `normalize(text_proj(CLS))` (N_t, E);
   2. image features: `normalize(vision_proj(query outputs))` (N_i, Q, E), and the ViT features

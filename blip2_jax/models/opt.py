@@ -5,7 +5,7 @@ transformers 5.x, eager attention): learned positions from `cumsum(mask)*mask - 
 so left padding works), optional project_in/project_out (word_embed_proj_dim != hidden_size),
 pre-LN (do_layer_norm_before=True, with a final LayerNorm) or post-LN (OPT-350m, no final LN),
 ReLU FFN, causal + padding mask, lm_head tied to the token embedding unless
-tie_word_embeddings=False. Spec: /work/shared/reference/blip2.md §3.1, §7.2, §9.
+tie_word_embeddings=False.
 
 Decoding uses an explicit functional KV cache {"k","v"} of shape (L, B, S_max, heads, head_dim)
 (`init_cache`); the K/V of the T input positions are written at `cache_index`.

@@ -2,7 +2,7 @@
 
 Matches Hugging Face `transformers` `Blip2QFormerModel` (+ the word/position tables of
 `Blip2TextEmbeddings`) in fp32, and the LAVIS `Qformer.py` modes HF lacks (UniLM-causal ITG, with or
-without the query key/value cache). Spec: shared/reference/blip2.md §1.4–1.5, §2, §9, §10.
+without the query key/value cache).
 
 Modes of `QFormer.__call__` (Q queries, T text tokens):
   a. queries only (`query_embeds`)                      → (B, Q, H)   ITC image side / stage 2

@@ -1,8 +1,7 @@
 """T5 / FlanT5 encoder-decoder (the frozen LLM of BLIP-2 FlanT5 checkpoints).
 
 Reference matched: Hugging Face `transformers` 5.x `T5ForConditionalGeneration`
-(models/t5/modeling_t5.py, eager attention). Spec: /work/shared/reference/blip2.md §3.2, §7.2,
-§8.1, §9.
+(models/t5/modeling_t5.py, eager attention).
   * shared token embedding (no scaling) for encoder and decoder inputs;
   * pre-RMSNorm blocks (fp32 variance, eps `layer_norm_eps`, no bias), attention without bias and
     without 1/sqrt(d) scaling; a relative position bias from the first block's bucket table is

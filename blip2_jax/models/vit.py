@@ -1,6 +1,6 @@
 """The frozen image encoder of BLIP-2: EVA ViT-g (HF `Blip2VisionModel`) or LAVIS CLIP ViT-L.
 
-References matched (blip2.md §1.1–1.3, §7, §9):
+References matched:
   variant "eva"  — HF `transformers` `Blip2VisionEmbeddings` + `Blip2Encoder` (v5.24): patch conv
                    with bias, CLS, learned positions, pre-LN blocks with a fused qkv (one 3·D bias),
                    exact-erf GELU MLP.

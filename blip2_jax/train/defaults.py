@@ -2,15 +2,15 @@
 config file holds only what is particular to it. `train/loop.py` documents each key."""
 import ml_collections
 
-VQA_PROMPT = "Question: {} Short answer:"     # §3.3: LAVIS's zero-shot VQA prompt (OPT and T5)
-# The paper's evaluations (blip2.md §5, LAVIS eval yamls): configs/eval_blip2.py, and the
+VQA_PROMPT = "Question: {} Short answer:"     # LAVIS's zero-shot VQA prompt (OPT and T5)
+# The paper's evaluations (the paper §4, LAVIS eval yamls): configs/eval_blip2.py, and the
 # fine-tune configs' in-training evaluation.
 PAPER_EVALUATORS = {
-    # §5.2: beam 5, 8-30 tokens, "a photo of" (LAVIS@release passed only these).
+    # beam 5, 8-30 tokens, "a photo of" (LAVIS@release passed only these).
     "coco_caption": dict(kind="caption", dataset="blip2_captions/coco_karpathy", split="test",
                          prompt="a photo of", num_beams=5, min_new_tokens=8,
                          max_new_tokens=30),
-    # §5.2: LAVIS's NoCaps yaml (beam 5, 10-80 tokens, length penalty 1).
+    # LAVIS's NoCaps yaml (beam 5, 10-80 tokens, length penalty 1).
     "nocaps": dict(kind="caption", dataset="blip2_captions/nocaps", split="val",
                    prompt="a photo of", num_beams=5, min_new_tokens=10, max_new_tokens=80,
                    length_penalty=1.0),
@@ -18,7 +18,7 @@ PAPER_EVALUATORS = {
     "flickr_caption": dict(kind="caption", dataset="blip2_captions/flickr30k", split="test",
                            prompt="a photo of", num_beams=5, min_new_tokens=8,
                            max_new_tokens=30),
-    # §5.1: beam 5, ≤ 10 tokens, at least 1, length penalty -1 (the paper; LAVIS's OPT path
+    # beam 5, ≤ 10 tokens, at least 1, length penalty -1 (the paper; LAVIS's OPT path
     # uses 0: set --config.eval.evaluators.vqav2.length_penalty=0 to follow it).
     "vqav2": dict(kind="vqa", dataset="blip2_vqa/vqav2", split="val", template=VQA_PROMPT,
                   num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0),
@@ -28,10 +28,10 @@ PAPER_EVALUATORS = {
     "gqa": dict(kind="vqa", dataset="blip2_vqa/gqa", split="testdev", template=VQA_PROMPT,
                 num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0,
                 metric="gqa"),
-    # §5.3: k_test 128, text max_length 35.
+    # k_test 128, text max_length 35.
     "coco_retrieval": dict(kind="retrieval", dataset="blip2_captions/coco_karpathy",
                            split="test", k=128, max_length=35),
-    # Zero-shot Flickr uses the COCO-finetuned retrieval model (§5.3).
+    # Zero-shot Flickr uses the COCO-finetuned retrieval model.
     "flickr_retrieval": dict(kind="retrieval", dataset="blip2_captions/flickr30k", split="test",
                              k=128, max_length=35),
 }
@@ -134,7 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # The pre-training mixture of both stages: tfds name, weight, image processor (LAVIS yaml).
-# Weights: blip2.md gives only the totals (129M images, 115M of them LAION); the per-set
+# Weights: the paper gives only the totals (129M images, 115M of them LAION); the per-set
 # sizes are the BLIP / ALBEF paper's pre-training table (entries: image-caption pairs for COCO and
 # VG, whose LAVIS/BLIP annotation files hold one entry per caption; images for the web sets). A
 # uniform draw over the concatenated datasets (what BLIP's and LAVIS's loaders do) samples each
@@ -152,7 +152,7 @@ PRETRAINING_SOURCES = (
 
 
 def pretraining_data() -> dict:
-    """`config.data` of both pre-training stages. Image size: the model's (224, §4.1), which the
+    """`config.data` of both pre-training stages. Image size: the model's (224), which the
     loop passes to the pipeline."""
     return dict(
         data_dir="/path/to/tfds_data",
@@ -160,8 +160,8 @@ def pretraining_data() -> dict:
                for name, weight, proc in PRETRAINING_SOURCES],
         image_processor="blip2_image_train",
         flip=True,
-        max_words=50,                    # LAVIS blip_caption (§4.3)
-        prompt="",                       # pre-training prompt (§3.3)
+        max_words=50,                    # LAVIS blip_caption
+        prompt="",                       # pre-training prompt
         num_workers=8,                   # per host; tune to the host's cores
         num_threads=16,
         # A frozen-feature cache directory (blip2_jax/data/features.py): train from the ViT's

@@ -194,13 +194,15 @@ def run(config, workdir: str) -> dict:
 
 class _IteratorState:
     """A data iterator's state taken earlier, saved in its place: the loop draws the next batch
-    before the step that precedes it is checkpointed."""
+    before the step that precedes it is checkpointed. grain's checkpoint handler writes what
+    `get_state()` returns as JSON text (the same file a live iterator gives), and restores it into
+    the live iterator."""
 
     def __init__(self, state):
         self._state = state
 
-    def get_state(self):
-        return self._state
+    def get_state(self) -> bytes:
+        return json.dumps(self._state, indent=4).encode()
 
 
 def _check_finite(unchecked: list, skip: bool, last_checkpoint: Optional[int]) -> None:
