@@ -32,25 +32,22 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
 
 
-class _SlowIterator:
-    """A pipeline iterator whose `__next__` costs `seconds` more host time."""
+def _slow_iterator(inner, seconds: float):
+    import grain
 
-    def __init__(self, inner, seconds: float):
-        self._inner, self._seconds = inner, seconds
-        self._parents = [inner]        # pipeline.skipped() walks to the pipeline's own node
+    class SlowIterator(grain.DatasetIterator):
+        """A pipeline iterator whose `__next__` costs `seconds` more host time."""
 
-    def __iter__(self):
-        return self
+        def __next__(self):
+            time.sleep(seconds)
+            return next(inner)
 
-    def __next__(self):
-        time.sleep(self._seconds)
-        return next(self._inner)
+        def get_state(self):
+            return inner.get_state()
 
-    def get_state(self):
-        return self._inner.get_state()
-
-    def set_state(self, state):
-        self._inner.set_state(state)
+        def set_state(self, state):
+            inner.set_state(state)
+    return SlowIterator(inner)       # its parent: pipeline.skipped() walks to the pipeline
 
 
 class _SlowDataset:
@@ -58,7 +55,7 @@ class _SlowDataset:
         self._inner, self._seconds = inner, seconds
 
     def __iter__(self):
-        return _SlowIterator(iter(self._inner), self._seconds)
+        return _slow_iterator(iter(self._inner), self._seconds)
 
 
 def _seconds_per_step(args, data_dir: str, input_s: float) -> float:
