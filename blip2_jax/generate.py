@@ -252,9 +252,9 @@ def _gather(x, idx, axis: int = 1):
 def _top_k_over_beams(scores, nb: int, k: int):
     """`jax.lax.top_k` of each row's nb beams' scores flattened, (B * nb, V) -> (B, k) values
     and flat indices beam * V + token, in two steps: the k best of each beam, then the k best
-    of those nb * k. The same result, ties included (both keep the lower flat index first). On
-    TPU the scores of a top-k over (B, nb * V) were laid out with the few rows on the padded
-    minor axis (XLA's TPU cost model, OPT-2.7B beam 5: 2.5 M cycles a decode step, now ~0)."""
+    of those nb * k. The same result, ties included (both keep the lower flat index first). Why:
+    on TPU, one top-k over (B, nb * V) lays the few rows out on the padded minor axis (XLA's TPU
+    cost model, OPT-2.7B beam 5: 2.5 M cycles a decode step; the two steps cost ~0)."""
     bn, v = scores.shape
     top, token = jax.lax.top_k(scores, k)                              # (B * nb, k)
     flat = (jnp.arange(bn, dtype=token.dtype)[:, None] % nb) * v + token

@@ -22,18 +22,16 @@ so every process runs the same number of batches.
 A record whose image does not decode is dropped, counted and logged (`skipped(it)` gives the
 count and the first few keys; both are part of the checkpointed state).
 
-Batch fields:
-- `image` float32 (b, S, S, 3); or, with a frozen-feature cache (`data.features`, training),
-  `vision_features` (b, N, Dv): the frozen ViT's tokens (`data/features.py`);
+Batch fields: those a training step takes, as `data.batch` defines them (`image` or, with a
+frozen-feature cache, `vision_features`; `valid`; the indices; `NAME_ids` / `NAME_mask` per
+tokenizer spec NAME), and the host-only ones:
 - `text`: the caption, or the question for VQA; LAVIS-cleaned, prompt applied. With
   `prefix_lm` it is the caption's prefix, and `target` holds the suffix;
 - VQA also has `answer` (one of the answers, drawn by frequency) and `answers` (all of them, as
   an object array);
-- per tokenizer spec NAME: `NAME_ids` and `NAME_mask`, int32 (b, L);
-- `image_index`, `dataset_index`, `index` int32; `image_id` (and `question_id`) strings;
-  `valid` bool; evaluation batches also have `position` int32, the record's position in the
-  split's data source (`builders.open_split(...)[position]`).
-`data.batch` defines the fields a device step takes (`batch.numeric(batch)` keeps them).
+- `image_id` (and `question_id`) strings; evaluation batches also have `position` int32, the
+  record's position in the split's data source (`builders.open_split(...)[position]`).
+`batch.numeric(batch)` keeps the arrays a device can take.
 """
 from __future__ import annotations
 
@@ -137,7 +135,7 @@ class _Process(grain.transforms.RandomMap):
                "image_index": np.int32(record["image_index"]),
                "dataset_index": np.int32(dataset_index),
                "index": np.int32(record["index"]),
-               "image_id": _text(record["image_id"]), "valid": np.bool_(bad is None)}
+               "image_id": _text(record["image_id"]), batch_lib.VALID: np.bool_(bad is None)}
         if kind == builders.CAPTIONS:
             captions = [_text(c) for c in record["captions"]]
             caption = captions[rng.integers(len(captions))] if self.train else captions[0]
@@ -161,7 +159,7 @@ class _Process(grain.transforms.RandomMap):
                 self._tokenizer(spec), out[spec.field] + spec.suffix, kind=spec.kind,
                 max_length=spec.max_length, padding="max_length",
                 padding_side=spec.padding_side)
-            out[f"{spec.name}_ids"], out[f"{spec.name}_mask"] = ids[0], mask[0]
+            out[batch_lib.ids(spec.name)], out[batch_lib.mask(spec.name)] = ids[0], mask[0]
         if bad is not None:
             out[_SKIP] = bad
         return out
@@ -290,7 +288,7 @@ class _MarkPadding:
 
     def __call__(self, j, element):
         if j >= self.n:
-            element["valid"] = np.bool_(False)
+            element[batch_lib.VALID] = np.bool_(False)
         return element
 
 

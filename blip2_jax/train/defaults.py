@@ -47,7 +47,8 @@ POD_SETTINGS: dict = {
     # 1680 padded to 1728 rows: 64-way data parallel (with the ITM K/V reuse of configs/stage1.py)
     # estimated 113 ms per step against 168 ms for 16 x 4-way tensor.
     ("stage1:vit_g", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1), pad_batch=True),
-    # 2320 padded to 2368 rows: 99.8 ms against 150 ms for 16 x 4-way tensor (older code).
+    # 2320 padded to 2368 rows: 99.8 ms (16 x 4-way tensor: 150 ms, compiled from an earlier state
+    # of the code: README "Pods").
     ("stage1:vit_l", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1), pad_batch=True),
     ("stage2:opt-2.7b", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
     ("stage2:opt-6.7b", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
