@@ -50,10 +50,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from blip2_jax.config import ConfigError
     from blip2_jax.convert.mapping import MappingError
     from blip2_jax.eval.evaluators import EvalConfigError
+    from blip2_jax.train.loop import ResumeError
     try:
         evaluate(args)
     except (FileNotFoundError, ConfigError, EvalConfigError, MappingError, CheckpointError,
-            KeyError) as e:
+            KeyError, ResumeError) as e:
         # Bad input (paths, configs, evaluator settings): the message, not a traceback.
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2

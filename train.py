@@ -28,7 +28,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv[1:])
     cli.setup(args)
     from blip2_jax.train import loop      # after jax.distributed.initialize (cli.setup)
-    result = loop.run(args.config, args.workdir)
+    try:
+        result = loop.run(args.config, args.workdir)
+    except loop.ResumeError as e:
+        # The work directory holds another run: the message says what differs and what to do.
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result, default=float))
     return 0
 

@@ -66,6 +66,14 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave(dict(meta))), force=force)
 
+    def meta(self, step: Optional[int] = None) -> dict:
+        """The JSON meta of `step` (default: the latest) alone: no arrays are read."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return out["meta"]
+
     def restore(self, abstract_state, data_iterator=None, step: Optional[int] = None):
         """(state, meta) of `step` (default: the latest); the iterator, when given, is restored
         in place (evaluation passes None and reads the state alone)."""

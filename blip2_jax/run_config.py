@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 from typing import Any, Mapping, Optional
 
@@ -286,6 +287,46 @@ def batch_fields(config, cfg: config_lib.Blip2Config,
         features = ((tokens, cfg.vision.hidden_size), cfg.vision.dtype)
     return batch_lib.step_fields(text.fields, text.max_length, image_size=size,
                                  features=features)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming
+# ------------------------------------------------------------------------------------------------
+# What a resumed run may change without `allow_config_change`: when it logs, saves, evaluates or
+# stops, and how the same global batch is laid out over devices or read (the losses do not
+# depend on the mesh, the data workers or the feature cache).
+RESUMABLE_CHANGES = ("total_steps", "stop_after_steps", "log_every_steps",
+                     "checkpoint_every_steps", "keep_checkpoints", "eval",
+                     "allow_config_change", "peak_tflops_per_device", "mesh", "sharding",
+                     "data.num_workers", "data.num_threads", "data.prefetch", "data.features")
+
+
+def _leaves(d, prefix: str = "") -> dict:
+    if isinstance(d, Mapping) and d:
+        out = {}
+        for k, v in d.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_changes(saved: Mapping, current) -> list[str]:
+    """"KEY: SAVED -> NOW" for every config entry that differs between a checkpoint's config
+    and `current`, except RESUMABLE_CHANGES (compared as JSON, as checkpoints store them)."""
+    now = json.loads(json.dumps(plain(current), default=str))
+    old = json.loads(json.dumps(plain(saved), default=str))
+    a, b = _leaves(old), _leaves(now)
+    free = lambda k: any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)  # noqa: E731
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]
+
+
+def stage_of(model_config: Mapping) -> str:
+    """"stage 1" (no LLM) or "stage 2 (KIND)" of a model config dict (`Blip2Config.to_dict`)."""
+    llm = model_config.get("llm")
+    if not llm:
+        return "stage 1 (Q-Former, no LLM)"
+    return f"stage 2 ({str(llm.get('kind', 'an')).upper()} LLM)"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ IDS = [f"{n}:{a}" if a else n for n, a in CASES]
 LOOP_KEYS = {"model", "model_overrides", "init", "frozen", "frozen_dtype", "loss", "optimizer",
              "total_steps", "batch_size", "seed", "mesh", "log_every_steps",
              "checkpoint_every_steps", "keep_checkpoints", "stop_after_steps", "on_nonfinite",
-             "peak_tflops_per_device", "data", "text", "eval", "microbatches", "pad_batch"}
+             "peak_tflops_per_device", "data", "text", "eval", "microbatches", "pad_batch",
+             "allow_config_change", "sharding"}
 # What each config.init source provides (blip2_jax/train/init.py), by top-level name.
 INIT_PROVIDES = {"stage1": {"vision", "ln_vision", "qformer", "query_tokens"},
                  "qformer_bert": {"qformer", "query_tokens", "lm_head"},

@@ -127,6 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.stop_after_steps = 0            # > 0: end the run at that step, as a preemption would
     c.on_nonfinite = "stop"           # or "skip" (the update)
+    # A re-run resumes only with the config it was trained with (total_steps, logging, checkpoint
+    # and evaluation settings aside: run_config.RESUMABLE_CHANGES); True continues with the new
+    # values, logging them and keeping the old config.json.
+    c.allow_config_change = False
     c.peak_tflops_per_device = 0.0    # set for the accelerator to log MFU
     # Evaluators by name (blip2_jax/eval/evaluators.py): train.py runs them every `every_steps`
     # steps and at the end (0: never), eval.py on a run or a checkpoint. `batch_size` is global.

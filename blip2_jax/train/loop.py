@@ -33,7 +33,7 @@ from blip2_jax import (api, checkpoint as ckpt_lib, config as config_lib, run_co
 from blip2_jax.data import batch as batch_lib, features, pipeline
 from blip2_jax.eval import runner
 from blip2_jax.train import features as feature_builder, init as init_lib, state as state_lib
-from blip2_jax.train.metrics import MetricWriter
+from blip2_jax.train.metrics import MetricWriter, drop_rows_after
 from blip2_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,51 @@ def _export(path: str, cfg: config_lib.Blip2Config, params, frozen_dtype: Option
     api.Blip2(cfg, host, check=False).save(path, format="native")
 
 
+class ResumeError(ValueError):
+    """A work directory holding a run that the config given does not continue."""
+
+
 def run(config, workdir: str) -> dict:
     """Train (or resume) to `total_steps` (or `stop_after_steps`); returns the last metrics."""
     os.makedirs(workdir, exist_ok=True)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 3),
+        save_interval_steps=int(config.checkpoint_every_steps))
+    try:
+        return _run(config, workdir, checkpointer)
+    finally:
+        checkpointer.close()
+
+
+def _check_resume(config, saved: Mapping, workdir: str, step: int) -> list[str]:
+    """The config entries a resumed run changes (RESUMABLE_CHANGES aside): refused unless
+    `allow_config_change`, with the stage the work directory holds when the model differs."""
+    changes = run_config.config_changes(saved["config"], config)
+    if not changes:
+        return []
+    stage = run_config.stage_of(saved["model"])
+    now = run_config.stage_of(run_config.model_config(config).to_dict())
+    if stage != now:
+        raise ResumeError(f"{workdir} holds a {stage} run (checkpoint step {step}); this config "
+                          f"trains {now}: use another --workdir, or the run's own config")
+    if not config.get("allow_config_change"):
+        shown = "\n  ".join(changes[:20]) + ("\n  ..." if len(changes) > 20 else "")
+        raise ResumeError(
+            f"{workdir} holds a run (checkpoint step {step}) whose config differs from this "
+            f"one in what it computes (saved -> now):\n  {shown}\nResume with the run's own "
+            f"config (only total_steps and the logging, checkpoint and evaluation settings may "
+            f"change), use another --workdir, or pass --config.allow_config_change=True to "
+            f"continue with the new values")
+    for c in changes:
+        log.warning("resuming with a changed config (allow_config_change): %s", c)
+    return changes
+
+
+def _run(config, workdir: str, checkpointer: ckpt_lib.Checkpointer) -> dict:
+    resumed_from = checkpointer.latest_step()
+    changed = []
+    if resumed_from is not None:
+        changed = _check_resume(config, checkpointer.meta(resumed_from), workdir, resumed_from)
     cfg = run_config.model_config(config)
     total = int(config.total_steps)
     stop_at = int(config.get("stop_after_steps") or 0) or total
@@ -104,23 +146,24 @@ def run(config, workdir: str) -> dict:
     state, frozen = trainer.init(params, seed=int(config.seed))
     del params
 
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 3),
-        save_interval_steps=int(config.checkpoint_every_steps))
     it = iter(data.dataset())
     meta = {"config": run_config.plain(config), "model": cfg.to_dict(), "frozen": frozen_meta,
             "sources": sources}
-    if checkpointer.latest_step() is not None:
+    if resumed_from is not None:
         state, saved = checkpointer.restore(trainer.abstract_state(), it)
         ckpt_lib.check_frozen(saved["frozen"], frozen_meta)
         log.info("resumed from step %d", int(state.step))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
+        _write_config(workdir, meta, resumed_from if changed else None)
+        if resumed_from is not None:
+            # Rows logged after the checkpoint (a hard stop) are computed again from here.
+            drop_rows_after(workdir, resumed_from)
 
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     preempted = {"flag": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+    # SIGTERM (preemption) and SIGINT (Ctrl-C): finish the step, checkpoint, return.
+    stop = lambda *_: preempted.update(flag=True)                          # noqa: E731
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     step = int(state.step)
     last: dict = {}
     eval_model = None
@@ -183,13 +226,23 @@ def run(config, workdir: str) -> dict:
             if done:
                 break
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        checkpointer.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         writer.close()
     if step == total:
         _export(os.path.join(workdir, "final"), cfg,
                 state_lib.merge(state.params, frozen), frozen_dtype, set(frozen_tops))
     return {"step": step, "preempted": preempted["flag"], **last}
+
+
+def _write_config(workdir: str, meta: Mapping, changed_at: Optional[int]) -> None:
+    """WORKDIR/config.json: the run's config; a resume that changed it keeps the previous one
+    as config.until_step_N.json."""
+    path = os.path.join(workdir, "config.json")
+    if changed_at is not None and os.path.isfile(path):
+        os.replace(path, os.path.join(workdir, f"config.until_step_{changed_at}.json"))
+    with open(path, "w") as f:
+        json.dump(meta, f, indent=2, default=str)
 
 
 class _IteratorState:
@@ -252,11 +305,20 @@ def load_trained(config, workdir: str) -> tuple[api.Blip2, dict]:
                     if os.path.isdir(ckpt_dir) else None)
     try:
         latest = checkpointer.latest_step() if checkpointer is not None else None
+        wanted = run_config.stage_of(run_config.model_config(config).to_dict())
+
+        def check_stage(held: Mapping, where: str):
+            if run_config.stage_of(held) != wanted:
+                raise ResumeError(f"{where} holds a {run_config.stage_of(held)} model; this "
+                                  f"config is for {wanted}: pass the run's own config")
         if os.path.isdir(final) and (latest is None or latest >= total):
-            return api.load(final, dtype=None), {"source": final, "step": latest or total}
+            model = api.load(final, dtype=None)
+            check_stage(model.config.to_dict(), final)
+            return model, {"source": final, "step": latest or total}
         if latest is None:
             raise FileNotFoundError(f"{workdir} holds neither a final/ export nor checkpoints/ "
                                     "(is it a train.py workdir?)")
+        check_stage(checkpointer.meta(latest)["model"], os.path.join(ckpt_dir, str(latest)))
         cfg = run_config.model_config(config)
         loss_cfg = run_config.text_setup(config, cfg).loss
         cfg = run_config.with_caption_eos(config, cfg)

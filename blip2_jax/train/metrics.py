@@ -34,3 +34,19 @@ class MetricWriter:
             self._jsonl.close()
             self._tb.close()
             self._jsonl = self._tb = None
+
+
+def drop_rows_after(workdir: str, step: int) -> int:
+    """Removes the rows of WORKDIR/metrics.jsonl past `step` (a run resumed from a checkpoint at
+    `step` logs them again); returns how many."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(keep)
