@@ -433,7 +433,7 @@ class Blip2:
         qs = self._strings(questions, "questions")
         if clean_question:
             qs = [processing.pre_question(q) for q in qs]
-        prompts = [template.format(q) for q in qs] if template else qs
+        prompts = [processing.fill_template(template, q) for q in qs] if template else qs
         pix, prompts = self._pair_up(pix, prompts, "questions")
         return self._text_and_decode(pix, prompts, {**self.VQA_DEFAULTS, **generate_kwargs})
 

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 from PIL import Image, UnidentifiedImageError
 
 import blip2_jax
-from blip2_jax import cli
+from blip2_jax import cli, processing
 from blip2_jax.api import SurfaceError
 from blip2_jax.convert.mapping import MappingError
 
@@ -94,6 +94,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.template is not None and args.question is None:
         _parser().error("--template needs --question")
+    if args.template:
+        try:
+            processing.fill_template(args.template, "")
+        except ValueError as e:
+            _parser().error(f"--template: {e}")
     for name in ("num_beams", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -500,6 +500,16 @@ def pre_caption(text: str, max_words: int = 50) -> str:
     return _first_words(text, max_words)
 
 
+def fill_template(template: str, text: str) -> str:
+    """`template` with its one `{}` replaced by `text` (a VQA prompt: "Question: {} Answer:").
+    A template without exactly one `{}` would drop or repeat the question: a ValueError."""
+    if template.count("{}") != 1 or template.replace("{}", "").count("{") \
+            or template.replace("{}", "").count("}"):
+        raise ValueError(f"the template {template!r} must hold exactly one {{}} where the "
+                         f"question goes (e.g. \"Question: {{}} Answer:\")")
+    return template.replace("{}", text)
+
+
 def pre_question(text: str, max_words: int = 50) -> str:
     """LAVIS `BlipQuestionProcessor.pre_question`: lowercase, the same punctuation deleted (not
     replaced), trailing spaces stripped, first `max_words` space-separated words kept. Whitespace

@@ -218,26 +218,37 @@ def assemble(cfg: Blip2Config, layers: Sequence[tuple[str, Mapping[str, Leaf]]],
     without a source (with the option that supplies it); names in `random` may stay absent."""
     abstract = flatten(blip2_model.abstract_params(cfg))
     out: dict[str, Leaf] = {}
-    unknown, wrong = [], []
+    unknown, wrong, misfit = [], [], set()
+    sourced: dict[str, list[str]] = {}     # tower -> the sources that hold some of it
     for label, leaves in layers:
         for name, leaf in leaves.items():
             if name not in abstract:
                 unknown.append(f"{name} (in {label})")
                 continue
+            tower = name.split("/")[0]
+            if label not in sourced.setdefault(tower, []):
+                sourced[tower].append(label)
             want = tuple(abstract[name].shape)
             if name == "vision/pos_embed" and leaf.shape != want and leaf.shape[-1] == want[-1]:
                 leaf = _fit_pos_embed(cfg, leaf)
             if tuple(leaf.shape) != want:
                 wrong.append(f"{name}: {label} has {tuple(leaf.shape)}, the model needs {want}")
+                misfit.add(name)
                 continue
             out[name] = leaf
-    missing = sorted(set(abstract) - set(out) - {k for k in abstract
-                                                  if k.split("/")[0] in random})
-    towers = sorted({k.split("/")[0] for k in missing})
+            misfit.discard(name)
+    missing = sorted(set(abstract) - set(out) - misfit
+                     - {k for k in abstract if k.split("/")[0] in random})
+    # A tower no source holds at all gets the option that supplies it; a tower a source holds
+    # only part of gets each absent parameter named.
+    absent = [k for k in missing if k.split("/")[0] in sourced]
+    towers = sorted({k.split("/")[0] for k in missing} - set(sourced))
     needs = [f"{t}/ ({sum(k.split('/')[0] == t for k in missing)} leaves): pass "
              f"{HINTS.get(t, 'a checkpoint that has it')}" for t in towers]
     check_names("the sources do not make up the model:",
                 [("parameters the model does not have", unknown), ("wrong shapes", wrong),
+                 ("missing parameters", [f"{k} (not in {', '.join(sourced[k.split('/')[0]])})"
+                                         for k in absent]),
                  ("towers with no source", needs)])
     return out
 

@@ -146,7 +146,7 @@ class _Process(grain.transforms.RandomMap):
             out["captions"] = _object(captions)
         else:
             question = ops.pre_question(_text(record["question"]), self.max_words)
-            out["text"] = self.question_template.format(question)
+            out["text"] = processing.fill_template(self.question_template, question)
             answers = [_text(a) for a in record["answers"]]
             values, counts = np.unique(answers, return_counts=True)
             # Drawing by frequency trains on LAVIS's count-weighted answer loss in expectation.
@@ -318,6 +318,7 @@ class Pipeline:
         weights = [float(s.weight) for s in sources]
         if any(w <= 0 for w in weights):
             raise ValueError(f"mixture weights must be positive, got {weights}")
+        processing.fill_template(question_template, "")      # one {} for the question
         default = image_processor or ("blip2_image_train" if train else "blip_image_eval")
         processors = [s.image_processor or default for s in sources]
         self.sources = list(sources)

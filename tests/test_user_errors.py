@@ -1,0 +1,87 @@
+"""Bad input gets one clear message naming what is wrong: checkpoints with a tensor missing or of
+the wrong shape, VQA templates without a slot for the question."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import blip2_jax
+from blip2_jax.convert.mapping import MappingError
+
+
+@pytest.fixture(scope="module")
+def native_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("native"))
+    blip2_jax.Blip2.random("tiny-stage1").save(d, format="native")
+    return d
+
+
+def _edit(src, dst, change):
+    """A copy of a native checkpoint whose tensors `change` edits (a dict, in place)."""
+    os.makedirs(dst)
+    for f in os.listdir(src):
+        path = os.path.join(src, f)
+        if f.endswith(".safetensors"):
+            tensors = load_file(path)
+            change(tensors)
+            save_file(tensors, os.path.join(dst, f))
+        else:
+            with open(path, "rb") as a, open(os.path.join(dst, f), "wb") as b:
+                b.write(a.read())
+    return dst
+
+
+def _a_qformer_kernel(tensors):
+    return next(k for k in sorted(tensors) if k.startswith("qformer/") and k.endswith("kernel"))
+
+
+def test_a_missing_tensor_is_named(native_dir, tmp_path):
+    name = []
+
+    def drop(t):
+        name.append(_a_qformer_kernel(t))
+        del t[name[0]]
+    bad = _edit(native_dir, str(tmp_path / "bad"), drop)
+    with pytest.raises(MappingError) as e:
+        blip2_jax.load(bad)
+    msg = str(e.value)
+    assert f"missing parameters (1): {name[0]}" in msg
+    assert "towers with no source" not in msg
+
+
+def test_a_wrong_shape_is_named_once(native_dir, tmp_path):
+    name = []
+
+    def widen(t):
+        name.append(_a_qformer_kernel(t))
+        t[name[0]] = np.zeros(t[name[0]].shape[:-1] + (t[name[0]].shape[-1] + 1,), np.float32)
+    bad = _edit(native_dir, str(tmp_path / "bad"), widen)
+    with pytest.raises(MappingError) as e:
+        blip2_jax.load(bad)
+    msg = str(e.value)
+    assert name[0] in msg and "shape" in msg
+    assert "towers with no source" not in msg and "missing parameters" not in msg
+
+
+@pytest.mark.parametrize("template", ["Question: Answer:", "Q: {} and {}", "Q: {q}"])
+def test_a_template_without_one_slot_is_refused(template):
+    from blip2_jax import processing
+    with pytest.raises(ValueError, match="exactly one {} where the question goes"):
+        processing.fill_template(template, "what?")
+    assert processing.fill_template("Question: {} Answer:", "a {b}") == "Question: a {b} Answer:"
+    model = blip2_jax.Blip2.random("tiny-opt")
+    with pytest.raises(ValueError, match="exactly one {}"):
+        size = model.config.vision.image_size
+        model.answer(np.zeros((1, size, size, 3), np.float32), "what?", template=template)
+
+
+def test_predict_refuses_a_template_without_a_slot(native_dir, capsys):
+    from blip2_jax import predict
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--checkpoint", native_dir, "--image", "x.png", "--question", "what?",
+                      "--template", "Question: Answer:"])
+    assert e.value.code == 2
+    assert "--template" in capsys.readouterr().err
