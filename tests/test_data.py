@@ -627,3 +627,25 @@ def test_from_config(data_dir, tmp_path):
     cfg.unknown = 1
     with pytest.raises(KeyError, match="unknown"):
         pipeline.from_config(cfg, batch_size=4)
+
+
+def test_a_split_with_no_usable_image_refuses_the_build_and_leaves_nothing(tmp_path, image_root,
+                                                                           capsys):
+    good = _write(tmp_path / "train.json", [{"image": "a.jpg", "caption": "a dog"}])
+    bad = _write(tmp_path / "val.json", [{"image": "missing.jpg", "caption": "x"},
+                                         {"image": "garbage.png", "caption": "y"}])
+    d = str(tmp_path / "out")
+    argv = ["captions", "--annotations", good, f"val={bad}", "--image-root", image_root,
+            "--data-dir", d, "--name", "mine"]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "split 'val' has no usable example (2 skipped" in err and "missing.jpg" in err
+    assert not os.path.exists(d) or not os.listdir(d)          # nothing written
+    # A rebuild over an existing dataset that fails the same way keeps the old one.
+    assert _run(argv[:3] + argv[4:], capsys)[0] == 0
+    code, _, err = _run(argv + ["--overwrite"], capsys)
+    assert code == 2 and "split 'val'" in err
+    src = builders.open_split(d, "blip2_captions/mine", "train")
+    assert len(src) == 1
+    assert sorted(os.listdir(os.path.dirname(builders.dataset_path(d, "blip2_captions/mine")))) \
+        == [builders.VERSION]

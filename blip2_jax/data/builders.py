@@ -53,6 +53,17 @@ def _features(kind: str):
     return tfds.features.FeaturesDict({**common, **specific})
 
 
+class EmptySplitError(ValueError):
+    """A split of which no record could be used: the whole build is refused."""
+
+    def __init__(self, split: str, report: "SplitReport"):
+        reasons = "; ".join(f"{s['key']}: {s['reason']}" for s in report.first_skipped)
+        super().__init__(f"split {split!r} has no usable example ({report.skipped} skipped"
+                         + (f"; first: {reasons}" if reasons else "") + "): nothing was "
+                         "written; fix its records or leave the split out")
+        self.split, self.report = split, report
+
+
 @dataclasses.dataclass
 class SplitReport:
     examples: int = 0
@@ -96,6 +107,8 @@ def _builder_class(kind: str):
                     continue
                 report.examples += 1
                 yield item["index"], item
+            if report.examples == 0:
+                raise EmptySplitError(split, report)
             self.info.metadata[split] = dataclasses.asdict(report)
 
         def _generate_examples(self):  # splits come from _split_generators
@@ -136,25 +149,39 @@ def build(kind: str, name: str, data_dir: str,
         splits=splits, description=description, reports=reports, data_dir=data_dir,
         config=tfds.core.BuilderConfig(name=name, description=description),
         file_format="array_record")
+    # A failed build leaves what was there before: no new folder, the previous dataset back.
+    created = [d for d in (data_dir, os.path.join(data_dir, kind),
+                           os.path.join(data_dir, kind, name), os.path.join(data_dir, "downloads"))
+               if not os.path.exists(d)]
+    backup = None
     if os.path.exists(target):
         # tfds would reuse it; move it aside so a failed rebuild loses nothing.
         backup = target + ".previous"
         shutil.rmtree(backup, ignore_errors=True)
         os.rename(target, backup)
-        try:
-            _prepare(builder)
-        except BaseException:
-            shutil.rmtree(target, ignore_errors=True)
-            os.rename(backup, target)
-            raise
-        shutil.rmtree(backup)
-    else:
+    try:
         _prepare(builder)
-    empty = [s for s, r in reports.items() if r.examples == 0]
-    if empty:
-        raise ValueError(f"{target}: split(s) {empty} have no examples "
-                         f"({ {s: reports[s].first_skipped for s in empty} })")
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        for leftover in _incomplete(os.path.dirname(target)):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if backup is not None:
+            os.rename(backup, target)
+        for d in sorted(created, key=len, reverse=True):      # the deepest first
+            if os.path.isdir(d) and not any(files for _, _, files in os.walk(d)):
+                shutil.rmtree(d)                                # folders holding no file
+        raise
+    if backup is not None:
+        shutil.rmtree(backup)
     return reports
+
+
+def _incomplete(folder: str) -> list[str]:
+    """tfds's temporary folders of an unfinished build in `folder`."""
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, f) for f in os.listdir(folder)
+            if f.startswith(VERSION) and f != VERSION and "incomplete" in f]
 
 
 # ------------------------------------------------------------------------------------------------
