@@ -8,6 +8,7 @@ See blip2_jax/train/loop.py for what DIR holds. Flags: blip2_jax/cli.py (`--help
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -19,6 +20,9 @@ def parser() -> cli.ArgumentParser:
                            config=True, lock_config=True, distributed=True)
     p.add_argument("--workdir", required=True, metavar="DIR",
                    help="output directory (checkpoints, metrics); a re-run resumes from it")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the traceback of an error in the input too (also: "
+                        "BLIP2_JAX_TRACEBACK=1)")
     return p
 
 
@@ -30,12 +34,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from blip2_jax.train import loop      # after jax.distributed.initialize (cli.setup)
     try:
         result = loop.run(args.config, args.workdir)
-    except loop.ResumeError as e:
-        # The work directory holds another run: the message says what differs and what to do.
-        print(f"train.py: error: {e}", file=sys.stderr)
+    except user_errors() as e:
+        # A mistake in the config, the data or the work directory: its message names it and
+        # the fix; a bug (any other exception) keeps its traceback.
+        if args.verbose or os.environ.get("BLIP2_JAX_TRACEBACK"):
+            raise
+        print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(json.dumps(result, default=float))
     return 0
+
+
+def user_errors() -> tuple:
+    """The exceptions that report bad input (configs, checkpoints, datasets, work directories)."""
+    from blip2_jax import checkpoint, config, run_config
+    from blip2_jax.convert import mapping, stream
+    from blip2_jax.data import builders, features, records
+    from blip2_jax.eval import evaluators
+    from blip2_jax.train import init, loop
+    return (run_config.RunConfigError, config.ConfigError, loop.ResumeError, init.InitError,
+            features.FeatureCacheError, records.AnnotationError, builders.DatasetError,
+            FileNotFoundError, mapping.MappingError, stream.CheckpointError,
+            checkpoint.CheckpointError, evaluators.EvalConfigError)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,22 @@ def set_key(config, key: str, value) -> None:
     node[last] = value
 
 
+def validate(config) -> None:
+    """The run's step counts and choices make sense (RunConfigError listing every one that
+    does not)."""
+    problems = []
+    for key, least in (("total_steps", 1), ("batch_size", 1), ("log_every_steps", 1),
+                       ("checkpoint_every_steps", 1), ("stop_after_steps", 0),
+                       ("microbatches", 1)):
+        value = config.get(key)
+        if value is not None and int(value) < least:
+            problems.append(f"config.{key} = {value} (must be >= {least})")
+    if config.get("on_nonfinite", "stop") not in ("stop", "skip"):
+        problems.append(f"config.on_nonfinite = {config.on_nonfinite!r} (\"stop\" or \"skip\")")
+    if problems:
+        raise RunConfigError("; ".join(problems))
+
+
 # ------------------------------------------------------------------------------------------------
 # Model, mesh, sharding
 # ------------------------------------------------------------------------------------------------
@@ -176,7 +192,7 @@ def step_batch(config, mesh) -> int:
     if config.get("pad_batch"):
         return n * -(-b // n)
     axes = sharding_lib.batch_axes(mesh)
-    raise ValueError(f"config.batch_size {b} is not divisible by the mesh's batch axes "
+    raise RunConfigError(f"config.batch_size {b} is not divisible by the mesh's batch axes "
                      f"{axes} ({n} ways, mesh {dict(mesh.shape)}): use a mesh whose data x fsdp "
                      f"divides it (e.g. config.mesh.tensor > 1), another batch size, or "
                      f"config.pad_batch=True (steps of {n * -(-b // n)} rows, the extra "

@@ -85,3 +85,41 @@ def test_predict_refuses_a_template_without_a_slot(native_dir, capsys):
                       "--template", "Question: Answer:"])
     assert e.value.code == 2
     assert "--template" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    import runs
+    return runs.synthetic_data(str(tmp_path_factory.mktemp("data")), train=8, test=8)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.total_steps=-5"], "config.total_steps = -5 (must be >= 1)"),
+    (["--config.frozen=('vision/nothing.*',)"], "pattern 'vision/nothing.*' matches no "
+                                                "parameter"),
+    (["--config.batch_size=6"], "batch_size 6 is not divisible"),
+    (["--config.data.train.name=blip2_captions/nope"], "dataset 'blip2_captions/nope' not found"),
+])
+def test_train_py_reports_bad_input_in_one_line(data_dir, tmp_path, capsys, overrides, message):
+    import train
+    argv = ["train.py", f"--config=configs/tiny_stage1.py:{data_dir}",
+            f"--workdir={tmp_path / 'run'}", *overrides]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: ") and message in err[0], err
+
+
+def test_train_py_keeps_the_traceback_of_a_bug_and_with_verbose(data_dir, tmp_path, monkeypatch):
+    import train
+    from blip2_jax.run_config import RunConfigError
+    from blip2_jax.train import loop
+    argv = ["train.py", f"--config=configs/tiny_stage1.py:{data_dir}",
+            f"--workdir={tmp_path / 'run'}", "--config.total_steps=-5"]
+    with pytest.raises(RunConfigError):
+        train.main(argv + ["--verbose"])
+
+    def bug(*_):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(loop, "run", bug)
+    with pytest.raises(ZeroDivisionError):
+        train.main(argv[:3])

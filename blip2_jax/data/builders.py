@@ -53,6 +53,10 @@ def _features(kind: str):
     return tfds.features.FeaturesDict({**common, **specific})
 
 
+class DatasetError(ValueError):
+    """A dataset that is not as the config or command expects (a split it lacks)."""
+
+
 class EmptySplitError(ValueError):
     """A split of which no record could be used: the whole build is refused."""
 
@@ -306,7 +310,7 @@ def open_split(data_dir: str, name: str, split: str):
     path = dataset_path(data_dir, name)
     builder = tfds.builder_from_directory(path)
     if split not in builder.info.splits:
-        raise ValueError(f"dataset {name!r} has no split {split!r} (have "
+        raise DatasetError(f"dataset {name!r} has no split {split!r} (have "
                          f"{sorted(builder.info.splits)})")
     return builder.as_data_source(split=split,
                                   decoders={"image": tfds.decode.SkipDecoding()})

@@ -73,6 +73,7 @@ class ResumeError(ValueError):
 
 def run(config, workdir: str) -> dict:
     """Train (or resume) to `total_steps` (or `stop_after_steps`); returns the last metrics."""
+    run_config.validate(config)
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 3),

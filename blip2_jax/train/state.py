@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import optax
 
-from blip2_jax import config as config_lib
+from blip2_jax import config as config_lib, run_config
 from blip2_jax.convert.mapping import flatten, unflatten
 from blip2_jax.models import blip2 as blip2_model
 
@@ -54,7 +54,8 @@ def trained_towers(paths: Sequence[str], frozen: set[str]) -> set[str]:
 def check_patterns(paths: Sequence[str], patterns: Sequence[str], what: str = "frozen") -> None:
     for pat in patterns:
         if not any(re.fullmatch(pat, p) for p in paths):
-            raise ValueError(f"config.{what} pattern {pat!r} matches no parameter (top-level "
+            raise run_config.RunConfigError(
+                f"config.{what} pattern {pat!r} matches no parameter (top-level "
                              f"names: {sorted({p.split('/')[0] for p in paths})})")
 
 
