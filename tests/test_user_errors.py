@@ -123,3 +123,19 @@ def test_train_py_keeps_the_traceback_of_a_bug_and_with_verbose(data_dir, tmp_pa
     monkeypatch.setattr(loop, "run", bug)
     with pytest.raises(ZeroDivisionError):
         train.main(argv[:3])
+
+
+def test_a_nonfinite_tensor_is_named(native_dir, tmp_path):
+    from blip2_jax.convert.stream import CheckpointError
+    from blip2_jax.train import init as init_lib
+    name = []
+
+    def poison(t):
+        name.append(_a_qformer_kernel(t))
+        t[name[0]] = np.full_like(t[name[0]], np.nan)
+    bad = _edit(native_dir, str(tmp_path / "bad"), poison)
+    with pytest.raises(CheckpointError, match=rf"1 parameter\(s\) hold NaN or inf: {name[0]} "):
+        blip2_jax.load(bad)
+    cfg = blip2_jax.load(native_dir).config
+    with pytest.raises(CheckpointError, match=name[0]):
+        init_lib.initial_params(cfg, {"checkpoint": bad})

@@ -399,8 +399,28 @@ def model_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 
 def read_tree(leaves: Mapping[str, Leaf]) -> dict:
-    """Every leaf read (a nested tree, as `mapping.unflatten`)."""
-    return unflatten({k: leaf.value() for k, leaf in leaves.items()})
+    """Every leaf read (a nested tree, as `mapping.unflatten`); a tensor holding NaN or inf is
+    refused (`check_finite`)."""
+    flat = {k: leaf.value() for k, leaf in leaves.items()}
+    check_finite({k: (v, leaves[k].origin) for k, v in flat.items()})
+    return unflatten(flat)
+
+
+def nonfinite(a: np.ndarray) -> int:
+    """How many NaN / inf entries a floating array holds (0 for other dtypes)."""
+    if not (np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16):
+        return 0
+    return int(a.size - np.count_nonzero(np.isfinite(np.asarray(a, np.float32))))
+
+
+def check_finite(arrays: Mapping[str, tuple[np.ndarray, str]]) -> None:
+    """CheckpointError naming every parameter ({our path: (array, where it came from)}) that
+    holds NaN or inf: weights like these make every output NaN, frozen or trained."""
+    bad = [f"{k} ({n} of {np.size(a)} values, from {origin or '?'})"
+           for k, (a, origin) in sorted(arrays.items()) if (n := nonfinite(a))]
+    if bad:
+        raise CheckpointError(f"{len(bad)} parameter(s) hold NaN or inf: " + "; ".join(bad[:20])
+                              + (" ..." if len(bad) > 20 else ""))
 
 
 # ----------------------------------------------------------------------------------------------

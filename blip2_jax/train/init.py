@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from blip2_jax.config import Blip2Config, ConfigError
-from blip2_jax.convert import bert_qformer, sources
+from blip2_jax.convert import bert_qformer, sources, stream
 from blip2_jax.convert.mapping import MappingError, flatten, unflatten
 from blip2_jax.models import blip2 as blip2_model
 
@@ -72,7 +72,9 @@ def _take(flat: dict, loaded: dict, src: Mapping, prefixes: Sequence[str], sourc
             problems.append(f"{path}: {source} has shape {tuple(value.shape)}, the model "
                             f"needs {tuple(leaf.shape)}")
             continue
-        flat[path] = np.asarray(value.value()).astype(leaf.dtype)
+        array = np.asarray(value.value())
+        stream.check_finite({path: (array, source)})
+        flat[path] = array.astype(leaf.dtype)
         loaded[path] = source
         n += 1
     if problems:
