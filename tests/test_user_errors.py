@@ -107,6 +107,7 @@ def test_train_py_reports_bad_input_in_one_line(data_dir, tmp_path, capsys, over
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error: ") and message in err[0], err
+    assert not os.path.exists(tmp_path / "run")       # a failed start leaves no work directory
 
 
 def test_train_py_keeps_the_traceback_of_a_bug_and_with_verbose(data_dir, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from typing import Mapping, Optional
@@ -74,14 +75,28 @@ class ResumeError(ValueError):
 def run(config, workdir: str) -> dict:
     """Train (or resume) to `total_steps` (or `stop_after_steps`); returns the last metrics."""
     run_config.validate(config)
+    created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 3),
         save_interval_steps=int(config.checkpoint_every_steps))
     try:
         return _run(config, workdir, checkpointer)
+    except BaseException:
+        checkpointer.close()
+        # A run that failed to start leaves no work directory behind (one it made itself and
+        # wrote no checkpoint or metric into), so the next attempt is not taken for a resume.
+        if created and checkpointer.latest_step() is None and jax.process_index() == 0 \
+                and not _logged(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     finally:
         checkpointer.close()
+
+
+def _logged(workdir: str) -> bool:
+    path = os.path.join(workdir, "metrics.jsonl")
+    return os.path.isfile(path) and os.path.getsize(path) > 0
 
 
 def _check_resume(config, saved: Mapping, workdir: str, step: int) -> list[str]:
