@@ -30,9 +30,12 @@ from blip2_jax.data.pipeline import TextSpec
 from blip2_jax.eval import evaluators as eval_lib
 from blip2_jax.losses import LossConfig
 
-# The repository's configs/ (beside the package): `load("stage1.py:vit_g")` looks there when the
-# path given does not exist.
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The run configs: `load("stage1.py:vit_g")` looks there when the path given does not exist. An
+# installed package carries them as blip2_jax/configs/; the repository keeps them at configs/.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS_DIR = next((d for d in (os.path.join(_PACKAGE, "configs"),
+                                os.path.join(os.path.dirname(_PACKAGE), "configs"))
+                    if os.path.isdir(d)), os.path.join(os.path.dirname(_PACKAGE), "configs"))
 
 
 class RunConfigError(ValueError):
