@@ -141,6 +141,100 @@ class T5Config(_Tower):
         return self.scale_decoder_outputs
 
 
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary-frequency scaling of a LLaMA config (HF `rope_parameters` beyond "default").
+
+    "linear": every inverse frequency divided by `factor` (positions / factor).
+    "llama3": frequencies with wavelength above original_max_position_embeddings /
+    low_freq_factor divided by `factor`, below .../high_freq_factor kept, interpolated between.
+    """
+    rope_type: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: Optional[float] = None
+    high_freq_factor: Optional[float] = None
+    original_max_position_embeddings: Optional[int] = None
+
+    def __post_init__(self):
+        if self.rope_type not in ("linear", "llama3"):
+            raise ConfigError(f"rope_scaling rope_type {self.rope_type!r} is not supported "
+                              "(linear or llama3)")
+        if self.rope_type == "llama3":
+            missing = [n for n in ("low_freq_factor", "high_freq_factor",
+                                   "original_max_position_embeddings") if getattr(self, n) is None]
+            if missing:
+                raise ConfigError(f"llama3 rope_scaling needs {missing}")
+            if self.high_freq_factor == self.low_freq_factor:
+                raise ConfigError("llama3 rope_scaling needs high_freq_factor != low_freq_factor "
+                                  f"(both {self.low_freq_factor})")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RopeScaling":
+        """From our dict or an HF one (`rope_type` or the legacy `type`; `rope_theta` and other
+        keys ignored)."""
+        kind = d.get("rope_type", d.get("type"))
+        if kind not in ("linear", "llama3"):
+            raise ConfigError(f"rope_scaling rope_type {kind!r} is not supported (linear or "
+                              "llama3)")
+        if d.get("factor") is None:
+            raise ConfigError(f"{kind} rope_scaling needs a factor")
+        keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return cls(rope_type=kind, factor=d["factor"],
+                   **({k: d.get(k) for k in keys} if kind == "llama3" else {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig(_Tower):
+    """LLaMA-family decoder (HF `LlamaForCausalLM`; Vicuna, Llama 2/3). Defaults: HF
+    `LlamaConfig`'s (Vicuna-7B). `num_kv_heads` None → num_heads; `head_dim` None →
+    hidden_size // num_heads (both resolved on construction). `rope_scaling`: None, a
+    `RopeScaling`, or its dict (HF keys accepted)."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    intermediate_size: int = 11008
+    activation: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Union[int, tuple[int, ...], None] = 2
+
+    def __post_init__(self):
+        # Resolved here (not properties) so that every user reads the same concrete values.
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(f"hidden_size ({self.hidden_size}) is not a multiple of "
+                                  f"num_heads ({self.num_heads}); give head_dim")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                              f"({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim ({self.head_dim}) must be even (rotary embeddings pair "
+                              "dimension i with i + head_dim/2)")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else self.eos_token_id
+
+
 LLMConfig = Union[OPTConfig, T5Config]
 
 
@@ -250,6 +344,15 @@ _HF_T5 = dict(vocab_size="vocab_size", d_model="d_model", d_kv="d_kv", d_ff="d_f
               decoder_start_token_id="decoder_start_token_id", pad_token_id="pad_token_id",
               eos_token_id="eos_token_id", bos_token_id="bos_token_id")
 
+_HF_LLAMA = dict(vocab_size="vocab_size", hidden_size="hidden_size",
+                 num_hidden_layers="num_layers", num_attention_heads="num_heads",
+                 num_key_value_heads="num_kv_heads", head_dim="head_dim",
+                 intermediate_size="intermediate_size", hidden_act="activation",
+                 rms_norm_eps="rms_norm_eps", max_position_embeddings="max_position_embeddings",
+                 attention_bias="attention_bias", mlp_bias="mlp_bias",
+                 tie_word_embeddings="tie_word_embeddings", pad_token_id="pad_token_id",
+                 bos_token_id="bos_token_id", eos_token_id="eos_token_id")
+
 # HF class defaults: a field absent from config.json takes these values (their __init__ defaults).
 _HF_VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
                            num_attention_heads=16, image_size=224, patch_size=14,
@@ -270,6 +373,13 @@ _HF_T5_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_la
                        relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
                        feed_forward_proj="relu", tie_word_embeddings=True,
                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+
+_HF_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                          num_attention_heads=32, intermediate_size=11008, hidden_act="silu",
+                          rms_norm_eps=1e-6, max_position_embeddings=2048, attention_bias=False,
+                          mlp_bias=False, tie_word_embeddings=False, bos_token_id=1,
+                          eos_token_id=2)
+_HF_LLAMA_ROPE_THETA = 10000.0
 
 
 def _from_hf(d: dict, table: dict, defaults: dict) -> dict:
@@ -311,6 +421,38 @@ def llm_from_hf(td: dict) -> LLMConfig:
             fields["scale_decoder_outputs"] = fields["tie_word_embeddings"]
         return T5Config(**fields, activation=act, gated=gated)
     raise ConfigError(f"text_config.model_type {kind!r} is not supported (opt or t5)")
+
+
+def llama_from_hf(d: dict) -> LlamaConfig:
+    """LlamaConfig from an HF `LlamaConfig` dict (config.json, model_type "llama"): HF-v5's
+    `rope_parameters` or the legacy `rope_theta` / `rope_scaling` keys (`type` or `rope_type`)."""
+    if d.get("model_type", "llama") != "llama":
+        raise ConfigError(f"model_type is {d.get('model_type')!r}, expected 'llama'")
+    fields = _from_hf(d, _HF_LLAMA, _HF_LLAMA_DEFAULTS)
+    rope = d.get("rope_parameters")
+    if rope is None:                   # legacy layout (HF v4 and older config.json files)
+        rope = dict(d.get("rope_scaling") or {})
+    rope = dict(rope)
+    theta = rope.get("rope_theta", d.get("rope_theta"))
+    fields["rope_theta"] = _HF_LLAMA_ROPE_THETA if theta is None else theta
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    fields["rope_scaling"] = None if kind == "default" else RopeScaling.from_dict(rope)
+    return LlamaConfig(**fields)
+
+
+def llama_to_hf(cfg: LlamaConfig) -> dict:
+    """An HF `LlamaConfig` dict: HF-v5's `rope_parameters` plus the legacy `rope_theta` /
+    `rope_scaling` keys, so that transformers 4.x reads the same rotary embeddings."""
+    out = dict(model_type="llama", architectures=["LlamaForCausalLM"], **_to_hf(cfg, _HF_LLAMA))
+    if isinstance(out["eos_token_id"], tuple):
+        out["eos_token_id"] = list(out["eos_token_id"])
+    scaling = None
+    if cfg.rope_scaling is not None:
+        scaling = {k: v for k, v in dataclasses.asdict(cfg.rope_scaling).items() if v is not None}
+    out["rope_parameters"] = dict(scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
+    out["rope_theta"] = cfg.rope_theta
+    out["rope_scaling"] = scaling
+    return out
 
 
 def from_hf_dict(d: dict) -> Blip2Config:
@@ -438,6 +580,29 @@ TINY_QFORMER = QFormerConfig(vocab_size=100, hidden_size=32, num_layers=2, num_h
                              has_text_input=True)
 TINY_OPT = OPTConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, ffn_dim=37,
                      max_position_embeddings=64, word_embed_proj_dim=32)
+# LLaMA towers (hub config.json values); not yet BLIP-2 presets.
+VICUNA_7B = LlamaConfig(pad_token_id=0)
+VICUNA_13B = LlamaConfig(hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=13824,
+                         pad_token_id=0)
+LLAMA_2_7B = LlamaConfig(rms_norm_eps=1e-5, max_position_embeddings=4096)
+LLAMA_3_8B = LlamaConfig(vocab_size=128256, num_kv_heads=8, intermediate_size=14336,
+                         rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+                         bos_token_id=128000, eos_token_id=128001)
+LLAMA_3_1_8B = dataclasses.replace(
+    LLAMA_3_8B, max_position_embeddings=131072,
+    rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
+TINY_LLAMA = LlamaConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, intermediate_size=37, max_position_embeddings=64,
+                         pad_token_id=0)
+LLAMA_PRESETS: dict[str, LlamaConfig] = {
+    "vicuna-7b-v1.1": VICUNA_7B,
+    "vicuna-13b-v1.1": VICUNA_13B,
+    "llama-2-7b": LLAMA_2_7B,
+    "llama-3-8b": LLAMA_3_8B,
+    "llama-3.1-8b": LLAMA_3_1_8B,
+    "tiny-llama": TINY_LLAMA,
+}
+
 TINY_T5 = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2,
                    num_heads=4, relative_attention_num_buckets=8,
                    relative_attention_max_distance=20, scale_decoder_outputs=False)

@@ -3,6 +3,7 @@
 Logical axis names used on parameters (resolved to mesh axes by the sharding rules):
   "embed"  model width            "heads"  flattened heads*head_dim   "mlp"  FFN hidden
   "vocab"  vocabulary             "layers" the scan axis              "norm" norm/bias vectors
+  "kv_heads"  flattened kv_heads*head_dim of grouped-query attention's key/value projections
 Parameters are created with `nn.with_logical_partitioning`; `init_params` unboxes them, and every
 module applies to plain arrays.
 """
@@ -76,12 +77,15 @@ class LayerNorm(nn.Module):
     """LayerNorm (or T5's RMSNorm with `rms=True`), computed in fp32, output in `dtype`.
 
     Parameters: `scale` and (LayerNorm with `use_bias`) `bias`. Computing in fp32 matches LAVIS's
-    fp32-casting LayerNorm and T5's fp32 variance.
+    fp32-casting LayerNorm and T5's fp32 variance. `cast_before_scale`: the normalised value is
+    cast to `dtype` first and multiplied by the scale in `dtype` (HF `LlamaRMSNorm`:
+    `weight * x.to(input_dtype)`); the same numbers in fp32, one more rounding in 16 bits.
     """
     epsilon: float = 1e-5
     rms: bool = False
     use_bias: bool = True
     use_scale: bool = True
+    cast_before_scale: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -98,11 +102,14 @@ class LayerNorm(nn.Module):
         if self.use_scale:
             scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                                (dim,), self.param_dtype)
-            y = y * scale.astype(jnp.float32)
+            if self.cast_before_scale:
+                y = y.astype(self.dtype) * scale.astype(self.dtype)
+            else:
+                y = y * scale.astype(jnp.float32)
         if self.use_bias and not self.rms:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
                               (dim,), self.param_dtype)
-            y = y + bias.astype(jnp.float32)
+            y = y + bias.astype(y.dtype)
         return y.astype(self.dtype)
 
 
@@ -144,6 +151,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array]
                           bias: Optional[Array] = None, scale: float = 1.0,
                           dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None) -> Array:
     """softmax(scale·q·kᵀ + bias, masked)·v over (B, T|S, heads, head_dim); softmax in fp32.
+
+    k and v may have fewer heads than q (grouped-query attention): KV head j serves the
+    heads/kv_heads consecutive query heads j·G ... j·G + G - 1 (HF `repeat_kv`), without
+    repeating k and v in memory.
 
     GPU: `jax.nn.dot_product_attention` with cuDNN where it applies, else XLA's; TPU (and any
     other platform): `_tpu_attention`, also with attention-probability dropout (training the
@@ -189,8 +200,7 @@ def _tpu_attention(q, k, v, *, mask, bias, scale, dropout_rate=0.0, dropout_rng=
     half precision, instead of the fp32 logits of `jax.nn.dot_product_attention`'s XLA form
     (the same math in fp32). XLA's TPU cost model for ViT-g's attention (257 tokens, 27 rows
     per chip on v5p): 1.13 → 0.88 M cycles a layer."""
-    logits = (jnp.einsum("btnh,bsnh->bnts", q, k) * jnp.asarray(scale, q.dtype)).astype(
-        jnp.float32)
+    logits = (_scores(q, k) * jnp.asarray(scale, q.dtype)).astype(jnp.float32)
     if bias is not None:
         logits = logits + bias
     if mask is not None:
@@ -199,11 +209,31 @@ def _tpu_attention(q, k, v, *, mask, bias, scale, dropout_rate=0.0, dropout_rng=
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+    return _weighted(probs.astype(v.dtype), v)
+
+
+def _scores(q, k, **kw):
+    """q·kᵀ (B, heads, T, S) of q (B, T, heads, D) and k (B, S, kv_heads, D)."""
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    if kv == n:
+        return jnp.einsum("btnh,bsnh->bnts", q, k, **kw)
+    grouped = q.reshape(b, t, kv, n // kv, d)
+    return jnp.einsum("btkgh,bskh->bkgts", grouped, k, **kw).reshape(b, n, t, k.shape[1])
+
+
+def _weighted(p, v, **kw):
+    """p·v (B, T, heads, D) of p (B, heads, T, S) and v (B, S, kv_heads, D)."""
+    b, n, t, s = p.shape
+    kv = v.shape[2]
+    if kv == n:
+        return jnp.einsum("bnts,bsnh->btnh", p, v, **kw)
+    out = jnp.einsum("bkgts,bskh->btkgh", p.reshape(b, kv, n // kv, t, s), v, **kw)
+    return out.reshape(b, t, n, v.shape[3])
 
 
 def _explicit_attention(q, k, v, *, mask, bias, scale, dropout_rate, dropout_rng):
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = _scores(q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias
     if mask is not None:
@@ -214,9 +244,22 @@ def _explicit_attention(q, k, v, *, mask, bias, scale, dropout_rate, dropout_rng
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, e.shape)
         e = jnp.where(keep, e / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bnts,bsnh->btnh", e.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = _weighted(e.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (out / jnp.transpose(denom, (0, 2, 1))[..., None]).astype(v.dtype)
+
+
+def rotate_half(x: Array) -> Array:
+    """concat(-x[D/2:], x[:D/2]) on the last axis: dimension i pairs with i + D/2 (HF's layout)."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """x·cos + rotate_half(x)·sin over x (B, T, heads, D), cos/sin (B, T, D) (HF
+    `apply_rotary_pos_emb`; cos/sin are cast to x's dtype first, as HF does)."""
+    cos = cos[:, :, None].astype(x.dtype)
+    sin = sin[:, :, None].astype(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
@@ -229,6 +272,9 @@ class Attention(nn.Module):
     scan, the new keys/values of layer `cache_layer` are written at `cache_index` (in place, where
     a scan's per-layer cache output rewrote the layer's whole cache every decode step) and
     attention runs over that layer's whole cache; the updated cache is returned.
+    `num_kv_heads` < num_heads: grouped-query attention (key/value kernels (in, kv_heads*head_dim)
+    on the "kv_heads" axis; the cache holds kv_heads heads). `rotary=(cos, sin)` (B, T, D):
+    rotary position embeddings applied to q and the new k before the cache write.
     """
     num_heads: int
     head_dim: int
@@ -239,24 +285,36 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    num_kv_heads: Optional[int] = None   # None: num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     def setup(self):
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads "
+                             f"({self.kv_heads})")
+        grouped = self.kv_heads != self.num_heads
+        if grouped and self.fused_qkv:
+            raise ValueError("a fused-qkv Attention has as many key/value heads as query heads")
         inner = self.num_heads * self.head_dim
         dense = functools.partial(Dense, use_bias=self.use_bias, dtype=self.dtype,
                                   param_dtype=self.param_dtype)
         if self.fused_qkv:
             self.qkv = dense(3 * inner, ("embed", "heads"))
         else:
+            kv_axes = ("embed", "kv_heads" if grouped else "heads")
             self.query = dense(inner, ("embed", "heads"))
-            self.key = dense(inner, ("embed", "heads"))
-            self.value = dense(inner, ("embed", "heads"))
+            self.key = dense(self.kv_heads * self.head_dim, kv_axes)
+            self.value = dense(self.kv_heads * self.head_dim, kv_axes)
         self.out = dense(self.out_features, ("heads", "embed"))
 
     def _split(self, x):
-        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+        return x.reshape(*x.shape[:-1], -1, self.head_dim)
 
     def project_kv(self, context: Array) -> tuple[Array, Array]:
-        """Keys and values (B, S, H, D) of `context` (usable as `kv=` later)."""
+        """Keys and values (B, S, kv_heads, D) of `context` (usable as `kv=` later; no rotary)."""
         if self.fused_qkv:
             _, k, v = self._fused(context)
             return k, v
@@ -271,7 +329,8 @@ class Attention(nn.Module):
     def __call__(self, x: Array, context: Optional[Array] = None, *,
                  kv: Optional[tuple[Array, Array]] = None, mask: Optional[Array] = None,
                  bias: Optional[Array] = None, cache: Optional[dict] = None,
-                 cache_index: Any = 0, cache_layer: Any = None, deterministic: bool = True):
+                 cache_index: Any = 0, cache_layer: Any = None, deterministic: bool = True,
+                 rotary: Optional[tuple[Array, Array]] = None):
         if self.fused_qkv:
             if context is not None or kv is not None:
                 raise ValueError("a fused-qkv Attention is self-attention only")
@@ -279,6 +338,10 @@ class Attention(nn.Module):
         else:
             q = self._split(self.query(x))
             k, v = kv if kv is not None else self.project_kv(x if context is None else context)
+        if rotary is not None:
+            if context is not None or kv is not None:
+                raise ValueError("rotary position embeddings are for self-attention only")
+            q, k = (apply_rotary(a, *rotary) for a in (q, k))
         new_cache = None
         if cache is not None:
             if cache_layer is None:

@@ -32,6 +32,7 @@ DEFAULT_RULES:
     batch   -> ("data", "fsdp")   activations / inputs: data parallel over data × fsdp
     embed   -> "fsdp"             model width: ZeRO-3 / FSDP (weights all-gathered per use)
     heads   -> "tensor"           attention heads*head_dim: Megatron tensor parallel
+    kv_heads -> "tensor"          grouped-query key/value heads*head_dim (LLaMA GQA)
     mlp     -> "tensor"           FFN hidden: tensor parallel
     vocab   -> "tensor"           embeddings / LM heads over the vocabulary
     layers  -> None               the scan axis is never sharded (no pipeline stage axis yet)
@@ -70,6 +71,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
