@@ -15,6 +15,7 @@ the other convention through our `positions=` argument.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 
@@ -267,6 +268,47 @@ def test_incremental_decoding(name):
     assert err_full <= TOL and err_hf <= TOL
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def loss_and_grad(cfg, params, ids, mask):
+    return jax.value_and_grad(lambda p: jnp.sum(forward_ids(cfg, p, ids, mask) ** 2))(params)
+
+
+def test_remat_full_identical():
+    _, cfg, params = models("mqa_llama3_tied")
+    ids, mask = (jnp.asarray(a) for a in hf_ref.text_batch(batch=2, length=6, seed=6,
+                                                             pad_side="left", pad_id=PAD))
+    a, ga = loss_and_grad(cfg, params, ids, mask)
+    b, gb = loss_and_grad(dataclasses.replace(cfg, remat_policy="full"), params, ids, mask)
+    assert float(a) == float(b)
+    flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)])  # noqa
+    err = hf_ref.rel_err(flat(gb), flat(ga))     # recomputation may re-associate sums
+    print(f"remat grads rel err {err:.2e}")
+    assert err <= 1e-6
+
+
+def test_bf16_against_hf_bf16():
+    """bf16 compute and storage: close to fp32 and to HF's model cast to bf16; the cache is
+    bf16."""
+    hf, cfg, params = models("gqa2_linear_untied")
+    ids, mask = hf_ref.text_batch(batch=3, length=7, seed=1, pad_side="left", pad_id=PAD)
+    ref = np.asarray(forward_ids(cfg, params, jnp.asarray(ids), jnp.asarray(mask)))
+    cfg16 = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16")
+    p16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+    out = forward_ids(cfg16, p16, jnp.asarray(ids), jnp.asarray(mask))
+    assert out.dtype == jnp.bfloat16
+    out = np.asarray(out, np.float32)
+    hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    with torch.no_grad(), hf_ref.one_torch_thread():
+        ref16 = hf16(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                     position_ids=torch.from_numpy(hf_positions(mask))).logits.float().numpy()
+    err32 = hf_ref.rel_err(valid(out, mask), valid(ref, mask))
+    err16 = hf_ref.rel_err(valid(out, mask), valid(ref16, mask))
+    print(f"bf16 vs our fp32 {err32:.2e}, vs HF bf16 {err16:.2e}, HF bf16 vs fp32 "
+          f"{hf_ref.rel_err(valid(ref16, mask), valid(ref, mask)):.2e}")
+    assert np.isfinite(out).all() and err32 < 5e-2 and err16 < 5e-2
+    assert init_cache(cfg16, 2, 8)["k"].dtype == jnp.bfloat16
+
+
 # -- decoding through blip2_jax.generate ---------------------------------------------------------
 N_NEW = 8
 
@@ -392,6 +434,16 @@ def test_hf_config_io():
                   rope_scaling=dict(type="linear", factor=4.0))
     cfg = llama_from_hf(legacy)
     assert cfg.rope_theta == 1e6 and cfg.rope_scaling == RopeScaling("linear", 4.0)
+    # Llama-3.1-8B's hub config.json (legacy keys, llama3 scaling) is the preset.
+    hub = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+               rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192, rope_type="llama3"),
+               bos_token_id=128000, eos_token_id=128001, hidden_act="silu",
+               tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+               pretraining_tp=1)
+    assert llama_from_hf(hub) == LLAMA_PRESETS["llama-3.1-8b"]
     assert llama_from_hf(dict(BASE)).rope_theta == 10000.0 and \
         llama_from_hf(dict(BASE)).rope_scaling is None
     assert llama_from_hf(dict(BASE, eos_token_id=[2, 7])).eos_token_ids == (2, 7)

@@ -21,7 +21,7 @@ Proven by tests/test_llama.py: logits parity with HF (fp32, rel err <= 1e-5) ove
 some and all KV heads, no / linear / llama3 rope scaling, tied and untied heads, biases and
 head_dim != hidden/heads, right- and left-padded; cached incremental decoding == full forward ==
 HF with its cache; greedy and beam search through `blip2_jax.generate` token-identical to HF
-`generate`.
+`generate`; the rotary inverse frequencies bit-identical to HF's; remat; bf16.
 """
 from __future__ import annotations
 
