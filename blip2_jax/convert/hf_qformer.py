@@ -6,12 +6,14 @@ value}`, `attention.output.{dense,LayerNorm}`, `crossattention.*` (layers i % F 
 `intermediate.dense`, `output.{dense,LayerNorm}` plus the text tables
 `{embeddings}.{word,position}_embeddings.weight` (top-level `embeddings.` in HF retrieval models).
 Our layers are scanned in groups of F = cross_attention_frequency: leaf `layers/layer_{j}/...`
-stacks HF layers j, F + j, 2F + j, ...
+stacks HF layers j, F + j, 2F + j, ... of the G = L // F whole groups; when F does not divide the
+depth L, `tail/layer_{j}/...` is HF layer G*F + j (`models.qformer.layout`).
 """
 from __future__ import annotations
 
 from blip2_jax.config import QFormerConfig
 from blip2_jax.convert.mapping import Rule, linear, norm
+from blip2_jax.models.qformer import layout
 
 
 def _join(prefix: str, name: str, sep: str) -> str:
@@ -30,21 +32,22 @@ def rules(cfg: QFormerConfig, ours: str = "qformer", theirs: str = "qformer",
           embeddings: str = "embeddings") -> list[Rule]:
     """Every leaf of our Q-Former subtree `ours` ("" = the tree itself) with its HF key(s)."""
     freq = cfg.cross_attention_frequency
-    if freq < 1 or cfg.num_layers % freq:
-        raise ValueError(f"num_layers ({cfg.num_layers}) must be a multiple of "
-                         f"cross_attention_frequency ({freq})")
+    groups, tail = layout(cfg)
     o = lambda name: _join(ours, name, "/")                      # noqa: E731
     t = lambda name: _join(theirs, name, ".")                    # noqa: E731
-    lay = t("encoder.layer.{i}")
     out = norm(o("embeddings/ln"), t("layernorm"))
     if cfg.has_text_input:
         out += [Rule(o("embeddings/word/embedding"),
                      _join(embeddings, "word_embeddings.weight", ".")),
                 Rule(o("embeddings/position/embedding"),
                      _join(embeddings, "position_embeddings.weight", "."))]
-    for j in range(freq):
-        layers = tuple(range(j, cfg.num_layers, freq))
-        p = o(f"layers/layer_{j}")
+    # Scanned layer_j stacks HF layers j, F + j, ... of the whole groups; tail/layer_j is HF
+    # layer G*F + j alone.
+    blocks = [(o(f"layers/layer_{j}"), j, t("encoder.layer.{i}"),
+               tuple(range(j, groups * freq, freq))) for j in range(freq) if groups]
+    blocks += [(o(f"tail/layer_{j}"), j, t(f"encoder.layer.{groups * freq + j}"), None)
+               for j in range(tail)]
+    for p, j, lay, layers in blocks:
         out += _attention(f"{p}/self_attn", f"{lay}.attention", layers)
         out += norm(f"{p}/self_ln", f"{lay}.attention.output.LayerNorm", layers)
         if j == 0:

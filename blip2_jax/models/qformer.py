@@ -20,7 +20,7 @@ explicit 4-D UniLM mask, (e) against (d), the query cache against HF's per-layer
 projections, dropout / remat behaviour and the HF weight round trip; tests/test_retrieval_eval.py
 — `image_index` against the per-row images.
 
-Parameter tree (`cross_attention_frequency` = F, `num_layers` = L, G = L // F groups):
+Parameter tree (`cross_attention_frequency` = F, `num_layers` = L, G = L // F groups, R = L % F):
   embeddings/{word, position}/embedding   only with `has_text_input`
   embeddings/ln/{scale, bias}
   layers/layer_{j}/...                    j = 0..F-1, every leaf stacked (G, ...); layer_{j} of group
@@ -29,6 +29,9 @@ Parameter tree (`cross_attention_frequency` = F, `num_layers` = L, G = L // F gr
     cross_attn/{query,key,value,out}, cross_ln                 (j == 0)
     query_ffn/{fc1,fc2}, query_ffn_ln
     text_ffn/{fc1,fc2}, text_ffn_ln                            (only with `has_text_input`)
+  tail/layer_{j}/...                      j = 0..R-1 when F does not divide L: HF layer G*F + j,
+                                          unstacked (layer_0 has cross-attention, as HF's
+                                          layer % F == 0 rule gives)
 """
 from __future__ import annotations
 
@@ -46,17 +49,13 @@ from blip2_jax.nn import Attention, Embed, LayerNorm, Mlp, attention_mask as mak
 Array = jax.Array
 
 
-def _check_layout(cfg: QFormerConfig) -> int:
-    """Number of scanned groups (one cross-attention layer + F-1 plain layers each)."""
+def layout(cfg: QFormerConfig) -> tuple[int, int]:
+    """(G, R): G scanned groups of F layers (one cross-attention layer + F-1 without), then R
+    unscanned tail layers when F does not divide the depth (the first with cross-attention)."""
     f = cfg.cross_attention_frequency
     if f < 1:
         raise ValueError(f"QFormerConfig.cross_attention_frequency must be >= 1, got {f}")
-    if cfg.num_layers % f != 0:
-        raise ValueError(
-            f"QFormerConfig.num_layers ({cfg.num_layers}) must be a multiple of "
-            f"cross_attention_frequency ({f}): layers are scanned in groups of one cross-attention "
-            "layer followed by F-1 layers without")
-    return cfg.num_layers // f
+    return divmod(cfg.num_layers, f)
 
 
 class QFormerEmbeddings(nn.Module):
@@ -173,19 +172,21 @@ class QFormerLayer(nn.Module):
 
 
 class QFormerGroup(nn.Module):
-    """`cross_attention_frequency` consecutive layers: the first with cross-attention (scan body)."""
+    """`size` (default `cross_attention_frequency`) consecutive layers, the first with
+    cross-attention: the scan body, and the tail of a depth F does not divide."""
     config: QFormerConfig
     query_len: int
     deterministic: bool = True
     return_kv: bool = False
     return_image_kv: bool = False
+    size: Optional[int] = None
 
     @nn.compact
     def __call__(self, h, mask, image_embeds, kv_prefix, image_index=None, image_kv=None):
         cfg = self.config
         kvs = []
         out = {}
-        for j in range(cfg.cross_attention_frequency):
+        for j in range(self.size or cfg.cross_attention_frequency):
             prefix = None if kv_prefix is None else (kv_prefix["k"][j], kv_prefix["v"][j])
             h, kv, ikv = QFormerLayer(
                 cfg, has_cross=(j == 0), query_len=self.query_len,
@@ -240,7 +241,7 @@ class QFormer(nn.Module):
         plus {"image_k", "image_v"} (G, B, N, heads, head_dim) (`return_image_kv`), or None.
         """
         cfg = self.config
-        groups = _check_layout(cfg)
+        groups, tail = layout(cfg)
         freq = cfg.cross_attention_frequency
         dt = dtype_of(cfg.dtype)
         if query_embeds is None and input_ids is None:
@@ -286,16 +287,42 @@ class QFormer(nn.Module):
 
         if image_embeds is not None:
             image_embeds = image_embeds.astype(dt)
-        kv_prefix = None
+        # Scanned groups take the first G*F layers' query cache and the first G cross-attention
+        # layers' image K/V; the tail takes the rest.
+        split = groups * freq
+        kv_prefix = tail_prefix = None
         if query_cache is not None:
-            kv_prefix = {n: query_cache[n].reshape(groups, freq, *query_cache[n].shape[1:])
+            kv_prefix = {n: query_cache[n][:split].reshape(groups, freq,
+                                                           *query_cache[n].shape[1:])
                          for n in ("k", "v")}
-        stack = scan_layers(QFormerGroup, groups,
-                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
-                            remat=cfg.remat_policy, name="layers", config=cfg, query_len=q_len,
-                            deterministic=deterministic, return_kv=return_query_cache,
-                            return_image_kv=return_image_kv)
-        h, kv = stack(h, mask, image_embeds, kv_prefix, image_index, image_kv)
-        if return_query_cache:
-            kv.update({n: kv[n].reshape(cfg.num_layers, *kv[n].shape[2:]) for n in ("k", "v")})
+            tail_prefix = {n: query_cache[n][split:] for n in ("k", "v")}
+        scan_kv = tail_kv = None
+        if image_kv is not None:
+            scan_kv = {n: image_kv[n][:groups] for n in ("k", "v")}
+            tail_kv = {n: image_kv[n][groups] for n in ("k", "v")} if tail else None
+        settings = dict(config=cfg, query_len=q_len, deterministic=deterministic,
+                        return_kv=return_query_cache, return_image_kv=return_image_kv)
+        kv = None
+        if groups:
+            stack = scan_layers(QFormerGroup, groups,
+                                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+                                remat=cfg.remat_policy, name="layers", **settings)
+            h, kv = stack(h, mask, image_embeds, kv_prefix, image_index, scan_kv)
+            if return_query_cache:
+                kv.update({n: kv[n].reshape(split, *kv[n].shape[2:]) for n in ("k", "v")})
+        if tail:
+            h, last = QFormerGroup(size=tail, name="tail", **settings)(
+                h, mask, image_embeds, tail_prefix, image_index, tail_kv)
+            kv = _join_tail(kv, last)
         return h, kv
+
+
+def _join_tail(kv: Optional[dict], last: Optional[dict]) -> Optional[dict]:
+    """The scanned groups' outputs (layers / cross-attention layers leading) followed by the
+    tail's: its per-layer query K/V, its one cross-attention layer's image K/V."""
+    if last is None:
+        return kv
+    last = {n: (x if n in ("k", "v") else x[None]) for n, x in last.items()}
+    if kv is None:
+        return last
+    return {n: jnp.concatenate([kv[n], last[n]]) for n in kv}
