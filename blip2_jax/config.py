@@ -262,6 +262,15 @@ class Blip2Config:
                 f"vision.hidden_size ({self.vision.hidden_size})")
         if (self.itc or self.itm or self.itg) and not self.qformer.has_text_input:
             raise ConfigError("itc/itm/itg heads need qformer.has_text_input=True (text embeddings)")
+        if isinstance(self.llm, OPTConfig) and self.llm.word_embed_proj_dim != self.llm.hidden_size:
+            # BLIP-2 puts the queries, projected to the LLM's hidden size, before the token
+            # embeddings, which such an OPT (OPT-350m) makes word_embed_proj_dim wide: HF's
+            # Blip2ForConditionalGeneration and LAVIS's Blip2OPT fail on it too.
+            raise ConfigError(
+                f"an OPT with word_embed_proj_dim ({self.llm.word_embed_proj_dim}) != hidden_size "
+                f"({self.llm.hidden_size}) cannot be BLIP-2's LLM: the projected queries "
+                f"({self.llm.hidden_size} wide) and its token embeddings would not line up "
+                f"(HF and LAVIS refuse it too); use an OPT whose two sizes are equal")
 
     @property
     def llm_kind(self) -> Optional[str]:

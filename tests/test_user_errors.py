@@ -140,3 +140,13 @@ def test_a_nonfinite_tensor_is_named(native_dir, tmp_path):
     cfg = blip2_jax.load(native_dir).config
     with pytest.raises(CheckpointError, match=name[0]):
         init_lib.initial_params(cfg, {"checkpoint": bad})
+
+
+def test_an_opt_with_projected_embeddings_is_refused_as_blip2_llm():
+    """OPT-350m-style (word_embed_proj_dim != hidden_size): HF's and LAVIS's BLIP-2 cannot run
+    it either (their forward fails); ours says so when the config is made."""
+    import dataclasses
+    from blip2_jax.config import ConfigError, get_preset
+    cfg = get_preset("tiny-opt")
+    with pytest.raises(ConfigError, match=r"word_embed_proj_dim \(16\) != hidden_size"):
+        cfg.replace(llm=dataclasses.replace(cfg.llm, word_embed_proj_dim=16))
