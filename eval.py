@@ -37,6 +37,7 @@ def parser() -> cli.ArgumentParser:
     p.add_argument("--output", metavar="OUT", help="where results, predictions and report go")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUT/report.html")
+    cli.add_verbose_argument(p)
     return p
 
 
@@ -45,20 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     args = parser().parse_args(argv[1:])
     cli.setup(args)
-    # The package's heavy modules load after jax.distributed.initialize (cli.setup).
-    from blip2_jax.checkpoint import CheckpointError
-    from blip2_jax.config import ConfigError
-    from blip2_jax.convert.mapping import MappingError
-    from blip2_jax.eval.evaluators import EvalConfigError
-    from blip2_jax.train.loop import ResumeError
-    try:
-        evaluate(args)
-    except (FileNotFoundError, ConfigError, EvalConfigError, MappingError, CheckpointError,
-            KeyError, ResumeError) as e:
-        # Bad input (paths, configs, evaluator settings): the message, not a traceback.
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from blip2_jax.train import loop      # after jax.distributed.initialize (cli.setup)
+    return cli.report_errors("eval.py", lambda: evaluate(args), loop.USER_ERRORS, args.verbose)
 
 
 def evaluate(args: argparse.Namespace):

@@ -8,7 +8,6 @@ See blip2_jax/train/loop.py for what DIR holds. Flags: blip2_jax/cli.py (`--help
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -20,9 +19,7 @@ def parser() -> cli.ArgumentParser:
                            config=True, lock_config=True, distributed=True)
     p.add_argument("--workdir", required=True, metavar="DIR",
                    help="output directory (checkpoints, metrics); a re-run resumes from it")
-    p.add_argument("--verbose", action="store_true",
-                   help="show the traceback of an error in the input too (also: "
-                        "BLIP2_JAX_TRACEBACK=1)")
+    cli.add_verbose_argument(p)
     return p
 
 
@@ -32,30 +29,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv[1:])
     cli.setup(args)
     from blip2_jax.train import loop      # after jax.distributed.initialize (cli.setup)
-    try:
-        result = loop.run(args.config, args.workdir)
-    except user_errors() as e:
-        # A mistake in the config, the data or the work directory: its message names it and
-        # the fix; a bug (any other exception) keeps its traceback.
-        if args.verbose or os.environ.get("BLIP2_JAX_TRACEBACK"):
-            raise
-        print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, default=float))
-    return 0
-
-
-def user_errors() -> tuple:
-    """The exceptions that report bad input (configs, checkpoints, datasets, work directories)."""
-    from blip2_jax import checkpoint, config, run_config
-    from blip2_jax.convert import mapping, stream
-    from blip2_jax.data import builders, features, records
-    from blip2_jax.eval import evaluators
-    from blip2_jax.train import init, loop
-    return (run_config.RunConfigError, config.ConfigError, loop.ResumeError, init.InitError,
-            features.FeatureCacheError, records.AnnotationError, builders.DatasetError,
-            FileNotFoundError, mapping.MappingError, stream.CheckpointError,
-            checkpoint.CheckpointError, evaluators.EvalConfigError)
+    result = {}
+    code = cli.report_errors("train.py",
+                             lambda: result.update(loop.run(args.config, args.workdir)),
+                             loop.USER_ERRORS, args.verbose)
+    if code == 0:
+        print(json.dumps(result, default=float))
+    return code
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 from absl import flags, logging as absl_logging
@@ -176,6 +177,27 @@ def _one_line(e: BaseException) -> str:
     if any(line.startswith("Traceback") for line in lines) or len(lines) > 2:
         return f"{lines[0].removesuffix(':')}: {lines[-1]}" if len(lines) > 1 else lines[0]
     return " ".join(lines)
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the traceback of an error in the input too (also: "
+                             "BLIP2_JAX_TRACEBACK=1)")
+
+
+def report_errors(prog: str, run: Callable[[], object], errors: tuple,
+                  verbose: bool = False) -> int:
+    """`run()`, with an exception of `errors` (bad input: its message names the problem and the
+    fix) printed as one line `PROG: error: ...` and exit status 2; any other exception (a bug)
+    keeps its traceback, as do these with `verbose` or BLIP2_JAX_TRACEBACK=1."""
+    try:
+        run()
+    except errors as e:
+        if verbose or os.environ.get("BLIP2_JAX_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:

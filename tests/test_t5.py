@@ -34,6 +34,9 @@ CONFIGS = {
     # original T5: non-gated ReLU, tied head (decoder output scaled by d_model**-0.5).
     "relu_tied": dict(feed_forward_proj="relu", dense_act_fn="relu", tie_word_embeddings=True,
                       num_layers=2, num_decoder_layers=3),
+    # BLIP-2 FlanT5 with unequal depths both ways (untied head).
+    "flan_deep_decoder": dict(num_layers=1, num_decoder_layers=4),
+    "flan_deep_encoder": dict(num_layers=4, num_decoder_layers=2),
 }
 
 

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from blip2_jax import (api, checkpoint as ckpt_lib, config as config_lib, run_config,
                        sharding as sharding_lib)
-from blip2_jax.data import batch as batch_lib, features, pipeline
-from blip2_jax.eval import runner
+from blip2_jax.convert import mapping, stream
+from blip2_jax.data import batch as batch_lib, builders, features, pipeline, records
+from blip2_jax.eval import evaluators, runner
 from blip2_jax.train import features as feature_builder, init as init_lib, state as state_lib
 from blip2_jax.train.metrics import MetricWriter, drop_rows_after
 from blip2_jax.train.trainer import Trainer
@@ -42,6 +43,13 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def _user_errors() -> tuple:
+    return (run_config.RunConfigError, config_lib.ConfigError, ResumeError, init_lib.InitError,
+            features.FeatureCacheError, records.AnnotationError, builders.DatasetError,
+            FileNotFoundError, mapping.MappingError, stream.CheckpointError,
+            ckpt_lib.CheckpointError, evaluators.EvalConfigError)
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict:
@@ -390,3 +398,8 @@ def _progress(start: int, stop: int):
     if jax.process_index() != 0:
         return None
     return tqdm(total=stop, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+
+# What train.py and eval.py report as bad input (one line, exit 2): configs, checkpoints,
+# datasets, work directories. Anything else is a bug and keeps its traceback.
+USER_ERRORS = _user_errors()
