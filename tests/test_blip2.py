@@ -8,6 +8,7 @@ import torch
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
 import blip2_jax
+from blip2_jax.convert import mapping
 import hf_ref
 from hf_ref import IMAGE_TOKEN, nchw, pixels, rel_err, text_batch
 
@@ -20,6 +21,18 @@ GEN_CASES = {
     "t5-freq1-q4": dict(llm="t5", num_query_tokens=4, qformer=dict(cross_attention_frequency=1)),
     "t5-freq2-q6": dict(llm="t5", num_query_tokens=6,
                         qformer=dict(cross_attention_frequency=2, num_hidden_layers=2)),
+    # Shapes nobody tuned to: a Q-Former depth the frequency does not divide, a post-LN OPT,
+    # a T5 with more encoder than decoder layers.
+    "opt-odd": dict(llm="opt", num_query_tokens=5,
+                    qformer=dict(cross_attention_frequency=2, num_hidden_layers=3),
+                    text=dict(do_layer_norm_before=False, num_hidden_layers=3)),
+    "t5-odd": dict(llm="t5", num_query_tokens=3,
+                   qformer=dict(cross_attention_frequency=3, num_hidden_layers=4),
+                   text=dict(num_layers=3, num_decoder_layers=1)),
+    # LLaMA: grouped-query attention (2 KV heads), untied head, rotary positions. HF's forward
+    # positions it with arange even when left-padded (test_lm_logits' left case checks that).
+    "llama-freq1-q4": dict(llm="llama", num_query_tokens=4,
+                           qformer=dict(cross_attention_frequency=1)),
 }
 
 
@@ -201,8 +214,8 @@ def test_native_keeps_dtype_and_stage1_heads(tmp_path):
     model = blip2_jax.Blip2.random("tiny-stage1", seed=3)
     model.save(tmp_path / "n", format="native")
     again = blip2_jax.load(tmp_path / "n", dtype=None)
-    flat_a = blip2_jax.api.mapping.flatten(model.params)
-    flat_b = blip2_jax.api.mapping.flatten(again.params)
+    flat_a = mapping.flatten(model.params)
+    flat_b = mapping.flatten(again.params)
     assert sorted(flat_a) == sorted(flat_b) and "temp" in flat_b and "lm_head/bias" in flat_b
     for k in flat_a:
         np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]))
