@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -r requirements-test.txt
+# libtpu (AOT compilation tests) beside the environment, not in it: see requirements-test.txt.
+libtpu_version=0.0.52
+if ! PYTHONPATH=.venv/libtpu .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('libtpu') != '$libtpu_version')" 2>/dev/null; then
+  .venv/bin/pip install -q --no-deps --upgrade --target .venv/libtpu "libtpu==$libtpu_version"
+fi
 PYTHON=.venv/bin/python bash scripts/fetch_test_assets.sh
 # Two pytest workers (pytest-xdist; one module per worker): compiling dominates the suite and
 # XLA compiles a program on one core; on the 2-core machine the suite takes 12 min instead of

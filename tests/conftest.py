@@ -9,6 +9,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# libtpu (AOT compilation for TPU topologies) lives beside the environment, in .venv/libtpu
+# (scripts/test.sh): on the tests' import path and their subprocesses', not the main job's.
+_LIBTPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv",
+                       "libtpu")
+if os.path.isdir(_LIBTPU):
+    import sys
+    sys.path.append(_LIBTPU)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.environ.get("PYTHONPATH"), _LIBTPU) if p)
+
 # One persistent compilation cache per session: programs compiled again (train.py runs that
 # resume, subprocesses) are read back instead of recompiled.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -56,3 +56,16 @@ def test_the_commands_run_from_another_directory(installed, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["tiny-stage1", "DATA"], out.stderr
+
+
+def test_a_cpu_command_prints_no_tpu_noise(tmp_path):
+    """The tests' libtpu (AOT compilation) is not importable from the environment itself: a CPU
+    command there initialises JAX without TPU-initialisation errors."""
+    # The environment a user's shell gives: none of the settings the test session makes (its
+    # libtpu path, and the TPU_* variables importing jax with libtpu on that path sets).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "JAX_PLATFORMS", "XLA_FLAGS") and not k.startswith("TPU_")}
+    out = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].platform)"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "cpu", out.stderr
+    assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr
