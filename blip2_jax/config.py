@@ -235,7 +235,8 @@ class LlamaConfig(_Tower):
         return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else self.eos_token_id
 
 
-LLMConfig = Union[OPTConfig, T5Config]
+LLMConfig = Union[OPTConfig, T5Config, LlamaConfig]
+_LLM_KINDS = {OPTConfig: "opt", T5Config: "t5", LlamaConfig: "llama"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,7 +277,13 @@ class Blip2Config:
     def llm_kind(self) -> Optional[str]:
         if self.llm is None:
             return None
-        return "opt" if isinstance(self.llm, OPTConfig) else "t5"
+        return _LLM_KINDS[type(self.llm)]
+
+    @property
+    def decoder_only(self) -> bool:
+        """The LLM is decoder-only (OPT, LLaMA): the queries prefix the text in one causal
+        sequence. False for T5 (encoder-decoder) and stage 1."""
+        return self.llm_kind in ("opt", "llama")
 
     def replace(self, **kw) -> "Blip2Config":
         return dataclasses.replace(self, **kw)
@@ -302,7 +309,8 @@ class Blip2Config:
         if llm is not None:
             llm = dict(llm)
             kind = llm.pop("kind", None)
-            llm = _build(OPTConfig if kind == "opt" else T5Config, llm, f"llm ({kind})")
+            llm = _build({"opt": OPTConfig, "llama": LlamaConfig}.get(kind, T5Config), llm,
+                         f"llm ({kind})")
         return cls(vision=_build(VisionConfig, d.pop("vision", {}), "vision"),
                    qformer=_build(QFormerConfig, d.pop("qformer", {}), "qformer"),
                    llm=llm, **_checked(cls, d, "blip2"))
@@ -417,8 +425,11 @@ def _t5_activation(d: dict) -> tuple[str, bool]:
 
 
 def llm_from_hf(td: dict) -> LLMConfig:
-    """OPTConfig / T5Config from an HF OPT or T5 config dict (`text_config` or a bare LM)."""
+    """OPTConfig / T5Config / LlamaConfig from an HF OPT, T5 or LLaMA config dict
+    (`text_config` or a bare LM)."""
     kind = td.get("model_type", "opt")
+    if kind == "llama":
+        return llama_from_hf(td)
     if kind == "opt":
         return OPTConfig(**_from_hf(td, _HF_OPT, _HF_OPT_DEFAULTS))
     if kind == "t5":
@@ -429,7 +440,7 @@ def llm_from_hf(td: dict) -> LLMConfig:
         if fields.get("scale_decoder_outputs") is None:
             fields["scale_decoder_outputs"] = fields["tie_word_embeddings"]
         return T5Config(**fields, activation=act, gated=gated)
-    raise ConfigError(f"text_config.model_type {kind!r} is not supported (opt or t5)")
+    raise ConfigError(f"text_config.model_type {kind!r} is not supported (opt, t5 or llama)")
 
 
 def llama_from_hf(d: dict) -> LlamaConfig:
@@ -506,6 +517,8 @@ def to_hf_dict(cfg: Blip2Config) -> dict:
         out["architectures"] = ["Blip2ForConditionalGeneration"]
         if isinstance(cfg.llm, OPTConfig):
             text = dict(model_type="opt", **_to_hf(cfg.llm, _HF_OPT))
+        elif isinstance(cfg.llm, LlamaConfig):
+            text = llama_to_hf(cfg.llm)
         else:
             text = dict(model_type="t5", **_to_hf(cfg.llm, _HF_T5),
                         feed_forward_proj=("gated-" if cfg.llm.gated else "")
@@ -513,7 +526,7 @@ def to_hf_dict(cfg: Blip2Config) -> dict:
                         dense_act_fn=cfg.llm.activation, is_encoder_decoder=True)
             text["scale_decoder_outputs"] = cfg.llm.scales_decoder_output
         out["text_config"] = text
-        out["use_decoder_only_language_model"] = isinstance(cfg.llm, OPTConfig)
+        out["use_decoder_only_language_model"] = cfg.decoder_only
     if cfg.image_token_index is not None:
         out["image_token_index"] = cfg.image_token_index
     return out
@@ -589,7 +602,7 @@ TINY_QFORMER = QFormerConfig(vocab_size=100, hidden_size=32, num_layers=2, num_h
                              has_text_input=True)
 TINY_OPT = OPTConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, ffn_dim=37,
                      max_position_embeddings=64, word_embed_proj_dim=32)
-# LLaMA towers (hub config.json values); not yet BLIP-2 presets.
+# LLaMA towers (hub config.json values).
 VICUNA_7B = LlamaConfig(pad_token_id=0)
 VICUNA_13B = LlamaConfig(hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=13824,
                          pad_token_id=0)
@@ -623,6 +636,8 @@ PRESETS.update({
         TINY_QFORMER, has_text_input=False), llm=TINY_OPT, num_query_tokens=4),
     "tiny-t5": Blip2Config(vision=TINY_VISION, qformer=dataclasses.replace(
         TINY_QFORMER, has_text_input=False), llm=TINY_T5, num_query_tokens=4),
+    "tiny-llama": Blip2Config(vision=TINY_VISION, qformer=dataclasses.replace(
+        TINY_QFORMER, has_text_input=False), llm=TINY_LLAMA, num_query_tokens=4),
     "tiny-clip-stage1": Blip2Config(vision=TINY_CLIP, qformer=TINY_QFORMER, num_query_tokens=4,
                                     embed_dim=16, itc=True, itm=True, itg=True),
 })

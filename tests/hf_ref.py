@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import transformers
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
-                          OPTConfig, T5Config)
+                          LlamaConfig, OPTConfig, T5Config)
 
 VOCAB = 100
 IMAGE_TOKEN = 99
@@ -57,10 +57,22 @@ def t5_config(**kw) -> T5Config:
                                 relative_attention_max_distance=20), **kw))
 
 
+def llama_config(**kw) -> LlamaConfig:
+    """Grouped-query attention (2 KV heads for 4 query heads), untied head; LLaMA's specials
+    <unk> 0 (also the pad), <s> 1, </s> 2."""
+    return LlamaConfig(**dict(dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=37, max_position_embeddings=64,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2), **kw))
+
+
+LLM_CONFIGS = {"opt": opt_config, "t5": t5_config, "llama": llama_config}
+
+
 def blip2_generation(llm: str = "opt", num_query_tokens: int = 4, seed: int = 0,
                      vision: dict | None = None, qformer: dict | None = None,
                      text: dict | None = None) -> Blip2ForConditionalGeneration:
-    text_cfg = (opt_config if llm == "opt" else t5_config)(**(text or {}))
+    text_cfg = LLM_CONFIGS[llm](**(text or {}))
     cfg = Blip2Config(vision_config=vision_config(**(vision or {})),
                       qformer_config=qformer_config(**(qformer or {})),
                       text_config=text_cfg.to_dict(), num_query_tokens=num_query_tokens,

@@ -333,7 +333,8 @@ def test_blip2model_checkpoint_loads(tmp_path):
                                   np.asarray(blip2_jax.load(tmp_path / "g").logits(pix, ids, mask)))
 
 
-@pytest.mark.parametrize("preset", ["tiny-clip-stage1", "tiny-stage1", "tiny-opt", "tiny-t5"])
+@pytest.mark.parametrize("preset", ["tiny-clip-stage1", "tiny-stage1", "tiny-opt", "tiny-t5",
+                                    "tiny-llama"])
 def test_random_presets_run_every_surface(preset, tmp_path):
     model = blip2_jax.Blip2.random(preset, seed=1)
     cfg = model.config

@@ -1,10 +1,10 @@
 """Hugging Face checkpoints: the whole-model key table, safetensors reading and writing.
 
-Reads `save_pretrained` directories of `Blip2ForConditionalGeneration` (OPT, T5), `Blip2Model`
-and `Blip2ForImageTextRetrieval` — one `model.safetensors` or shards with
-`model.safetensors.index.json` — with the `safetensors` numpy reader (no torch), lazily, one tensor
-at a time. Writes the same layout back (sharded above `max_shard_bytes`).
-Per-tower tables: hf_vision, hf_qformer, hf_opt, hf_t5.
+Reads `save_pretrained` directories of `Blip2ForConditionalGeneration` (OPT, T5, LLaMA),
+`Blip2Model` and `Blip2ForImageTextRetrieval` — one `model.safetensors` or shards with
+`model.safetensors.index.json` — with the `safetensors` numpy reader (no torch), lazily, one
+tensor at a time. Writes the same layout back (sharded above `max_shard_bytes`).
+Per-tower tables: hf_vision, hf_qformer, hf_opt, hf_t5, hf_llama.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Mapping, Optional
 import numpy as np
 
 from blip2_jax import config as config_lib
-from blip2_jax.config import Blip2Config, OPTConfig
-from blip2_jax.convert import hf_opt, hf_qformer, hf_t5, hf_vision, stream
+from blip2_jax.config import Blip2Config
+from blip2_jax.convert import hf_llama, hf_opt, hf_qformer, hf_t5, hf_vision, stream
 from blip2_jax.convert.mapping import MappingError, Rule, linear, norm
 from blip2_jax.convert.stream import CheckpointError, KeySource, SafetensorsReader  # noqa: F401
 from blip2_jax.models.blip2 import LAVIS_INIT_TEMP
@@ -29,6 +29,8 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 HF_ABSENT_OK = ("temp",)
 # Source keys that are buffers, not parameters.
 HF_BUFFERS = (r".*position_ids", r".*\.num_batches_tracked")
+# The LLM's key table by `Blip2Config.llm_kind` (each has rules(cfg) and tied_keys(cfg)).
+LLM_TABLES = {"opt": hf_opt, "t5": hf_t5, "llama": hf_llama}
 
 
 def rules(cfg: Blip2Config) -> list[Rule]:
@@ -43,15 +45,17 @@ def rules(cfg: Blip2Config) -> list[Rule]:
         table += linear("itm_head", "itm_head")
     if cfg.llm is not None:
         table += linear("llm_proj", "language_projection")
-        table += (hf_opt if isinstance(cfg.llm, OPTConfig) else hf_t5).rules(cfg.llm)
+        table += LLM_TABLES[cfg.llm_kind].rules(cfg.llm)
     return table
 
 
 def ignorable(cfg: Blip2Config) -> list[str]:
     """Regexes of HF keys that may be present without being loaded (buffers, tied copies)."""
     out = list(HF_BUFFERS)
-    if cfg.llm is not None:
-        tied = (hf_opt if isinstance(cfg.llm, OPTConfig) else hf_t5).tied_keys(cfg.llm)
+    if cfg.llm_kind == "llama":        # rotary inv_freq buffers of older checkpoints, tied head
+        out += hf_llama.ignorable(cfg.llm)
+    elif cfg.llm is not None:
+        tied = LLM_TABLES[cfg.llm_kind].tied_keys(cfg.llm)
         out += [k.replace(".", r"\.") for k in tied]
     return out
 

@@ -4,8 +4,10 @@ One module, `Blip2Module`, whose configuration decides which parts exist:
   stage 1 (`config.llm is None`): ITC (vision_proj, text_proj, temp), ITM (itm_head) and ITG
   (lm_head, tied to the Q-Former word embeddings) surfaces — LAVIS `Blip2Qformer`, HF
   `Blip2ForImageTextRetrieval`;
-  stage 2: `llm_proj` + OPT (HF `Blip2ForConditionalGeneration` with OPT, LAVIS `Blip2OPT`) or
-  T5 (LAVIS `Blip2T5`).
+  stage 2: `llm_proj` + a decoder-only LLM, OPT (HF `Blip2ForConditionalGeneration` with OPT,
+  LAVIS `Blip2OPT`) or LLaMA (HF `Blip2ForConditionalGeneration` with a LLaMA `text_config`),
+  which share one code path (queries prefix the text in one causal sequence), or T5 (LAVIS
+  `Blip2T5`).
 Parameter tree (top-level names are API: freezing, sharding and loading address them by regex):
   vision/ ln_vision/ qformer/ query_tokens  [vision_proj/ text_proj/ temp itm_head/ lm_head/]
   [llm_proj/ llm/]
@@ -21,14 +23,19 @@ import jax
 import jax.numpy as jnp
 
 from blip2_jax import nn as bnn
-from blip2_jax.config import Blip2Config, OPTConfig, QFormerConfig
-from blip2_jax.models import opt as opt_lib
+from blip2_jax.config import Blip2Config, QFormerConfig
+from blip2_jax.models import llama as llama_lib, opt as opt_lib
+from blip2_jax.models.llama import Llama
 from blip2_jax.models.opt import OPT
 from blip2_jax.models.qformer import QFormer
 from blip2_jax.models.t5 import T5
 from blip2_jax.models.vit import VisionTransformer
 
 LAVIS_INIT_TEMP = 0.07   # Blip2Qformer.temp's initial value; HF checkpoints carry no temperature
+
+# The decoder-only LLMs by `Blip2Config.llm_kind`: (module, its KV-cache constructor). Both take
+# (inputs_embeds, mask, cache=, cache_index=, logits_from=) and return (logits, cache).
+DECODERS = {"opt": (OPT, opt_lib.init_cache), "llama": (Llama, llama_lib.init_cache)}
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
@@ -65,7 +72,7 @@ class Blip2Module(nn.Module):
             llm = cfg.llm
             self.llm_proj = bnn.Dense(llm.hidden_size, (None, "embed"), dtype=qdt,
                                       param_dtype=qpdt)
-            self.llm = OPT(llm) if isinstance(llm, OPTConfig) else T5(llm)
+            self.llm = DECODERS[cfg.llm_kind][0](llm) if cfg.decoder_only else T5(llm)
 
     # -- image side ------------------------------------------------------------------------------
     def image_embeds(self, pixel_values):
@@ -144,17 +151,29 @@ class Blip2Module(nn.Module):
                                 attention_mask], 1)
         return embeds, mask
 
+    def decoder_logits(self, embeds, mask, *, logits_from: int = 0):
+        """A decoder-only LLM over a whole sequence (no cache), positioned as HF's forward: OPT
+        from the mask (`cumsum(mask) - 1`, as its generate), LLaMA `arange` (HF's LlamaModel
+        without position_ids; the same on the real tokens of right-padded rows). Logits (B,
+        T - logits_from, V)."""
+        kw = {}
+        if self.config.llm_kind == "llama":
+            kw["positions"] = jnp.broadcast_to(jnp.arange(mask.shape[1], dtype=jnp.int32),
+                                               mask.shape)
+        logits, _ = self.llm(embeds, mask, logits_from=logits_from, **kw)
+        return logits
+
     def logits(self, pixel_values, input_ids, attention_mask, decoder_input_ids=None,
                decoder_attention_mask=None):
-        """LM logits over the text positions: OPT (B, T, V); T5 (B, T_dec, V); stage 1 ITG."""
+        """LM logits over the text positions: OPT / LLaMA (B, T, V); T5 (B, T_dec, V); stage 1
+        ITG."""
         cfg = self.config
         if cfg.llm is None:
             _, cache = self.query_output(self.image_embeds(pixel_values), return_query_cache=True)
             return self.itg_logits(cache, input_ids, attention_mask)
         embeds, mask = self.llm_inputs(pixel_values, input_ids, attention_mask)
-        if isinstance(cfg.llm, OPTConfig):
-            logits, _ = self.llm(embeds, mask, logits_from=cfg.num_query_tokens)
-            return logits
+        if cfg.decoder_only:
+            return self.decoder_logits(embeds, mask, logits_from=cfg.num_query_tokens)
         if decoder_input_ids is None:
             decoder_input_ids = jnp.full((input_ids.shape[0], 1), cfg.llm.decoder_start_token_id,
                                          jnp.int32)
@@ -168,9 +187,10 @@ class Blip2Module(nn.Module):
         """Vision → Q-Former → projection → LLM over [queries; prompt], filling the LLM cache.
 
         Returns (logits (B, V) after the last prompt position, cache, consts):
-          OPT: the prompt must be LEFT-padded (its last position is a real token); cache
-            {"k","v"} (L, B, Q + T + max_new_tokens, H, D); consts {"mask": (B, Q+T+max_new)}
-            (ones over queries and new tokens), positions come from the mask as in HF;
+          OPT / LLaMA: the prompt must be LEFT-padded (its last position is a real token); cache
+            {"k","v"} (L, B, Q + T + max_new_tokens, H or KV heads, D); consts {"mask": (B,
+            Q+T+max_new)} (ones over queries and new tokens), positions come from the mask as
+            in HF's generate (`cumsum(mask) - 1`);
           T5: the encoder runs once; cache = the decoder self-attention cache {"k","v"}
             (L, B, 1 + max_new_tokens, H, D) after the decoder start token; consts {"cross":
             {"k","v"} (L, B, Q + T, H, D), "enc_mask": (B, Q + T)}.
@@ -180,9 +200,9 @@ class Blip2Module(nn.Module):
         cfg = self.config
         embeds, mask = self.llm_inputs(pixel_values, input_ids, attention_mask)
         b, p = mask.shape
-        if isinstance(cfg.llm, OPTConfig):
+        if cfg.decoder_only:
             full = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), mask.dtype)], 1)
-            cache = opt_lib.init_cache(cfg.llm, b, p + max_new_tokens)
+            cache = DECODERS[cfg.llm_kind][1](cfg.llm, b, p + max_new_tokens)
             logits, cache = self.llm(embeds, full, cache=cache, cache_index=0, logits_from=p - 1)
             return logits[:, -1], cache, {"mask": full}
         enc = self.llm.encode(embeds, mask)
@@ -194,7 +214,7 @@ class Blip2Module(nn.Module):
     def decode_step(self, tokens, cache, consts, position):
         """Logits (N, V) after `tokens` (N,) at absolute decoder position `position` (see
         `decode_offset`), and the updated cache."""
-        if isinstance(self.config.llm, OPTConfig):
+        if self.config.decoder_only:
             logits, cache = self.llm(self.llm.embed(tokens[:, None]), consts["mask"], cache=cache,
                                      cache_index=position)
             return logits[:, -1], cache
@@ -204,15 +224,15 @@ class Blip2Module(nn.Module):
         return logits[:, -1], full["self"]
 
     def decode_offset(self, prompt_len: int) -> int:
-        """Absolute decoder position of new token 0: Q + T for OPT (after queries and prompt),
-        1 for T5 (after the decoder start token)."""
-        if isinstance(self.config.llm, OPTConfig):
+        """Absolute decoder position of new token 0: Q + T for OPT / LLaMA (after queries and
+        prompt), 1 for T5 (after the decoder start token)."""
+        if self.config.decoder_only:
             return self.config.num_query_tokens + prompt_len
         return 1
 
     def decode_seen_tokens(self, input_ids, attention_mask):
         """(B, V) bool: the tokens HF's RepetitionPenaltyLogitsProcessor counts before the first
-        new token. OPT (decoder-only): HF's `input_ids` = [image_token_index x Q; prompt] with the
+        new token. OPT / LLaMA (decoder-only): HF's `input_ids` = [image_token_index x Q; prompt] with the
         left padding skipped (`prompt_ignore_length`), i.e. the image token id (when the config
         has one) and every unmasked prompt token. T5: the decoder ids, i.e. the decoder start
         token only (the encoder prompt is not counted)."""
@@ -220,7 +240,7 @@ class Blip2Module(nn.Module):
         v = cfg.llm.vocab_size
         b = input_ids.shape[0]
         seen = jnp.zeros((b, v), bool)
-        if not isinstance(cfg.llm, OPTConfig):
+        if not cfg.decoder_only:
             return seen.at[:, cfg.llm.decoder_start_token_id].set(True)
         if cfg.image_token_index is not None and cfg.num_query_tokens > 0 and \
                 0 <= cfg.image_token_index < v:
@@ -286,7 +306,8 @@ class QFormerLMHead(nn.Module):
 
 
 def expand_decode_consts(consts: dict, n: int) -> dict:
-    """`Blip2Module.decode_prefill` consts for n beams per row: OPT's mask repeated per beam;
+    """`Blip2Module.decode_prefill` consts for n beams per row: OPT's / LLaMA's mask repeated per
+    beam;
     T5's cross K/V and encoder mask stay one per row (the decoder's cross-attention takes a
     row's beams as query positions; repeating them cost a whole copy every decode step, where
     XLA sank the repeat into the loop)."""
