@@ -137,11 +137,12 @@ class Blip2:
         """New tokens (B, max_new_tokens) of HF `Blip2ForConditionalGeneration.generate`.
 
         pixel_values (B, H, W, 3); input_ids (B, T) prompt tokens (BOS included, no image
-        placeholders), padded on either side (OPT runs it left-padded, T5 right-padded, so a row
-        decodes the same alone or in a batch); None = HF's empty prompt, [bos_token_id] (OPT 2;
-        T5 1 = "</s>", LAVIS's empty prompt). Greedy (num_beams=1), sampling (do_sample=True:
-        temperature, top_k (0 = off), top_p; seeded by `seed`), beam search (num_beams > 1,
-        early_stopping=False as HF's default; beam sampling with do_sample=True).
+        placeholders), padded on either side (OPT / LLaMA run it left-padded, T5 right-padded, so
+        a row decodes the same alone or in a batch); None = HF's empty prompt, [bos_token_id]
+        (OPT 2; LLaMA 1 = "<s>"; T5 1 = "</s>", LAVIS's empty prompt). Greedy (num_beams=1),
+        sampling (do_sample=True: temperature, top_k (0 = off), top_p; seeded by `seed`), beam
+        search (num_beams > 1, early_stopping=False as HF's default; beam sampling with
+        do_sample=True).
         eos_token_id: int or list; default the LLM config's. After EOS a row holds the LLM's
         pad_token_id. Sampling draws from jax.random (reproducible per seed; not torch's
         stream, so sampled tokens differ from HF's).
@@ -168,7 +169,7 @@ class Blip2:
         llm = cfg.llm
         pix = self._pixels(pixel_values)
         b = pix.shape[0]
-        is_opt = cfg.llm_kind == "opt"
+        left = cfg.decoder_only
         if eos_token_id is None:
             eos_token_id = llm.eos_token_id
         eos = tuple(int(e) for e in np.atleast_1d(np.asarray(eos_token_id)).reshape(-1))
@@ -197,11 +198,12 @@ class Blip2:
         # of any process sets the bucket.
         width = int(sharding.gather_rows(np.array([(np.asarray(mask) > 0).sum(1).max(
             initial=0)])).max())
-        ids, mask = pack_prompts(ids, mask, left=is_opt, pad_id=pad, min_width=width)
-        if is_opt and ids.shape[1] and not mask[:, -1].all():
+        ids, mask = pack_prompts(ids, mask, left=left, pad_id=pad, min_width=width)
+        if left and ids.shape[1] and not mask[:, -1].all():
             raise ValueError("every prompt row needs at least one unmasked token (e.g. BOS) "
                              "when other rows have some")
-        if is_opt and cfg.num_query_tokens + ids.shape[1] + max_new_tokens > \
+        # OPT's learned position table ends there (LLaMA's rotary positions do not).
+        if cfg.llm_kind == "opt" and cfg.num_query_tokens + ids.shape[1] + max_new_tokens > \
                 llm.max_position_embeddings:
             raise ValueError(f"{cfg.num_query_tokens} queries + prompt bucket {ids.shape[1]} + "
                              f"{max_new_tokens} new tokens exceed OPT's "
@@ -297,8 +299,8 @@ class Blip2:
 
     # -- inference: images and strings in, strings and numpy arrays out ------------------------
     # Text conventions (LAVIS `blip2_opt.py` / `blip2_t5.py` / `blip2_qformer.py`, HF BLIP-2):
-    #   LLM prompts: OPT `[BOS] prompt` (left padded), T5 `prompt </s>` (right padded); generated
-    #   tokens are cut at EOS and decoded with skip_special_tokens, then stripped.
+    #   LLM prompts: OPT / LLaMA `[BOS] prompt` (left padded), T5 `prompt </s>` (right padded);
+    #   generated tokens are cut at EOS and decoded with skip_special_tokens, then stripped.
     #   Q-Former texts: `[CLS] text [SEP]`, cleaned by LAVIS's eval text processor (`pre_caption`)
     #   unless clean_text=False; ITM truncates at 32 tokens, ITC pads/truncates to 35 (retrieval
     #   evaluation), features pad to the longest text (LAVIS `extract_features`).
@@ -310,8 +312,9 @@ class Blip2:
 
     @property
     def tokenizer(self):
-        """The LLM's tokenizer (OPT GPT-2 BPE / T5 SentencePiece), loaded on first use from
-        `checkpoint_dir` with `processing.load_tokenizer(dir, "opt" | "t5")`, or as given."""
+        """The LLM's tokenizer (OPT GPT-2 BPE / T5 SentencePiece / LLaMA SentencePiece BPE),
+        loaded on first use from `checkpoint_dir` with `processing.load_tokenizer(dir, "opt" |
+        "t5" | "llama")`, or as given."""
         if self._tokenizer is None:
             self._need(self.config.llm is not None, "tokenizer", "language model")
             self._tokenizer = self._load_tokenizer(self.config.llm_kind, "tokenizer")
@@ -402,8 +405,8 @@ class Blip2:
 
         images: list of PIL images / uint8 arrays / paths, or preprocessed (B, H, W, 3) floats.
         prompt: text the caption continues (e.g. "a photo of", COCO fine-tuned models), one for
-          all images or one per image; tokenised as the LLM wants (OPT `[BOS] prompt`, T5
-          `prompt </s>`); "" is the model's empty prompt (OPT `[BOS]`, T5 `</s>`).
+          all images or one per image; tokenised as the LLM wants (OPT / LLaMA `[BOS] prompt`,
+          T5 `prompt </s>`); "" is the model's empty prompt (OPT / LLaMA `[BOS]`, T5 `</s>`).
         generate_kwargs: as `generate`; defaults LAVIS's captioning ones, CAPTION_DEFAULTS
           (num_beams=5, max_new_tokens=30, min_new_tokens=1, length_penalty=1).
         Returns the generated text (prompt excluded), cut at the EOS (OPT BLIP-2: "\\n"), stripped.
@@ -556,8 +559,9 @@ def pack_prompts(input_ids, attention_mask, *, left: bool, pad_id: int,
                  multiple: int = PROMPT_BUCKET, min_width: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Prompts re-laid out for decoding: each row's unmasked tokens (in order) moved to the right
-    end (`left=True`: left padding, OPT) or the left end (T5), the width (at least `min_width`)
-    rounded up to a multiple of `multiple` (the compile bucket), pad_id / mask 0 elsewhere.
+    end (`left=True`: left padding, OPT / LLaMA) or the left end (T5), the width (at least
+    `min_width`) rounded up to a multiple of `multiple` (the compile bucket), pad_id / mask 0
+    elsewhere.
     Masked positions are dropped, so any padding side gives each row the tokens it would have
     alone."""
     ids = np.asarray(input_ids)

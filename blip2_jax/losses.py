@@ -1,6 +1,6 @@
-"""Stage-1 (ITC, ITM, ITG) and stage-2 (OPT LM, T5 prefix LM) losses: pure functions of model
-outputs over the *global* batch (LAVIS `blip2_qformer.py`, `blip2_opt.py`, `blip2_t5.py`;
-the BLIP-2 paper §3.1).
+"""Stage-1 (ITC, ITM, ITG) and stage-2 (decoder-only LM: OPT, LLaMA; T5 prefix LM) losses: pure
+functions of model outputs over the *global* batch (LAVIS `blip2_qformer.py`, `blip2_opt.py`,
+`blip2_t5.py`; the BLIP-2 paper §3.1).
 
 Global batch, not per device. LAVIS computes each loss per GPU against features gathered from all
 GPUs and averages the gradients (DDP). Here the batch is one global array, sharded or not, so the
@@ -33,7 +33,7 @@ class LossConfig:
     itg: float = 1.0
     lm: float = 1.0
     image_id_itc: bool = False        # COCO retrieval fine-tuning: same-image positives
-    prompt_length: int = 0            # OPT: BOS + prompt tokens that are not targets
+    prompt_length: int = 0            # OPT / LLaMA: BOS + prompt tokens that are not targets
     dec_token_id: int = 0             # the Q-Former tokenizer's [DEC] id (ITG BOS)
     train_vision: bool = False        # the ViT is trainable (fine-tuning): backprop through it
     itm_image_kv_once: bool = False   # ITM reuses the query pass's image K/V (train/step.py)
@@ -192,9 +192,9 @@ def itg_loss(logits, input_ids, attention_mask, label_smoothing: float = ITG_LAB
 # ------------------------------------------------------------------------------------------------
 def opt_lm_loss(text_logits, last_query_logits, input_ids, attention_mask,
                 prompt_length: int = 0):
-    """OPT loss over [queries; BOS text "\\n" pad]: LAVIS's targets (queries and padding -100, and
-    the first `prompt_length` tokens when a prompt is set) under HF's shifted causal-LM CE (mean,
-    no smoothing).
+    """The decoder-only LM loss (OPT, LLaMA: one function for both) over [queries; BOS text
+    "\\n" pad]: LAVIS's targets (queries and padding -100, and the first `prompt_length` tokens
+    when a prompt is set) under HF's shifted causal-LM CE (mean, no smoothing).
 
     text_logits (B, T, V): the logits at the text positions (`model.logits`), where position t
         predicts ids[:, t+1].

@@ -2,7 +2,7 @@
 
     from blip2_jax import processing as P
     pixels = P.preprocess_images([img, "photo.jpg"], 224)            # (B, 224, 224, 3) float32
-    tok = P.load_tokenizer("path/to/blip2-opt-2.7b", "llm")           # OPT GPT-2 BPE / T5 spm
+    tok = P.load_tokenizer("path/to/blip2-opt-2.7b", "llm")   # OPT GPT-2 BPE / T5 spm / LLaMA
     ids, mask = P.tokenize_prompts(tok, ["Question: what is this? Answer:"], kind="opt")
     P.decode(tok, generated_ids, eos_token_id=50118)                  # ["a cat", ...]
     qtok = P.load_tokenizer("path/to/blip2-itm-vit-g", "qformer")     # BERT + [DEC] (30522)
@@ -225,6 +225,20 @@ def _tokenizer_json_model(path: str) -> str:
     return str(model.get("type", ""))
 
 
+def _tokenizer_json_family(path: str) -> Optional[str]:
+    """The LLM family of a tokenizer.json: "t5" (Unigram); for BPE, "llama" (SentencePiece BPE:
+    byte fallback, "▁" for spaces) or "opt" (GPT-2 byte-level BPE); None for other models."""
+    d = _read_json(path)
+    model = d.get("model") or {}
+    kind = model.get("type")
+    if kind == "Unigram":
+        return "t5"
+    if kind != "BPE":
+        return None
+    spaces = json.dumps([d.get("pre_tokenizer"), d.get("normalizer")], ensure_ascii=False)
+    return "llama" if model.get("byte_fallback") or "\u2581" in spaces else "opt"
+
+
 def _missing_files_error(what: str, looked: list[str], present: list[str]) -> FileNotFoundError:
     missing = [p for p in looked if p not in present]
     return FileNotFoundError(
@@ -233,20 +247,23 @@ def _missing_files_error(what: str, looked: list[str], present: list[str]) -> Fi
 
 
 def _find_llm_files(path: str, kind: str) -> tuple[str, str]:
-    """(family, how) for the LLM tokenizer in `path`; family "opt" or "t5"."""
+    """(family, how) for the LLM tokenizer in `path`; family "opt", "t5" or "llama"."""
     j = lambda *names: [os.path.join(path, n) for n in names]  # noqa: E731
-    tok_json, vocab_json, merges, spiece, cfg = j("tokenizer.json", "vocab.json", "merges.txt",
-                                                  "spiece.model", "tokenizer_config.json")
-    looked = [tok_json, vocab_json, merges, spiece]
+    tok_json, vocab_json, merges, spiece, sp_model, cfg = j(
+        "tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "tokenizer.model",
+        "tokenizer_config.json")
+    looked = [tok_json, vocab_json, merges, spiece, sp_model]
     present = [p for p in looked + [cfg] if os.path.isfile(p)]
-    want = {"llm": ("opt", "t5"), "opt": ("opt",), "t5": ("t5",)}[kind]
+    want = {"llm": ("opt", "t5", "llama"), "opt": ("opt",), "t5": ("t5",),
+            "llama": ("llama",)}[kind]
     found = []
     if os.path.isfile(tok_json):
-        model = _tokenizer_json_model(tok_json)
-        family = {"BPE": "opt", "Unigram": "t5"}.get(model)
+        family = _tokenizer_json_family(tok_json)
         if family is None:
+            model = _tokenizer_json_model(tok_json)
             raise ValueError(f"{tok_json} holds a {model or 'unknown'} tokenizer, not an LLM one "
-                             "(OPT: byte-level BPE, T5: SentencePiece Unigram)"
+                             "(OPT: byte-level BPE, T5: SentencePiece Unigram, LLaMA: "
+                             "SentencePiece BPE)"
                              + ("; a WordPiece tokenizer is the Q-Former's: use kind='qformer'"
                                 if model == "WordPiece" else ""))
         found.append((family, "tokenizer.json"))
@@ -254,6 +271,8 @@ def _find_llm_files(path: str, kind: str) -> tuple[str, str]:
         found.append(("opt", "vocab.json + merges.txt"))
     if os.path.isfile(spiece):
         found.append(("t5", "spiece.model"))
+    if os.path.isfile(sp_model):
+        found.append(("llama", "tokenizer.model"))
     for family, how in found:
         if family in want:
             return family, how
@@ -263,10 +282,13 @@ def _find_llm_files(path: str, kind: str) -> tuple[str, str]:
         looked = [tok_json, vocab_json, merges]
     elif kind == "t5":
         looked = [tok_json, spiece]
+    elif kind == "llama":
+        looked = [tok_json, sp_model]
     what = {"llm": "LLM tokenizer (OPT: tokenizer.json or vocab.json + merges.txt; T5: "
-                   "tokenizer.json or spiece.model)",
+                   "tokenizer.json or spiece.model; LLaMA: tokenizer.json or tokenizer.model)",
             "opt": "OPT tokenizer (tokenizer.json or vocab.json + merges.txt)",
-            "t5": "T5 tokenizer (tokenizer.json or spiece.model)"}[kind]
+            "t5": "T5 tokenizer (tokenizer.json or spiece.model)",
+            "llama": "LLaMA tokenizer (tokenizer.json or tokenizer.model)"}[kind]
     raise _missing_files_error(f"{what} in {path}", looked, present)
 
 
@@ -285,6 +307,15 @@ def _load_llm(path: str, kind: str):
     if family == "opt":
         tok = transformers.GPT2Tokenizer.from_pretrained(
             path, local_files_only=True, **_special_defaults(path, _OPT_SPECIALS))
+    elif family == "llama":
+        if how == "tokenizer.model":
+            try:
+                import sentencepiece  # noqa: F401 (optional dependency: converting tokenizer.model)
+            except ImportError as e:
+                raise ImportError(f"{path} has tokenizer.model but no tokenizer.json: converting "
+                                  "it needs the `sentencepiece` package (pip install "
+                                  "sentencepiece)") from e
+        tok = transformers.LlamaTokenizer.from_pretrained(path, local_files_only=True)
     else:
         if how == "spiece.model":
             try:
@@ -295,7 +326,9 @@ def _load_llm(path: str, kind: str):
                                   ) from e
         tok = transformers.T5Tokenizer.from_pretrained(
             path, local_files_only=True, **_special_defaults(path, _T5_SPECIALS))
-    need = ("bos_token_id", "pad_token_id") if family == "opt" else ("eos_token_id", "pad_token_id")
+    # LLaMA tokenizers often have no pad token: `tokenize_prompts` pads with EOS there.
+    need = {"opt": ("bos_token_id", "pad_token_id"), "t5": ("eos_token_id", "pad_token_id"),
+            "llama": ("bos_token_id", "eos_token_id")}[family]
     for attr in need:
         if getattr(tok, attr) is None:
             raise ValueError(f"the {family} tokenizer in {path} has no {attr[:-3]}")
@@ -336,9 +369,10 @@ def load_tokenizer(path: str | os.PathLike, kind: str):
 
     kind="llm": the LLM's tokenizer from an HF BLIP-2 checkpoint dir: OPT (GPT-2 byte-level BPE
         from tokenizer.json or vocab.json + merges.txt; `GPT2Tokenizer`, BOS `</s>`, pad
-        `<pad>` unless tokenizer_config.json says otherwise) or FlanT5 (SentencePiece from
-        tokenizer.json or spiece.model, the latter needing `sentencepiece`; `T5Tokenizer`).
-        "opt" or "t5" insist on that family.
+        `<pad>` unless tokenizer_config.json says otherwise), FlanT5 (SentencePiece from
+        tokenizer.json or spiece.model, the latter needing `sentencepiece`; `T5Tokenizer`) or
+        LLaMA (SentencePiece BPE from tokenizer.json or tokenizer.model, the latter needing
+        `sentencepiece`; `LlamaTokenizer`). "opt", "t5" or "llama" insist on that family.
     kind="qformer": the Q-Former's BERT WordPiece tokenizer (vocab.txt or tokenizer.json) from
         `path/qformer_tokenizer/` or else `path` itself, with `[DEC]` added as bos token if it
         has none (id 30522 for bert-base-uncased, as LAVIS).
@@ -349,18 +383,22 @@ def load_tokenizer(path: str | os.PathLike, kind: str):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    if kind in ("llm", "opt", "t5"):
+    if kind in ("llm", "opt", "t5", "llama"):
         return _load_llm(path, kind)
     if kind == "qformer":
         return _load_qformer(path)
-    raise ValueError(f"kind must be 'llm', 'opt', 't5' or 'qformer', got {kind!r}")
+    raise ValueError(f"kind must be 'llm', 'opt', 't5', 'llama' or 'qformer', got {kind!r}")
 
 
 def tokenizer_kind(tokenizer) -> str:
-    """"opt", "t5" or "qformer", from the tokenizer's model (BPE / Unigram / WordPiece)."""
+    """"opt", "t5", "llama" or "qformer", from the tokenizer's model (byte-level BPE / Unigram /
+    SentencePiece BPE with byte fallback / WordPiece)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model = type(backend.model).__name__ if backend is not None else ""
     kind = {"BPE": "opt", "Unigram": "t5", "WordPiece": "qformer"}.get(model)
+    if kind == "opt" and (getattr(backend.model, "byte_fallback", False)
+                          or "Llama" in type(tokenizer).__name__):
+        kind = "llama"
     if kind is None:
         name = type(tokenizer).__name__
         kind = ("t5" if "T5" in name else "qformer" if "Bert" in name
@@ -370,7 +408,7 @@ def tokenizer_kind(tokenizer) -> str:
     return kind
 
 
-_PADDING_SIDE = {"opt": "left", "t5": "right", "qformer": "right"}
+_PADDING_SIDE = {"opt": "left", "llama": "left", "t5": "right", "qformer": "right"}
 
 
 def tokenize_prompts(tokenizer, texts: str | Sequence[str], *, kind: str,
@@ -382,11 +420,13 @@ def tokenize_prompts(tokenizer, texts: str | Sequence[str], *, kind: str,
     kind="opt": `[BOS] text`, LEFT padded by default with the pad id (1) — HF's BLIP-2 processor
         minus the 32 `<image>` placeholders (our model prepends the queries itself) and LAVIS's
         `predict_answers`; LAVIS's training captions are right padded (padding_side="right").
+    kind="llama": `[BOS] text`, LEFT padded (as HF's LlamaTokenizer) with the pad id, or EOS when
+        the tokenizer has no pad token (the padded positions are masked out).
     kind="t5": `text </s>`, right padded (pad 0).
     kind="qformer": `[CLS] text [SEP]`, right padded (pad 0). Retrieval evaluation uses
         max_length=35, padding="max_length"; stage-1 training max_length=32, padding="max_length";
         ITM truncates at max_length=32 and pads to the longest.
-    kind="llm": "opt" or "t5" from the tokenizer (`tokenizer_kind`).
+    kind="llm": "opt", "t5" or "llama" from the tokenizer (`tokenizer_kind`).
 
     max_length: truncation limit including the special tokens (right truncation: text is cut, the
         BOS/EOS/[CLS]/[SEP] stay), as HF `truncation=True, max_length=...`; `truncation` defaults
@@ -399,7 +439,7 @@ def tokenize_prompts(tokenizer, texts: str | Sequence[str], *, kind: str,
         if kind == "qformer":
             raise ValueError("kind='llm' but the tokenizer is a BERT (Q-Former) tokenizer")
     if kind not in _PADDING_SIDE:
-        raise ValueError(f"kind must be 'opt', 't5', 'qformer' or 'llm', got {kind!r}")
+        raise ValueError(f"kind must be 'opt', 't5', 'llama', 'qformer' or 'llm', got {kind!r}")
     padding_side = padding_side or _PADDING_SIDE[kind]
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -415,13 +455,15 @@ def tokenize_prompts(tokenizer, texts: str | Sequence[str], *, kind: str,
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ValueError("texts must be a non-empty list of strings")
 
-    if kind == "opt":
+    pad = tokenizer.pad_token_id
+    if kind in ("opt", "llama"):
         head, tail = [tokenizer.bos_token_id], []
+        if pad is None and kind == "llama":
+            pad = tokenizer.eos_token_id
     elif kind == "t5":
         head, tail = [], [tokenizer.eos_token_id]
     else:
         head, tail = [tokenizer.cls_token_id], [tokenizer.sep_token_id]
-    pad = tokenizer.pad_token_id
     if None in head or None in tail or pad is None:
         raise ValueError(f"the tokenizer lacks the special tokens a {kind} sequence needs")
     n_special = len(head) + len(tail)

@@ -251,6 +251,10 @@ def text_setup(config, cfg: config_lib.Blip2Config, *, tokenizers: bool = True) 
         specs = (TextSpec("qformer", paths["qformer"], "qformer", max_length),)
         return TextSetup(specs, LossConfig(dec_token_id=dec, **weights), False, max_length)
     tok_dir = paths["llm"]
+    if cfg.llm_kind == "llama":
+        # No LAVIS recipe fixes LLaMA's caption template (BOS, EOS / "\n") for the data pipeline.
+        raise RunConfigError("stage-2 runs from a run config support OPT and T5 LLMs; train a "
+                             "LLaMA BLIP-2 with train.Trainer and your own batches")
     if cfg.llm_kind == "opt":
         prompt = section(config, "data").get("prompt", "")
         tok = _tokenizer(tok_dir, "opt", tokenizers) if prompt else None

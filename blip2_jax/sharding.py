@@ -85,6 +85,7 @@ FULLY_SHARDED_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", ("fsdp", "data")),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),

@@ -242,6 +242,12 @@ STEP_CASES = {
     "opt_untied_train_llm": (_preset("tiny-opt", tie_word_embeddings=False), ("vision/.*",),
                              LossConfig(), True),
     "t5": (_preset("tiny-t5"), ("vision/.*", "llm/.*"), LossConfig(), False),
+    # LLaMA: grouped-query K/V (2 of 4 heads), SwiGLU; then one KV head, head_dim 12 != hidden /
+    # heads, a tied head and the LLM trained.
+    "llama": (_preset("tiny-llama"), ("vision/.*", "llm/.*"), LossConfig(), False),
+    "llama_headdim12_tied_train_llm": (_preset("tiny-llama", head_dim=12, num_kv_heads=1,
+                                               tie_word_embeddings=True), ("vision/.*",),
+                                       LossConfig(), True),
     "t5_ungated_train_all": (_preset("tiny-t5", gated=False, activation="relu",
                                      num_decoder_layers=3), (), LossConfig(train_vision=True),
                              True),

@@ -1,12 +1,12 @@
 """`Blip2.generate` token-identical to HF `Blip2ForConditionalGeneration.generate` (torch fp32,
-eager) on tiny random OPT and T5 BLIP-2 models; the HF logits processors / warpers; sampling
+eager) on tiny random OPT, T5 and LLaMA BLIP-2 models; the HF logits processors / warpers; sampling
 reproducibility; compile counts.
 
-The tiny models are re-randomised at a larger scale (std 0.5 OPT, 1.0 T5) so next-token logits
-are well separated (no ties decide a test) and the generated text varies from step to step; the
-EOS id is a token these models emit (some rows stop early, others run to max_new_tokens).
-`test_reference_outputs_are_informative` checks that the HF references really differ between the
-settings each test distinguishes.
+The tiny models are re-randomised at a larger scale (std 0.5 OPT and LLaMA, 1.0 T5) so
+next-token logits are well separated (no ties decide a test) and the generated text varies from
+step to step; the EOS id is a token these models emit (some rows stop early, others run to
+max_new_tokens). `test_reference_outputs_are_informative` checks that the HF references really
+differ between the settings each test distinguishes.
 """
 import functools
 
@@ -27,8 +27,10 @@ from hf_ref import IMAGE_TOKEN, nchw, pixels, text_batch
 
 B, N = 3, 10                     # batch, max_new_tokens of the parity tests
 # llm: (re-randomisation seed, std, eos id the model emits)
-SETUPS = {"opt": (1, 0.5, 84), "t5": (2, 1.0, 49)}
-PAD = {"opt": 1, "t5": 0}
+SETUPS = {"opt": (1, 0.5, 84), "t5": (2, 1.0, 49), "llama": (3, 0.5, 97)}
+PAD = {"opt": 1, "t5": 0, "llama": 0}
+BOS = {"opt": 2, "llama": 1}     # decoder-only prompts start with it
+SECOND_EOS = {"opt": 39, "t5": 44, "llama": 61}   # the "list of EOS ids" case's other id
 
 CASES = {
     "greedy": {},
@@ -49,20 +51,22 @@ class Pair:
     def __init__(self, llm, tmp_path):
         seed, std, eos = SETUPS[llm]
         self.llm, self.eos, self.pad = llm, eos, PAD[llm]
+        self.left = llm != "t5"      # decoder-only: left padding, as HF's processor
         self.hf = hf_ref.randomize(hf_ref.blip2_generation(llm, seed=seed,
                                                            text=dict(eos_token_id=eos)), seed, std)
         self.hf.save_pretrained(tmp_path)
         self.model = blip2_jax.load(tmp_path)
         self.nq = self.model.config.num_query_tokens
         self.pix = pixels(B, seed=3)
-        # OPT prompts: BOS + text, left-padded; T5: text + </s>, right-padded (HF conventions)
+        # OPT / LLaMA prompts: BOS + text, left-padded; T5: text + </s>, right-padded (HF
+        # conventions)
         ids, mask = text_batch(B, 5, seed=5, lengths=[5, 3, 4],
-                               pad_side="left" if llm == "opt" else "right", pad_id=self.pad)
-        if llm == "opt":
+                               pad_side="left" if self.left else "right", pad_id=self.pad)
+        if self.left:
             ids = np.concatenate([np.full((B, 1), self.pad), ids], 1)
             mask = np.concatenate([np.zeros((B, 1), np.int64), mask], 1)
             first = mask.argmax(1)
-            ids[np.arange(B), first - 1] = 2
+            ids[np.arange(B), first - 1] = BOS[llm]
             mask[np.arange(B), first - 1] = 1
         else:
             ids = np.concatenate([ids, np.full((B, 1), self.pad)], 1)
@@ -78,7 +82,7 @@ class Pair:
             b = ids.shape[0]
             full = np.concatenate([np.full((b, self.nq), IMAGE_TOKEN), ids], 1)
             fmask = np.concatenate([np.ones((b, self.nq), np.int64), mask], 1)
-            if self.llm == "opt":   # HF's processor pads on the left of the image tokens
+            if self.left:   # HF's processor pads on the left of the image tokens
                 order = np.argsort(fmask == 1, axis=1, kind="stable")
                 full = np.take_along_axis(full, order, 1)
                 fmask = np.take_along_axis(fmask, order, 1)
@@ -88,7 +92,7 @@ class Pair:
     def kwargs(self, case):
         kw = dict(CASES[case])
         if kw.get("eos_token_id") == "list":
-            kw["eos_token_id"] = [self.eos, 39 if self.llm == "opt" else 44]
+            kw["eos_token_id"] = [self.eos, SECOND_EOS[self.llm]]
         return kw
 
     @functools.lru_cache(maxsize=None)
@@ -175,14 +179,15 @@ def test_reference_outputs_are_informative(pair):
 
 
 def test_seen_tokens_match_hf_repetition_penalty(pair):
-    """The token set our penalty starts from == what HF's processor penalises at step 0: OPT:
-    image token + unmasked prompt tokens (left padding skipped); T5: the decoder start token."""
+    """The token set our penalty starts from == what HF's processor penalises at step 0: OPT /
+    LLaMA: image token + unmasked prompt tokens (left padding skipped); T5: the decoder start
+    token."""
     model = pair.model
     ids, mask = blip2_api_pack(pair)
     seen = np.asarray(model.module.apply({"params": model.params}, jnp.asarray(ids),
                                          jnp.asarray(mask), method="decode_seen_tokens"))
     v = model.config.llm.vocab_size
-    if pair.llm == "opt":
+    if pair.left:
         args = pair.hf_inputs(pair.pix, pair.ids, pair.mask)
         hf_ids, hf_mask = args["input_ids"], args["attention_mask"]
         proc = RepetitionPenaltyLogitsProcessor(2.0, prompt_ignore_length=(hf_mask != 0).int()
@@ -195,7 +200,7 @@ def test_seen_tokens_match_hf_repetition_penalty(pair):
 
 
 def blip2_api_pack(pair):
-    return blip2_jax.api.pack_prompts(pair.ids, pair.mask, left=pair.llm == "opt",
+    return blip2_jax.api.pack_prompts(pair.ids, pair.mask, left=pair.left,
                                       pad_id=pair.pad)
 
 
@@ -222,16 +227,16 @@ def test_rows_alone_equal_batch_and_compile_once(pair):
 
 
 def test_padding_side_is_normalised(pair):
-    """OPT given right padding (T5 given left padding) decodes as with its own side."""
+    """OPT / LLaMA given right padding (T5 given left padding) decodes as with its own side."""
     flipped_ids, flipped_mask = [], []
     for r in range(B):
         keep = pair.mask[r] > 0
         n_pad = int((~keep).sum())
         tokens = pair.ids[r, keep]
         pads = np.full(n_pad, pair.pad)
-        flipped_ids.append(np.concatenate([tokens, pads] if pair.llm == "opt" else [pads, tokens]))
+        flipped_ids.append(np.concatenate([tokens, pads] if pair.left else [pads, tokens]))
         flipped_mask.append(np.concatenate([np.ones(len(tokens)), np.zeros(n_pad)]
-                                           if pair.llm == "opt" else
+                                           if pair.left else
                                            [np.zeros(n_pad), np.ones(len(tokens))]))
     out = pair.model.generate(pair.pix, np.stack(flipped_ids), np.stack(flipped_mask).astype(int),
                               max_new_tokens=N, eos_token_id=pair.eos)

@@ -1,12 +1,13 @@
 """The high-level inference API (`Blip2.caption / answer / match / similarity / features`, lazy
 tokenizers) and the `python -m blip2_jax.predict` command line, against Hugging Face.
 
-Generation: tiny random HF OPT and T5 BLIP-2 models (re-randomised as in test_generate.py so the
-text varies) saved with a tokenizer whose vocabulary fits their 100 ids: a hand-made OPT-layout
-byte-level BPE (vocab.json + merges.txt, "\\n" = the model's EOS, as 50118 is for BLIP-2 OPT) and
-a SentencePiece model trained here for T5 (`</s>` = EOS). The reference is HF `generate` on the
-same prompts tokenised by HF's own tokenizer call, decoded with `batch_decode(...,
-skip_special_tokens=True)` + strip (LAVIS).
+Generation: tiny random HF OPT, T5 and LLaMA BLIP-2 models (re-randomised as in
+test_generate.py so the text varies) saved with a tokenizer whose vocabulary fits their 100 ids:
+a hand-made OPT-layout byte-level BPE (vocab.json + merges.txt, "\\n" = the model's EOS, as 50118
+is for BLIP-2 OPT), a SentencePiece model trained here for T5 (`</s>` = EOS) and a hand-made
+LLaMA-layout SentencePiece BPE (`LlamaTokenizer`'s tokenizer.json, `</s>` = EOS). The reference
+is HF `generate` on the same prompts tokenised by HF's own tokenizer call, decoded with
+`batch_decode(..., skip_special_tokens=True)` + strip (LAVIS).
 Retrieval: a tiny HF `Blip2ForImageTextRetrieval` whose Q-Former takes the real bert-base-uncased
 ids (vocab_size 30523), with the real vocab.txt in its checkpoint directory.
 Images: skimage's photos (through `processing.preprocess_images`, PNG files for the CLI).
@@ -36,7 +37,8 @@ TOL = 1e-5
 # llm: (re-randomisation seed, std, EOS id): test_generate.py's OPT model, whose EOS is a token it
 # emits on these photos (39, here "\n": some rows stop early, others run to N); T5 keeps its
 # natural EOS </s> = 1.
-SETUPS = {"opt": (1, 0.5, 39), "t5": (2, 1.0, 1)}
+SETUPS = {"opt": (1, 0.5, 39), "t5": (2, 1.0, 1), "llama": (3, 0.5, 48)}
+PAD = {"opt": 1, "t5": 0, "llama": 0}
 PHOTOS = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
 
 
@@ -70,6 +72,23 @@ def write_opt_tokenizer(d, newline_id: int) -> None:
     (d / "vocab.json").write_text(json.dumps(vocab))
     (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in OPT_MERGES))
     (d / "tokenizer_config.json").write_text(json.dumps(OPT_TOKENIZER_CONFIG))
+
+
+def write_llama_tokenizer(d, eos_id: int) -> None:
+    """LLaMA's layout (<unk>=0, also the pad, <s>=1) + SentencePiece-style BPE pieces ("▁" for a
+    space; OPT_MERGES' pieces with "Ġ" → "▁"), `</s>` at `eos_id` (a token the tiny model emits,
+    as "\\n" is for OPT); "<image>" at 99 as in `write_opt_tokenizer`."""
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,?!:'-") + ["\u2581"]
+    merges = [(a.replace("Ġ", "\u2581"), b) for a, b in OPT_MERGES]
+    tokens = chars + ["".join(m) for m in merges]
+    tokens += list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")[:96 - len(tokens)]
+    tokens.insert(eos_id - 2, "</s>")
+    vocab = {"<unk>": 0, "<s>": 1}
+    vocab.update((t, 2 + i) for i, t in enumerate(tokens + ["<image>"]))
+    assert len(vocab) == hf_ref.VOCAB and vocab["</s>"] == eos_id
+    assert vocab["<image>"] == IMAGE_TOKEN
+    transformers.LlamaTokenizer(vocab=vocab, merges=merges, pad_token="<unk>",
+                                add_bos_token=True).save_pretrained(d)
 
 
 T5_CORPUS = [
@@ -107,11 +126,13 @@ class GenPair:
     def __init__(self, llm, path):
         seed, std, eos = SETUPS[llm]
         self.llm, self.eos = llm, eos
-        self.pad = 1 if llm == "opt" else 0
+        self.pad = PAD[llm]
+        self.left = llm != "t5"       # decoder-only: prompts left-padded
         self.hf = hf_ref.randomize(hf_ref.blip2_generation(llm, seed=seed,
                                                            text=dict(eos_token_id=eos)), seed, std)
         self.hf.save_pretrained(path)
-        (write_opt_tokenizer(path, eos) if llm == "opt" else write_t5_tokenizer(path))
+        {"opt": lambda: write_opt_tokenizer(path, eos), "t5": lambda: write_t5_tokenizer(path),
+         "llama": lambda: write_llama_tokenizer(path, eos)}[llm]()
         self.path = path
         self.model = blip2_jax.load(path)
         self.nq = self.model.config.num_query_tokens
@@ -125,11 +146,11 @@ class GenPair:
         args = dict(pixel_values=nchw(self.pix))
         if prompts is not None:
             enc = self.tok(prompts, padding=True, return_tensors="np",
-                           padding_side="left" if self.llm == "opt" else "right")
+                           padding_side="left" if self.left else "right")
             ids, mask = enc["input_ids"], enc["attention_mask"]
             full = np.concatenate([np.full((b, self.nq), IMAGE_TOKEN), ids], 1)
             fmask = np.concatenate([np.ones((b, self.nq), np.int64), mask], 1)
-            if self.llm == "opt":     # left padding before the image tokens
+            if self.left:     # left padding before the image tokens
                 order = np.argsort(fmask == 1, axis=1, kind="stable")
                 full = np.take_along_axis(full, order, 1)
                 fmask = np.take_along_axis(fmask, order, 1)

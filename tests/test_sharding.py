@@ -10,7 +10,7 @@ from blip2_jax import Blip2, sharding as S
 from blip2_jax.config import get_preset
 from blip2_jax.models import blip2 as blip2_model
 
-TINY = ["tiny-stage1", "tiny-opt", "tiny-t5"]
+TINY = ["tiny-stage1", "tiny-opt", "tiny-t5", "tiny-llama"]
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
 
 
@@ -92,7 +92,7 @@ def test_resolve_spec_rules():
 def test_model_names_all_have_rules():
     names = {n for cfg in TINY for spec in flat(S.logical_specs(cfg), S._is_spec).values()
              for n in spec if n is not None}
-    assert names == {"embed", "heads", "mlp", "vocab", "layers", "norm"}
+    assert names == {"embed", "heads", "kv_heads", "mlp", "vocab", "layers", "norm"}
     assert names <= {n for n, _ in S.DEFAULT_RULES}
 
 
@@ -133,6 +133,9 @@ def test_tiny_param_shardings_follow_rules(name):
     assert s["ln_vision/scale"].spec == P(None)
     if name == "tiny-opt":
         assert s["llm/embed_tokens/embedding"].spec == P("tensor", "fsdp")
+    if name == "tiny-llama":   # 2 KV heads x 8 over tensor=2: each device keeps whole KV heads
+        assert s["llm/layers/attn/key/kernel"].spec == P(None, "fsdp", "tensor")
+        assert s["llm/layers/mlp/gate/kernel"].spec == P(None, "fsdp", None)     # 37 % 2
     if name == "tiny-stage1":
         assert s["lm_head/transform/kernel"].spec == P("fsdp", None)     # ("embed", "embed")
         assert s["temp"].spec == P()
@@ -248,9 +251,10 @@ def assert_close(out, ref, what):
     assert err <= 1e-6, f"{what}: relative error {err:.2e}"
 
 
-# Every mesh for the stage-1 model (all five surfaces); one mesh each for OPT and T5 (the compiles
-# dominate this file's time: one program per (model, mesh, batch)).
-PARITY = [("tiny-stage1", m) for m in MESHES] + [("tiny-opt", (1, 4, 2)), ("tiny-t5", (2, 2, 2))]
+# Every mesh for the stage-1 model (all five surfaces); one mesh each for OPT, T5 and LLaMA (the
+# compiles dominate this file's time: one program per (model, mesh, batch)).
+PARITY = [("tiny-stage1", m) for m in MESHES] + [("tiny-opt", (1, 4, 2)), ("tiny-t5", (2, 2, 2)),
+                                                  ("tiny-llama", (1, 4, 2))]
 
 
 @pytest.mark.parametrize("name, shape", PARITY)
@@ -340,7 +344,8 @@ def test_multiprocess_dcn_mesh_and_batches(tmp_path):
         assert p.returncode == 0 and f"ok {i}" in out, out[-3000:]
 
 
-@pytest.mark.parametrize("name, shape", [("tiny-opt", (2, 2, 2)), ("tiny-t5", (1, 2, 4))])
+@pytest.mark.parametrize("name, shape", [("tiny-opt", (2, 2, 2)), ("tiny-t5", (1, 2, 4)),
+                                         ("tiny-llama", (2, 2, 2))])
 def test_sharded_generate_matches(name, shape):
     """Generation on a sharded model (batch over data × fsdp, LLM weights over fsdp/tensor)
     gives the unsharded model's tokens, greedy and beam 3."""

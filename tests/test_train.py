@@ -39,11 +39,16 @@ def _stage1_batch(b=8, t=9, seed=0):
             "qformer_mask": mask.astype(np.int32)}
 
 
-def _opt_batch(b=4, t=7, seed=0):
-    ids, mask = text_batch(b, t, seed=seed, pad_side="right", pad_id=1)
-    ids[:, 0] = 2                                          # BOS </s>
+def _opt_batch(b=4, t=7, seed=0, pad=1, bos=2):
+    """A decoder-only batch: OPT's pad and BOS </s> by default (LLaMA: pad 0, BOS <s> 1)."""
+    ids, mask = text_batch(b, t, seed=seed, pad_side="right", pad_id=pad)
+    ids[:, 0] = bos
     return {"image": pixels(b, seed=seed), "llm_ids": ids.astype(np.int32),
             "llm_mask": mask.astype(np.int32)}
+
+
+def _llama_batch(b=4, seed=0):
+    return _opt_batch(b=b, seed=seed, pad=0, bos=1)
 
 
 def _t5_batch(b=4, seed=0):
@@ -54,7 +59,7 @@ def _t5_batch(b=4, seed=0):
             "target_mask": tmask.astype(np.int32)}
 
 
-@pytest.fixture(scope="module", params=["opt", "t5"])
+@pytest.fixture(scope="module", params=["opt", "t5", "llama"])
 def stage2_pair(request, tmp_path_factory):
     hf_model = hf_ref.blip2_generation(request.param, seed=1)
     path = tmp_path_factory.mktemp(f"train_{request.param}")
@@ -67,7 +72,7 @@ def test_stage2_loss_equals_hf_logits_with_lavis_targets(stage2_pair, prompt_len
     kind, hf_model, model = stage2_pair
     cfg = _no_dropout(model.config)
     nq = cfg.num_query_tokens
-    batch = _opt_batch() if kind == "opt" else _t5_batch()
+    batch = {"opt": _opt_batch, "t5": _t5_batch, "llama": _llama_batch}[kind]()
     fn = loss_fn(cfg, LossConfig(prompt_length=prompt_length))
     loss, terms = fn(model.params, {}, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(0))
     ids, mask = batch["llm_ids"].astype(np.int64), batch["llm_mask"].astype(np.int64)
@@ -76,7 +81,7 @@ def test_stage2_loss_equals_hf_logits_with_lavis_targets(stage2_pair, prompt_len
                   input_ids=torch.from_numpy(np.concatenate([np.full((b, nq), IMAGE_TOKEN), ids], 1)),
                   attention_mask=torch.from_numpy(np.concatenate([np.ones((b, nq), np.int64),
                                                                   mask], 1)))
-    if kind == "opt":
+    if kind != "t5":     # decoder-only (OPT, LLaMA): one loss function, LAVIS's targets
         with torch.no_grad():
             logits = hf_model(**kwargs).logits
         targets = torch.from_numpy(np.where(mask > 0, ids, -100))
@@ -231,8 +236,9 @@ def _assert_same_steps(got, ref, rtol=1e-5):
                 1.0, np.abs(ref_p[path]).max()), path
 
 
-def test_frozen_towers_are_bf16_untouched_and_have_no_optimizer_state():
-    cfg = config.get_preset("tiny-opt")
+@pytest.mark.parametrize("preset", ["tiny-opt", "tiny-llama"])
+def test_frozen_towers_are_bf16_untouched_and_have_no_optimizer_state(preset):
+    cfg = config.get_preset(preset)
     params = blip2_model.init_params(cfg, 0)
     tr = Trainer(cfg, LossConfig(), OPT, total_steps=10, mesh=_mesh({"data": 2}),
                  frozen=("vision/.*", "llm/.*"), frozen_dtype="bfloat16")
@@ -244,8 +250,9 @@ def test_frozen_towers_are_bf16_untouched_and_have_no_optimizer_state():
     opt_leaves = sum(x.size for x in jax.tree.leaves(st.opt_state))
     trainable = sum(x.size for x in jax.tree.leaves(st.params))
     assert opt_leaves <= 2 * trainable + 10          # Adam's mu and nu (+ counters) only
+    batch = _opt_batch(b=4) if preset == "tiny-opt" else _llama_batch(b=4)
     for _ in range(2):
-        st, m = tr.step(st, fr, tr.place(_opt_batch(b=4)))
+        st, m = tr.step(st, fr, tr.place(batch))
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.tree.map(np.asarray, fr))):
         np.testing.assert_array_equal(a, b)
     assert int(st.step) == 2 and bool(m["finite"])

@@ -232,10 +232,10 @@ class Blip2Module(nn.Module):
 
     def decode_seen_tokens(self, input_ids, attention_mask):
         """(B, V) bool: the tokens HF's RepetitionPenaltyLogitsProcessor counts before the first
-        new token. OPT / LLaMA (decoder-only): HF's `input_ids` = [image_token_index x Q; prompt] with the
-        left padding skipped (`prompt_ignore_length`), i.e. the image token id (when the config
-        has one) and every unmasked prompt token. T5: the decoder ids, i.e. the decoder start
-        token only (the encoder prompt is not counted)."""
+        new token. OPT / LLaMA (decoder-only): HF's `input_ids` = [image_token_index x Q;
+        prompt] with the left padding skipped (`prompt_ignore_length`), i.e. the image token id
+        (when the config has one) and every unmasked prompt token. T5: the decoder ids, i.e.
+        the decoder start token only (the encoder prompt is not counted)."""
         cfg = self.config
         v = cfg.llm.vocab_size
         b = input_ids.shape[0]
@@ -306,11 +306,10 @@ class QFormerLMHead(nn.Module):
 
 
 def expand_decode_consts(consts: dict, n: int) -> dict:
-    """`Blip2Module.decode_prefill` consts for n beams per row: OPT's / LLaMA's mask repeated per
-    beam;
-    T5's cross K/V and encoder mask stay one per row (the decoder's cross-attention takes a
-    row's beams as query positions; repeating them cost a whole copy every decode step, where
-    XLA sank the repeat into the loop)."""
+    """`Blip2Module.decode_prefill` consts for n beams per row: OPT's / LLaMA's mask repeated
+    per beam; T5's cross K/V and encoder mask stay one per row (the decoder's cross-attention
+    takes a row's beams as query positions; repeating them cost a whole copy every decode step,
+    where XLA sank the repeat into the loop)."""
     if n == 1:
         return consts
     return {k: x if k in ("cross", "enc_mask") else jnp.repeat(x, n, axis=0)

@@ -36,7 +36,7 @@ Conventions
     itm: the [queries; text] pass with cross-attention over 3B pairs and the itm_head;
     itg: the causal text pass over the cached query K/V and the LM head (transform + vocab).
 * Stage 2: vision; qformer_query (trainable); llm_proj (trainable); the LLM ("frozen" unless
-  `train_llm`): OPT over [queries; text] with the head on the last query and the text
+  `train_llm`): OPT or LLaMA over [queries; text] with the head on the last query and the text
   positions (T + 1, `logits_from = Q - 1`); T5 encoder over [queries; prefix] and decoder over
   the target length (cross-attention K/V of the encoder output in every decoder layer).
 """
@@ -45,7 +45,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Optional, Sequence, Union
 
-from blip2_jax.config import Blip2Config, OPTConfig, QFormerConfig, T5Config, VisionConfig
+from blip2_jax.config import (Blip2Config, LlamaConfig, OPTConfig, QFormerConfig, T5Config,
+                              VisionConfig)
 from blip2_jax.data.batch import FEATURES
 
 ImageSize = Union[int, Sequence[int]]
@@ -173,6 +174,24 @@ def opt_flops(cfg: OPTConfig, batch: int, seq_len: int, logits_len: Optional[int
     return MatmulFlops(dense=batch * dense, attention=batch * attn)
 
 
+def llama_flops(cfg: LlamaConfig, batch: int, seq_len: int, logits_len: Optional[int] = None
+                ) -> MatmulFlops:
+    """`models/llama.py` Llama over `seq_len` positions with the LM head on the last
+    `logits_len` (default all): per layer Q and out (num_heads·head_dim wide), K and V
+    (num_kv_heads·head_dim: grouped-query attention shrinks only these), QKᵀ and AV for every
+    query head (full causal square), the SwiGLU MLP's three matmuls (gate, up, down); the vocab
+    projection (tied or not)."""
+    d, ff = cfg.hidden_size, cfg.intermediate_size
+    inner = cfg.num_heads * cfg.head_dim
+    kv_inner = cfg.num_kv_heads * cfg.head_dim
+    n = seq_len
+    m = seq_len if logits_len is None else logits_len
+    dense = cfg.num_layers * (2 * _mm(n, d, inner) + 2 * _mm(n, d, kv_inner) + 3 * _mm(n, d, ff))
+    dense += _mm(m, d, cfg.vocab_size)
+    attn = cfg.num_layers * _attention_scores(n, n, inner)
+    return MatmulFlops(dense=batch * dense, attention=batch * attn)
+
+
 def t5_flops(cfg: T5Config, batch: int, enc_len: int, dec_len: int) -> MatmulFlops:
     """`models/t5.py` T5: encoder over `enc_len`, decoder over `dec_len` with cross-attention
     to the encoder output in every layer (its K/V projected per layer), FFN with 3 matmuls when
@@ -197,13 +216,15 @@ def t5_flops(cfg: T5Config, batch: int, enc_len: int, dec_len: int) -> MatmulFlo
 def forward_flops(tower, batch: int, **shape) -> float:
     """Forward matmul FLOPs of one tower config with the shape keywords of its `*_flops`:
     VisionConfig (image_size), QFormerConfig (queries, text, image_tokens, prefix), OPTConfig
-    (seq_len, logits_len), T5Config (enc_len, dec_len)."""
+    and LlamaConfig (seq_len, logits_len), T5Config (enc_len, dec_len)."""
     if isinstance(tower, VisionConfig):
         return vit_flops(tower, batch, **shape).total
     if isinstance(tower, QFormerConfig):
         return qformer_flops(tower, batch, **shape).total
     if isinstance(tower, OPTConfig):
         return opt_flops(tower, batch, **shape).total
+    if isinstance(tower, LlamaConfig):
+        return llama_flops(tower, batch, **shape).total
     if isinstance(tower, T5Config):
         return t5_flops(tower, batch, **shape).total
     raise TypeError(f"no FLOP count for {type(tower).__name__}")
@@ -221,7 +242,7 @@ def train_step_flops_breakdown(cfg: Blip2Config, loss_cfg, batch_size: int, text
     """Training FLOPs of one step over the global batch, by part (see the module docstring).
 
     loss_cfg: `train.step.LossConfig` (its weights switch stage-1 terms; `train_vision`).
-    text_len: stage 1 the `qformer_ids` length; OPT the `llm_ids` length; T5 the prefix
+    text_len: stage 1 the `qformer_ids` length; OPT / LLaMA the `llm_ids` length; T5 the prefix
     (`llm_ids`) length, with `target_len` the `target_ids` length. image_size: the batch's
     image side (default the config's). train_vision: default `loss_cfg.train_vision`.
     train_llm: the LLM is trained (not frozen). cached_vision: the batch brings the ViT's
@@ -259,9 +280,10 @@ def train_step_flops_breakdown(cfg: Blip2Config, loss_cfg, batch_size: int, text
     out["qformer_query"] = query_pass.cost("trainable")
     out["llm_proj"] = MatmulFlops(dense=_mm(b * q, h, llm.hidden_size)).cost("trainable")
     mode = "trainable" if train_llm else "frozen"
-    if isinstance(llm, OPTConfig):
+    if cfg.decoder_only:
         logits_len = t + 1 if q >= 1 else 1          # logits_from = Q - 1
-        out["llm"] = opt_flops(llm, b, q + t, logits_len).cost(mode)
+        count = opt_flops if isinstance(llm, OPTConfig) else llama_flops
+        out["llm"] = count(llm, b, q + t, logits_len).cost(mode)
     else:
         if target_len is None:
             raise ValueError("a T5 step needs target_len (the target_ids length)")
@@ -306,6 +328,6 @@ def train_step_flops_for_batch(cfg: Blip2Config, loss_cfg, batch: Mapping, *,
                             train_vision=train_vision, train_llm=train_llm)
 
 
-__all__ = ["MatmulFlops", "vision_tokens", "vit_flops", "qformer_flops", "opt_flops", "t5_flops",
-           "forward_flops", "train_step_flops", "train_step_flops_breakdown",
+__all__ = ["MatmulFlops", "vision_tokens", "vit_flops", "qformer_flops", "opt_flops", "llama_flops",
+           "t5_flops", "forward_flops", "train_step_flops", "train_step_flops_breakdown",
            "train_step_flops_for_batch"]

@@ -9,12 +9,14 @@ Stage 1 (`llm` absent): ITC + ITM + ITG (LAVIS `Blip2Qformer.forward`).
   differentiated.
 - The Q-Former's query pass gives both the ITC features and the query K/V that ITG reuses.
 - ITM pairs each text with a hard-negative image and each image with a hard-negative text.
-Stage 2 OPT: the projected queries prefix `[BOS] caption "\\n"`; LAVIS's targets.
+Stage 2 decoder-only (OPT, LLaMA): the projected queries prefix `[BOS] caption "\\n"`; LAVIS's
+targets.
 Stage 2 T5: the prefix LM. The encoder reads [queries; caption prefix] and the decoder
 predicts the caption suffix (`data.pipeline` splits the caption).
 
 The batch: the fields `data.batch` defines (images or cached ViT tokens, `valid`, the indices,
-and the stage's tokenized texts: `qformer` in stage 1, `llm` for OPT, `llm` + `target` for T5).
+and the stage's tokenized texts: `qformer` in stage 1, `llm` for OPT / LLaMA, `llm` + `target` for
+T5).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from blip2_jax import losses, nn as bnn, sharding
-from blip2_jax.config import Blip2Config, OPTConfig
+from blip2_jax.config import Blip2Config
 from blip2_jax.data.batch import FEATURES
 from blip2_jax.losses import LossConfig
 from blip2_jax.models.blip2 import Blip2Module
@@ -118,9 +120,8 @@ def stage2_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     ids, mask = batch["llm_ids"], batch["llm_mask"]
     embeds = jnp.concatenate([prefix, m.llm.embed(ids).astype(prefix.dtype)], axis=1)
     full_mask = jnp.concatenate([jnp.ones(prefix.shape[:2], mask.dtype), mask], axis=1)
-    if isinstance(cfg.llm, OPTConfig):
-        nq = cfg.num_query_tokens
-        logits, _ = m.llm(embeds, full_mask, logits_from=nq - 1)
+    if cfg.decoder_only:
+        logits = m.decoder_logits(embeds, full_mask, logits_from=cfg.num_query_tokens - 1)
         lm = losses.opt_lm_loss(logits[:, 1:], logits[:, 0], ids, _loss_mask(mask, valid),
                                 prompt_length=lc.prompt_length)
     else:
