@@ -95,6 +95,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("overrides, message", [
     (["--config.total_steps=-5"], "config.total_steps = -5 (must be >= 1)"),
+    (["--config.total_steps=3"], "warmup_steps (5) must be < config.total_steps (3)"),
     (["--config.frozen=('vision/nothing.*',)"], "pattern 'vision/nothing.*' matches no "
                                                 "parameter"),
     (["--config.batch_size=6"], "batch_size 6 is not divisible"),

@@ -78,7 +78,9 @@ def merge(trainable: Mapping, frozen: Mapping) -> dict:
 def schedule(lr: float, total_steps: int, warmup_steps: int = 0, warmup_lr: float = 0.0,
              min_lr: float = 0.0) -> optax.Schedule:
     if warmup_steps >= total_steps:
-        raise ValueError(f"warmup_steps ({warmup_steps}) must be < total_steps ({total_steps})")
+        raise run_config.RunConfigError(
+            f"config.optimizer.warmup_steps ({warmup_steps}) must be < config.total_steps "
+            f"({total_steps})")
     return optax.warmup_cosine_decay_schedule(init_value=warmup_lr, peak_value=lr,
                                               warmup_steps=warmup_steps,
                                               decay_steps=total_steps, end_value=min_lr)
