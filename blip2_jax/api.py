@@ -32,7 +32,8 @@ from blip2_jax import generate as gen, processing, sharding
 from blip2_jax.config import Blip2Config, get_preset
 from blip2_jax.convert import hf, lavis, native, sources, stream
 from blip2_jax.convert.mapping import check_params
-from blip2_jax.models.blip2 import Blip2Module, cast_params, expand_decode_consts, init_params
+from blip2_jax.models.blip2 import (Blip2Module, InstructionInputError, cast_params,
+                                    expand_decode_consts, init_params)
 
 PROMPT_BUCKET = 8   # generate() pads prompts to a multiple of this (one program per bucket)
 
@@ -104,8 +105,35 @@ class Blip2:
     def vision_embeds(self, pixel_values):
         return self._call("image_embeds", self._pixels(pixel_values))
 
-    def query_embeds(self, pixel_values):
-        return self._call("query_embeds", self._pixels(pixel_values))
+    def _instruction(self, qformer_input_ids, qformer_attention_mask, batch: int):
+        """(ids, mask) of the Q-Former instruction text, or (None, None). A model without
+        `qformer_text_input` refuses them, one with it requires them (InstructionInputError)."""
+        if not self.config.qformer_text_input:
+            if qformer_input_ids is not None or qformer_attention_mask is not None:
+                raise InstructionInputError(
+                    "qformer_input_ids / qformer_attention_mask given, but this model's Q-Former "
+                    "is not instruction-aware (config.qformer_text_input=False)")
+            return None, None
+        if qformer_input_ids is None:
+            raise InstructionInputError(
+                "this model has an instruction-aware Q-Former (config.qformer_text_input): pass "
+                "qformer_input_ids (the instruction's BERT ids, [CLS] text [SEP], e.g. from "
+                "model.qformer_tokenizer) and qformer_attention_mask")
+        ids, mask = self._text(qformer_input_ids, qformer_attention_mask)
+        if ids.shape[0] != batch:
+            raise ValueError(f"qformer_input_ids has {ids.shape[0]} rows but pixel_values {batch} "
+                             "images (one instruction per image)")
+        if ids.shape[1] > self.config.qformer.max_position_embeddings:
+            raise ValueError(f"qformer_input_ids length {ids.shape[1]} exceeds the Q-Former's "
+                             f"max_position_embeddings ({self.config.qformer.max_position_embeddings})")
+        return ids, mask
+
+    def query_embeds(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None):
+        """(B, Q, H) query outputs; instruction-aware models take the instruction's Q-Former
+        text (qformer_input_ids (B, T), qformer_attention_mask (B, T))."""
+        pix = self._pixels(pixel_values)
+        q = self._instruction(qformer_input_ids, qformer_attention_mask, pix.shape[0])
+        return self._call("query_embeds", pix, *q)
 
     def itc(self, pixel_values, input_ids, attention_mask=None):
         self._need(self.config.itc, "itc", "ITC projections (vision_proj/text_proj)")
@@ -116,10 +144,13 @@ class Blip2:
         return self._call("itm", self._pixels(pixel_values), *self._text(input_ids, attention_mask))
 
     def logits(self, pixel_values, input_ids, attention_mask=None, decoder_input_ids=None,
-               decoder_attention_mask=None):
+               decoder_attention_mask=None, qformer_input_ids=None, qformer_attention_mask=None):
+        """LM logits over the text positions (see `Blip2Module.logits`); instruction-aware
+        models take the instruction's Q-Former text (qformer_input_ids, qformer_attention_mask)."""
         cfg = self.config
         self._need(cfg.llm is not None or cfg.itg, "logits", "language model or ITG head")
         args = [self._pixels(pixel_values), *self._text(input_ids, attention_mask)]
+        q = self._instruction(qformer_input_ids, qformer_attention_mask, args[0].shape[0])
         if cfg.llm_kind == "t5":
             if decoder_input_ids is None:
                 decoder_input_ids = np.full((args[1].shape[0], 1), cfg.llm.decoder_start_token_id)
@@ -127,14 +158,18 @@ class Blip2:
             args += [dec[0], None if decoder_attention_mask is None else dec[1]]
         elif decoder_input_ids is not None:
             raise ValueError("decoder_input_ids only apply to encoder-decoder (T5) models")
-        return self._call("logits", *args)
+        else:
+            args += [None, None]
+        return self._call("logits", *args, *q)
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, pixel_values, input_ids=None, attention_mask=None, max_new_tokens=30,
                  min_new_tokens=0, num_beams=1, do_sample=False, temperature=1.0, top_p=1.0,
                  top_k=0, length_penalty=1.0, repetition_penalty=1.0, eos_token_id=None,
-                 seed=0) -> np.ndarray:
-        """New tokens (B, max_new_tokens) of HF `Blip2ForConditionalGeneration.generate`.
+                 seed=0, qformer_input_ids=None, qformer_attention_mask=None) -> np.ndarray:
+        """New tokens (B, max_new_tokens) of HF `Blip2ForConditionalGeneration.generate`
+        (`InstructBlipForConditionalGeneration.generate` for instruction-aware models, which
+        require qformer_input_ids / qformer_attention_mask: the instruction's Q-Former text).
 
         pixel_values (B, H, W, 3); input_ids (B, T) prompt tokens (BOS included, no image
         placeholders), padded on either side (OPT / LLaMA run it left-padded, T5 right-padded, so
@@ -157,18 +192,21 @@ class Blip2:
                               num_beams=num_beams, do_sample=do_sample, temperature=temperature,
                               top_p=top_p, top_k=top_k, length_penalty=length_penalty,
                               repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                              seed=seed)
+                              seed=seed, qformer_input_ids=qformer_input_ids,
+                              qformer_attention_mask=qformer_attention_mask)
 
     def _generate(self, pixel_values, input_ids=None, attention_mask=None, *, max_new_tokens=30,
                   min_new_tokens=0, num_beams=1, do_sample=False, temperature=1.0, top_p=1.0,
                   top_k=0, length_penalty=1.0, repetition_penalty=1.0, eos_token_id=None,
-                  seed=0, early_stopping=False) -> np.ndarray:
+                  seed=0, early_stopping=False, qformer_input_ids=None,
+                  qformer_attention_mask=None) -> np.ndarray:
         """`generate` plus HF's beam-search `early_stopping` (False, True or "never")."""
         cfg = self.config
         self._need(cfg.llm is not None, "generate", "language model")
         llm = cfg.llm
         pix = self._pixels(pixel_values)
         b = pix.shape[0]
+        q_ids, q_mask = self._instruction(qformer_input_ids, qformer_attention_mask, b)
         left = cfg.decoder_only
         if eos_token_id is None:
             eos_token_id = llm.eos_token_id
@@ -225,26 +263,34 @@ class Blip2:
                                repetition_penalty=repetition_penalty,
                                min_new_tokens=min_new_tokens, length_penalty=length_penalty,
                                seed=seed)
-        fn = self._generate_program(opts, pix.shape, ids.shape)
+        fn = self._generate_program(opts, pix.shape, ids.shape,
+                                    None if q_ids is None else q_ids.shape)
+        q = None if q_ids is None else (self._place(q_ids), self._place(q_mask))
         out = fn(self.params, self._place(pix), self._place(jnp.asarray(ids, jnp.int32)),
-                 self._place(jnp.asarray(mask, jnp.int32)), knobs)
+                 self._place(jnp.asarray(mask, jnp.int32)), knobs, q)
         return sharding.to_host(out)
 
-    def _generate_program(self, opts: gen.DecodeOptions, pixel_shape, prompt_shape) -> Callable:
-        """prefill (per image/prompt/max_new shape) then the decode loop (per static options):
-        two jitted programs, so changing the decoding options never recompiles the prefill."""
+    def _generate_program(self, opts: gen.DecodeOptions, pixel_shape, prompt_shape,
+                          qformer_shape=None) -> Callable:
+        """prefill (per image/prompt/Q-Former text/max_new shape) then the decode loop (per
+        static options): two jitted programs, so changing the decoding options never recompiles
+        the prefill. The returned function takes the Q-Former text as (ids, mask) or None."""
         module = self.module
 
         def apply(params, method, *args, **kw):
             return module.apply({"params": params}, *args, method=method, **kw)
 
-        pkey = ("generate_prefill", tuple(pixel_shape), tuple(prompt_shape), opts.max_new_tokens)
+        pkey = ("generate_prefill", tuple(pixel_shape), tuple(prompt_shape), opts.max_new_tokens,
+                None if qformer_shape is None else tuple(qformer_shape))
         prefill = self._jitted.get(pkey)
         if prefill is None:
-            def prefill_program(params, pixel_values, input_ids, attention_mask):
+            def prefill_program(params, pixel_values, input_ids, attention_mask, qformer_text):
                 self._generate_traces += 1
+                q = (None, None) if qformer_text is None else qformer_text
                 logits, cache, consts = apply(params, "decode_prefill", pixel_values, input_ids,
-                                              attention_mask, max_new_tokens=opts.max_new_tokens)
+                                              attention_mask, max_new_tokens=opts.max_new_tokens,
+                                              qformer_input_ids=q[0],
+                                              qformer_attention_mask=q[1])
                 seen = apply(params, "decode_seen_tokens", input_ids, attention_mask)
                 return logits, cache, consts, seen
             prefill = self._jitted[pkey] = jax.jit(prefill_program)
@@ -264,8 +310,9 @@ class Blip2:
                 return gen.decode(step, cache, logits, opts, knobs, seen)
             loop = self._jitted[dkey] = jax.jit(decode_program)
 
-        def run(params, pixel_values, input_ids, attention_mask, knobs):
-            logits, cache, consts, seen = prefill(params, pixel_values, input_ids, attention_mask)
+        def run(params, pixel_values, input_ids, attention_mask, knobs, qformer_text=None):
+            logits, cache, consts, seen = prefill(params, pixel_values, input_ids, attention_mask,
+                                                  qformer_text)
             return loop(params, logits, cache, consts, seen, knobs)
         return run
 
@@ -387,12 +434,20 @@ class Blip2:
         return processing.tokenize_prompts(self.qformer_tokenizer, texts, kind="qformer", **kw)
 
     def _text_and_decode(self, pix, prompts: Optional[list[str]], kwargs: dict) -> list[str]:
-        """generate() on LLM prompts (None = the model's empty prompt), decoded to strings."""
+        """generate() on LLM prompts (None = the model's empty prompt), decoded to strings.
+        Instruction-aware models also get each prompt (the whole instruction, as LAVIS's and
+        HF's InstructBLIP) as Q-Former text: `[CLS] prompt [SEP]`, right padded, cut only at
+        the Q-Former's position table (HF's processor does not truncate)."""
         cfg = self.config
         tok = self.tokenizer
         ids = mask = None
         if prompts is not None and any(prompts):
             ids, mask = processing.tokenize_prompts(tok, prompts, kind=cfg.llm_kind)
+        if cfg.qformer_text_input:
+            texts = prompts if prompts is not None else [""] * pix.shape[0]
+            q_ids, q_mask = self._qformer_ids(
+                texts, max_length=cfg.qformer.max_position_embeddings)
+            kwargs = dict(kwargs, qformer_input_ids=q_ids, qformer_attention_mask=q_mask)
         out = self.generate(pix, ids, mask, **kwargs)
         eos = kwargs.get("eos_token_id")
         eos = cfg.llm.eos_token_id if eos is None else eos
@@ -421,7 +476,9 @@ class Blip2:
 
     def answer(self, images, questions: str | list[str], template: Optional[str] = VQA_TEMPLATE,
                clean_question: bool = False, **generate_kwargs) -> list[str]:
-        """Zero-shot VQA (LAVIS `Blip2OPT/Blip2T5.predict_answers`, inference_method="generate").
+        """Zero-shot VQA (LAVIS `Blip2OPT/Blip2T5.predict_answers`, inference_method="generate";
+        on an instruction-aware model `Blip2VicunaInstruct/Blip2T5Instruct.predict_answers`: the
+        filled template goes to both the Q-Former, through its BERT tokenizer, and the LLM).
 
         questions: one per image, or one for all. Each becomes `template.format(question)` (no
           template when empty/None, as LAVIS with prompt=""). As `predict_answers` does with the

@@ -255,8 +255,18 @@ class Blip2Config:
     itm: bool = False
     itg: bool = False
     image_token_index: Optional[int] = None   # kept only to write HF configs back faithfully
+    # Instruction-aware Q-Former (InstructBLIP): the queries pass through the Q-Former together
+    # with the instruction's BERT tokens (`qformer_input_ids`, after the queries, bidirectional);
+    # only the query outputs go on to the LLM. HF `InstructBlipForConditionalGeneration`.
+    qformer_text_input: bool = False
 
     def __post_init__(self):
+        if self.qformer_text_input and not self.qformer.has_text_input:
+            raise ConfigError("qformer_text_input (instruction-aware Q-Former) needs "
+                              "qformer.has_text_input=True (word/position tables, text FFN)")
+        if self.qformer_text_input and self.llm is None:
+            raise ConfigError("qformer_text_input (instruction-aware Q-Former) needs an llm: "
+                              "it is InstructBLIP's generation model, not a stage-1 model")
         if self.qformer.encoder_hidden_size != self.vision.hidden_size:
             raise ConfigError(
                 f"qformer.encoder_hidden_size ({self.qformer.encoder_hidden_size}) must equal "
@@ -476,26 +486,33 @@ def llama_to_hf(cfg: LlamaConfig) -> dict:
 
 
 def from_hf_dict(d: dict) -> Blip2Config:
-    """Our config from an HF `Blip2Config` dict (the contents of `config.json`)."""
-    if d.get("model_type") not in (None, "blip-2"):
-        raise ConfigError(f"config.json model_type is {d.get('model_type')!r}, expected 'blip-2'")
+    """Our config from an HF `Blip2Config` or `InstructBlipConfig` dict (`config.json`)."""
+    if d.get("model_type") not in (None, "blip-2", "instructblip"):
+        raise ConfigError(f"config.json model_type is {d.get('model_type')!r}, expected "
+                          "'blip-2' or 'instructblip'")
+    instruct = d.get("model_type") == "instructblip"
     vd = d.get("vision_config") or {}
     qd = dict(d.get("qformer_config") or {})
     vision = VisionConfig(**_from_hf(vd, _HF_VISION, _HF_VISION_DEFAULTS))
     vision = dataclasses.replace(vision, post_layer_norm_eps=vision.layer_norm_eps)
     qf = _from_hf(qd, _HF_QFORMER, _HF_QFORMER_DEFAULTS)
     qf["encoder_hidden_size"] = vision.hidden_size   # Blip2Config overwrites it the same way
+    if instruct:      # InstructBlipQFormerModel always builds its text side (no flag in HF)
+        qf["has_text_input"] = True
     qformer = QFormerConfig(**qf)
     arch = tuple(d.get("architectures") or ())
     td = d.get("text_config")
     retrieval = any("Retrieval" in a or "WithProjection" in a for a in arch)
     llm = llm_from_hf(td) if td is not None and not retrieval else None
+    if instruct and llm is None:
+        llm = OPTConfig(**_from_hf({}, _HF_OPT, _HF_OPT_DEFAULTS))   # HF's default text_config
     return Blip2Config(
         vision=vision, qformer=qformer, llm=llm,
         num_query_tokens=d.get("num_query_tokens", 32),
         embed_dim=d.get("image_text_hidden_size", 256),
         itc=retrieval, itm=retrieval, itg=False,
-        image_token_index=d.get("image_token_index", d.get("image_token_id")))
+        image_token_index=d.get("image_token_index", d.get("image_token_id")),
+        qformer_text_input=instruct)
 
 
 def to_hf_dict(cfg: Blip2Config) -> dict:
@@ -508,13 +525,20 @@ def to_hf_dict(cfg: Blip2Config) -> dict:
                           f"{cfg.vision.post_layer_norm_eps}")
     vision = _to_hf(cfg.vision, _HF_VISION)
     qformer = _to_hf(cfg.qformer, _HF_QFORMER)
-    out: dict[str, Any] = dict(model_type="blip-2", vision_config=vision, qformer_config=qformer,
-                               num_query_tokens=cfg.num_query_tokens,
-                               image_text_hidden_size=cfg.embed_dim)
+    if cfg.qformer_text_input:
+        # InstructBlipConfig: no use_qformer_text_input (always built), no ITC width.
+        del qformer["use_qformer_text_input"]
+        out: dict[str, Any] = dict(model_type="instructblip", vision_config=vision,
+                                   qformer_config=qformer, num_query_tokens=cfg.num_query_tokens,
+                                   architectures=["InstructBlipForConditionalGeneration"])
+    else:
+        out = dict(model_type="blip-2", vision_config=vision, qformer_config=qformer,
+                   num_query_tokens=cfg.num_query_tokens, image_text_hidden_size=cfg.embed_dim)
     if cfg.llm is None:
         out["architectures"] = ["Blip2ForImageTextRetrieval"]
-    else:
+    elif not cfg.qformer_text_input:
         out["architectures"] = ["Blip2ForConditionalGeneration"]
+    if cfg.llm is not None:
         if isinstance(cfg.llm, OPTConfig):
             text = dict(model_type="opt", **_to_hf(cfg.llm, _HF_OPT))
         elif isinstance(cfg.llm, LlamaConfig):
@@ -640,6 +664,32 @@ PRESETS.update({
         TINY_QFORMER, has_text_input=False), llm=TINY_LLAMA, num_query_tokens=4),
     "tiny-clip-stage1": Blip2Config(vision=TINY_CLIP, qformer=TINY_QFORMER, num_query_tokens=4,
                                     embed_dim=16, itc=True, itm=True, itg=True),
+})
+
+
+# InstructBLIP (HF `Salesforce/instructblip-*` config.json): instruction-aware Q-Former (text
+# tables and text FFN kept), LLaMA text configs with the decapoda-era special ids (bos 0, eos 1,
+# pad 32000; LAVIS stops on "</s>" = 2: pass eos_token_id=2 for its behaviour). vicuna-7b's hub
+# config has the 2024 vocabulary (32064 rows, image token 32001); vicuna-13b's still the old 32001
+# rows and no image_token_index.
+def _instruct(llm, image_token_index=None):
+    return Blip2Config(vision=EVA_VIT_G, qformer=_QF_RET, llm=llm,
+                       image_token_index=image_token_index, qformer_text_input=True)
+
+
+_INSTRUCT_VICUNA_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=32000)
+PRESETS.update({
+    "instructblip-vicuna-7b": _instruct(dataclasses.replace(
+        VICUNA_7B, vocab_size=32064, **_INSTRUCT_VICUNA_IDS), 32001),
+    "instructblip-vicuna-13b": _instruct(dataclasses.replace(
+        VICUNA_13B, vocab_size=32001, **_INSTRUCT_VICUNA_IDS)),
+    "instructblip-flan-t5-xl": _instruct(FLAN_T5_XL, 32100),
+    "instructblip-flan-t5-xxl": _instruct(FLAN_T5_XXL, 32100),
+    "tiny-instructblip-llama": Blip2Config(vision=TINY_VISION, qformer=TINY_QFORMER,
+                                           llm=TINY_LLAMA, num_query_tokens=4,
+                                           qformer_text_input=True),
+    "tiny-instructblip-t5": Blip2Config(vision=TINY_VISION, qformer=TINY_QFORMER, llm=TINY_T5,
+                                        num_query_tokens=4, qformer_text_input=True),
 })
 
 

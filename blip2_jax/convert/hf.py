@@ -1,7 +1,8 @@
 """Hugging Face checkpoints: the whole-model key table, safetensors reading and writing.
 
 Reads `save_pretrained` directories of `Blip2ForConditionalGeneration` (OPT, T5, LLaMA),
-`Blip2Model` and `Blip2ForImageTextRetrieval` — one `model.safetensors` or shards with
+`Blip2Model`, `Blip2ForImageTextRetrieval` and `InstructBlipForConditionalGeneration` (its
+Q-Former embeddings, text tables and LayerNorm, under `qformer.embeddings.`) — one `model.safetensors` or shards with
 `model.safetensors.index.json` — with the `safetensors` numpy reader (no torch), lazily, one
 tensor at a time. Writes the same layout back (sharded above `max_shard_bytes`).
 Per-tower tables: hf_vision, hf_qformer, hf_opt, hf_t5, hf_llama.
@@ -38,7 +39,11 @@ def rules(cfg: Blip2Config) -> list[Rule]:
     table = hf_vision.rules(cfg.vision)
     table += norm("ln_vision", "vision_model.post_layernorm")
     table += [Rule("query_tokens", "query_tokens")]
-    table += hf_qformer.rules(cfg.qformer)
+    if cfg.qformer_text_input:
+        table += hf_qformer.rules(cfg.qformer, embeddings="qformer.embeddings",
+                                  layernorm="embeddings.layernorm")
+    else:
+        table += hf_qformer.rules(cfg.qformer)
     if cfg.itc:
         table += linear("vision_proj", "vision_projection") + linear("text_proj", "text_projection")
     if cfg.itm:

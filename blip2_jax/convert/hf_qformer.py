@@ -29,13 +29,16 @@ def _attention(ours: str, theirs: str, layers) -> list[Rule]:
 
 
 def rules(cfg: QFormerConfig, ours: str = "qformer", theirs: str = "qformer",
-          embeddings: str = "embeddings") -> list[Rule]:
-    """Every leaf of our Q-Former subtree `ours` ("" = the tree itself) with its HF key(s)."""
+          embeddings: str = "embeddings", layernorm: str = "layernorm") -> list[Rule]:
+    """Every leaf of our Q-Former subtree `ours` ("" = the tree itself) with its HF key(s).
+    `embeddings` prefixes the text tables; `layernorm` (under `theirs`) is the embeddings LN:
+    BLIP-2 `qformer.layernorm`, InstructBLIP `qformer.embeddings.layernorm` with the tables at
+    `qformer.embeddings.*`."""
     freq = cfg.cross_attention_frequency
     groups, tail = layout(cfg)
     o = lambda name: _join(ours, name, "/")                      # noqa: E731
     t = lambda name: _join(theirs, name, ".")                    # noqa: E731
-    out = norm(o("embeddings/ln"), t("layernorm"))
+    out = norm(o("embeddings/ln"), t(layernorm))
     if cfg.has_text_input:
         out += [Rule(o("embeddings/word/embedding"),
                      _join(embeddings, "word_embeddings.weight", ".")),

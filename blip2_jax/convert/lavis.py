@@ -297,6 +297,10 @@ def check_writable(cfg: Blip2Config) -> None:
     """LAVIS has no model for a config whose towers it cannot build."""
     if cfg.llm is not None and (cfg.itc or cfg.itm or cfg.itg):
         raise ConfigError("LAVIS has no model with both stage-1 heads and an LLM")
+    if cfg.qformer_text_input:
+        raise ConfigError("LAVIS export writes BLIP-2 layouts; an instruction-aware Q-Former "
+                          "(InstructBLIP, qformer_text_input) is not one of them: save with "
+                          "format='hf' or 'native'")
     if cfg.llm_kind == "llama":
         raise ConfigError("LAVIS's BLIP-2 has no LLaMA model (its Vicuna models are "
                           "InstructBLIP); save with format='hf' or 'native'")

@@ -38,6 +38,11 @@ LAVIS_INIT_TEMP = 0.07   # Blip2Qformer.temp's initial value; HF checkpoints car
 DECODERS = {"opt": (OPT, opt_lib.init_cache), "llama": (Llama, llama_lib.init_cache)}
 
 
+class InstructionInputError(ValueError):
+    """Q-Former instruction text (qformer_input_ids) given to a model that is not
+    instruction-aware, or missing on one that is."""
+
+
 def l2_normalize(x, axis=-1, eps=1e-12):
     """torch.nn.functional.normalize semantics: x / max(||x||, eps)."""
     norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True))
@@ -79,20 +84,43 @@ class Blip2Module(nn.Module):
         """(B, N, Dv): the image encoder's tokens after its final LayerNorm."""
         return self.ln_vision(self.vision(pixel_values))
 
-    def query_output(self, image_embeds, *, return_query_cache=False, return_image_kv=False,
-                     deterministic=True):
+    def _instruction(self, qformer_input_ids, qformer_attention_mask):
+        """The Q-Former text of an instruction-aware model (ids, mask or None); refuses it on a
+        model without `qformer_text_input`, and requires it on one with (HF's InstructBLIP
+        effectively does: its queries were trained next to an instruction)."""
+        if not self.config.qformer_text_input:
+            if qformer_input_ids is not None or qformer_attention_mask is not None:
+                raise InstructionInputError(
+                    "qformer_input_ids / qformer_attention_mask given, but this model's Q-Former "
+                    "is not instruction-aware (Blip2Config.qformer_text_input=False)")
+            return None, None
+        if qformer_input_ids is None:
+            raise InstructionInputError(
+                "this model has an instruction-aware Q-Former (Blip2Config.qformer_text_input): "
+                "pass qformer_input_ids (the instruction's BERT ids, [CLS] text [SEP]) and "
+                "qformer_attention_mask")
+        return qformer_input_ids, qformer_attention_mask
+
+    def query_output(self, image_embeds, qformer_input_ids=None, qformer_attention_mask=None, *,
+                     return_query_cache=False, return_image_kv=False, deterministic=True):
         """(B, Q, H) Q-Former outputs of the learned queries, and their per-layer K/V
         (`return_query_cache`) and the images' cross-attention K/V (`return_image_kv`; see
-        `QFormer`)."""
+        `QFormer`). Instruction-aware models (`qformer_text_input`) run the queries with the
+        instruction's BERT ids after them (the Q-Former's bidirectional queries + text pass;
+        only the queries cross-attend) and return the query positions only."""
         dt = bnn.dtype_of(self.config.qformer.dtype)
+        ids, mask = self._instruction(qformer_input_ids, qformer_attention_mask)
         queries = jnp.broadcast_to(self.query_tokens,
                                    (image_embeds.shape[0],) + self.query_tokens.shape[1:])
-        return self.qformer(queries.astype(dt), image_embeds=image_embeds.astype(dt),
-                            return_query_cache=return_query_cache,
-                            return_image_kv=return_image_kv, deterministic=deterministic)
+        h, cache = self.qformer(queries.astype(dt), ids, mask,
+                                image_embeds=image_embeds.astype(dt),
+                                return_query_cache=return_query_cache,
+                                return_image_kv=return_image_kv, deterministic=deterministic)
+        return h[:, :self.config.num_query_tokens], cache
 
-    def query_embeds(self, pixel_values):
-        return self.query_output(self.image_embeds(pixel_values))[0]
+    def query_embeds(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None):
+        return self.query_output(self.image_embeds(pixel_values), qformer_input_ids,
+                                 qformer_attention_mask)[0]
 
     # -- stage-1 surfaces --------------------------------------------------------------------------
     def image_features(self, query_output):
@@ -143,9 +171,11 @@ class Blip2Module(nn.Module):
         """(B, Q, d_llm): the projected queries fed to the LLM as a soft visual prompt."""
         return self.llm_proj(query_output).astype(bnn.dtype_of(self.config.llm.dtype))
 
-    def llm_inputs(self, pixel_values, input_ids, attention_mask):
+    def llm_inputs(self, pixel_values, input_ids, attention_mask, qformer_input_ids=None,
+                   qformer_attention_mask=None):
         """LLM input embeddings [queries; text] and their mask [ones; attention_mask]."""
-        prefix = self.llm_prefix(self.query_embeds(pixel_values))
+        prefix = self.llm_prefix(self.query_embeds(pixel_values, qformer_input_ids,
+                                                   qformer_attention_mask))
         embeds = jnp.concatenate([prefix, self.llm.embed(input_ids).astype(prefix.dtype)], 1)
         mask = jnp.concatenate([jnp.ones(prefix.shape[:2], attention_mask.dtype),
                                 attention_mask], 1)
@@ -164,14 +194,16 @@ class Blip2Module(nn.Module):
         return logits
 
     def logits(self, pixel_values, input_ids, attention_mask, decoder_input_ids=None,
-               decoder_attention_mask=None):
+               decoder_attention_mask=None, qformer_input_ids=None, qformer_attention_mask=None):
         """LM logits over the text positions: OPT / LLaMA (B, T, V); T5 (B, T_dec, V); stage 1
-        ITG."""
+        ITG. qformer_*: the instruction's Q-Former text (instruction-aware models only)."""
         cfg = self.config
         if cfg.llm is None:
-            _, cache = self.query_output(self.image_embeds(pixel_values), return_query_cache=True)
+            _, cache = self.query_output(self.image_embeds(pixel_values), qformer_input_ids,
+                                         qformer_attention_mask, return_query_cache=True)
             return self.itg_logits(cache, input_ids, attention_mask)
-        embeds, mask = self.llm_inputs(pixel_values, input_ids, attention_mask)
+        embeds, mask = self.llm_inputs(pixel_values, input_ids, attention_mask,
+                                       qformer_input_ids, qformer_attention_mask)
         if cfg.decoder_only:
             return self.decoder_logits(embeds, mask, logits_from=cfg.num_query_tokens)
         if decoder_input_ids is None:
@@ -183,8 +215,10 @@ class Blip2Module(nn.Module):
         return logits
 
     # -- decoding (prefill + one-token step; the loops live in blip2_jax/generate.py) ------------
-    def decode_prefill(self, pixel_values, input_ids, attention_mask, max_new_tokens: int):
+    def decode_prefill(self, pixel_values, input_ids, attention_mask, max_new_tokens: int,
+                       qformer_input_ids=None, qformer_attention_mask=None):
         """Vision → Q-Former → projection → LLM over [queries; prompt], filling the LLM cache.
+        qformer_*: the instruction's Q-Former text (instruction-aware models only).
 
         Returns (logits (B, V) after the last prompt position, cache, consts):
           OPT / LLaMA: the prompt must be LEFT-padded (its last position is a real token); cache
@@ -198,7 +232,8 @@ class Blip2Module(nn.Module):
         reordered (they are equal across the beams of a row). See `expand_decode_consts`.
         """
         cfg = self.config
-        embeds, mask = self.llm_inputs(pixel_values, input_ids, attention_mask)
+        embeds, mask = self.llm_inputs(pixel_values, input_ids, attention_mask,
+                                       qformer_input_ids, qformer_attention_mask)
         b, p = mask.shape
         if cfg.decoder_only:
             full = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), mask.dtype)], 1)
@@ -249,9 +284,13 @@ class Blip2Module(nn.Module):
         ids = jnp.where(attention_mask > 0, input_ids, v)    # masked → out of range → dropped
         return seen.at[rows, ids].set(True, mode="drop")
 
-    def __call__(self, pixel_values, input_ids, attention_mask, decoder_input_ids=None):
-        """Touches every part that exists (used by `init`)."""
+    def __call__(self, pixel_values, input_ids, attention_mask, decoder_input_ids=None,
+                 qformer_input_ids=None, qformer_attention_mask=None):
+        """Touches every part that exists (used by `init`; an instruction-aware model without
+        qformer_input_ids runs a one-token [0] instruction so that init needs no extra input)."""
         cfg = self.config
+        if cfg.qformer_text_input and qformer_input_ids is None:
+            qformer_input_ids = jnp.zeros((pixel_values.shape[0], 1), jnp.int32)
         image_embeds = self.image_embeds(pixel_values)
         out = {"image_embeds": image_embeds}
         if cfg.itc:
@@ -259,9 +298,12 @@ class Blip2Module(nn.Module):
         if cfg.itm:
             out["itm"] = self.itm_logits(image_embeds, input_ids, attention_mask)
         if cfg.itg or cfg.llm is not None:
-            out["logits"] = self.logits(pixel_values, input_ids, attention_mask, decoder_input_ids)
+            out["logits"] = self.logits(pixel_values, input_ids, attention_mask, decoder_input_ids,
+                                        qformer_input_ids=qformer_input_ids,
+                                        qformer_attention_mask=qformer_attention_mask)
         if not (cfg.itc or cfg.itm or cfg.itg or cfg.llm is not None):
-            out["query_embeds"] = self.query_embeds(pixel_values)
+            out["query_embeds"] = self.query_embeds(pixel_values, qformer_input_ids,
+                                                    qformer_attention_mask)
         return out
 
     # -- feature extraction (LAVIS `Blip2Qformer.extract_features`; used by `Blip2.features`) --
