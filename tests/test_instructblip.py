@@ -4,6 +4,7 @@ instruction text, LM logits, greedy and beam generation against HF; HF → ours 
 a checkpoint without the Q-Former text weights; the instruction inputs refused / required."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration)
 
+import assets
 import blip2_jax
 import hf_ref
+from blip2_jax import processing as P
 from blip2_jax.api import Blip2
 from blip2_jax.config import PRESETS, from_hf_dict, to_hf_dict
 from blip2_jax.convert.stream import CheckpointError
@@ -28,10 +31,11 @@ SETUPS = {"llama": (3, 0.5, 97, 0, 1), "t5": (2, 1.0, 49, 0, None), "opt": (1, 0
 QFORMER = dict(cross_attention_frequency=2, num_hidden_layers=3)   # tail layer + text FFNs
 
 
-def instructblip(llm: str, seed: int, std: float, eos: int, num_query_tokens: int = 4):
+def instructblip(llm: str, seed: int, std: float, eos: int, num_query_tokens: int = 4,
+                 **qformer):
     text = hf_ref.LLM_CONFIGS[llm](eos_token_id=eos)
     cfg = InstructBlipConfig(vision_config=hf_ref.vision_config(),
-                             qformer_config=hf_ref.qformer_config(**QFORMER),
+                             qformer_config=hf_ref.qformer_config(**QFORMER, **qformer),
                              text_config=text.to_dict(), num_query_tokens=num_query_tokens,
                              image_token_index=IMAGE_TOKEN)
     cfg._attn_implementation = "eager"
@@ -211,3 +215,57 @@ def test_presets():
     for cfg in (v7, v13, xl, xxl):
         assert to_hf_dict(cfg)["model_type"] == "instructblip"
         assert from_hf_dict(to_hf_dict(cfg)) == cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# answer(): the question to both the Q-Former (BERT tokenizer) and the LLM
+# ------------------------------------------------------------------------------------------------
+QUESTIONS = ["what is this?", "what is the cat doing on the red couch?", "what is in the cup?"]
+VQA_KW = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory):
+    """(HF InstructBLIP-LLaMA over the real BERT vocabulary, our model, LLaMA tokenizer,
+    Q-Former tokenizer): test_inference's tiny LLaMA tokenizer (its </s> a token the model
+    emits), BERT's vocab.txt in qformer_tokenizer/ as HF's InstructBlipProcessor saves it."""
+    from test_inference import write_llama_tokenizer   # the tiny tokenizer lives there
+    eos = 48
+    hf = instructblip("llama", 3, 0.5, eos, vocab_size=30523)
+    path = tmp_path_factory.mktemp("vqa")
+    hf.save_pretrained(path)
+    write_llama_tokenizer(path, eos)
+    os.makedirs(path / P.QFORMER_SUBDIR)
+    shutil.copy(assets.bert_vocab(), path / P.QFORMER_SUBDIR / "vocab.txt")
+    model = blip2_jax.load(path)
+    return hf, model, P.load_tokenizer(path, "llama"), P.load_tokenizer(path, "qformer")
+
+
+def test_answer_sends_question_to_qformer_and_llm(vqa):
+    hf, model, tok, qtok = vqa
+    pix = pixels(B, seed=11)
+    answers = model.answer(pix, QUESTIONS)
+    prompts = [f"Question: {q} Short answer:" for q in QUESTIONS]
+    enc = tok(prompts, padding=True, return_tensors="np", padding_side="left")
+    qenc = qtok(prompts, padding=True, return_tensors="np")
+    assert qenc["input_ids"][0, 0] == qtok.cls_token_id
+    nq = model.config.num_query_tokens
+    ids = np.concatenate([np.full((B, nq), IMAGE_TOKEN), enc["input_ids"]], 1)
+    mask = np.concatenate([np.ones((B, nq), np.int64), enc["attention_mask"]], 1)
+    with torch.no_grad(), hf_ref.one_torch_thread():
+        out = hf.generate(pixel_values=nchw(pix),
+                          qformer_input_ids=torch.from_numpy(qenc["input_ids"]),
+                          qformer_attention_mask=torch.from_numpy(qenc["attention_mask"]),
+                          input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                          eos_token_id=48, pad_token_id=0,
+                          **VQA_KW).numpy()
+    ref = [t.strip() for t in tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+    assert answers == ref
+    assert len(set(ref)) > 1 and all(ref), ref
+    # the Q-Former text matters: the same LLM prompt with another Q-Former instruction differs
+    lids, lmask = P.tokenize_prompts(tok, prompts, kind="llama")
+    same = model.generate(pix, lids, lmask, qformer_input_ids=qenc["input_ids"],
+                          qformer_attention_mask=qenc["attention_mask"], **VQA_KW)
+    other = model.generate(pix, lids, lmask, qformer_input_ids=qenc["input_ids"][::-1],
+                           qformer_attention_mask=qenc["attention_mask"][::-1], **VQA_KW)
+    assert not np.array_equal(same, other)
