@@ -116,6 +116,17 @@ class LayerNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
+def decoder_key_mask(attention_mask: Optional[Array], batch: int, key_len: int) -> Array:
+    """A decoder's (B, S) int32 key mask: all ones when None; S is the input length without a
+    KV cache and the cache length with one (entries for positions not yet written are ignored)."""
+    if attention_mask is None:
+        return jnp.ones((batch, key_len), jnp.int32)
+    if attention_mask.shape != (batch, key_len):
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != {(batch, key_len)} "
+                         "(batch, key length: T without a cache, the cache length with one)")
+    return attention_mask.astype(jnp.int32)
+
+
 def attention_mask(key_mask: Optional[Array] = None, *, causal: bool = False,
                    query_len: Optional[int] = None, key_len: Optional[int] = None,
                    query_offset: Any = 0, prefix: int = 0) -> Optional[Array]:

@@ -132,15 +132,10 @@ class OPT(nn.Module):
         dtype = bnn.dtype_of(c.dtype)
         b, t, _ = inputs_embeds.shape
         s = t if cache is None else cache["k"].shape[2]
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, s), jnp.int32)
-        if attention_mask.shape != (b, s):
-            raise ValueError(f"attention_mask shape {attention_mask.shape} != {(b, s)} "
-                             "(batch, key length: T without a cache, the cache length with one)")
+        key_mask = bnn.decoder_key_mask(attention_mask, b, s)
         if self.is_initializing() and not c.tie_word_embeddings:
             self.embed_tokens(jnp.zeros((1, 1), jnp.int32))   # create the input table too
 
-        key_mask = attention_mask.astype(jnp.int32)
         positions = jnp.cumsum(key_mask, axis=1) * key_mask - 1
         positions = jax.lax.dynamic_slice_in_dim(positions, cache_index, t, axis=1)
 
