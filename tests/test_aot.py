@@ -21,9 +21,49 @@ def _config(name, arg=None, **overrides):
     return c
 
 
+# tests/conftest.py's XLA_FLAGS hold a flag only XLA:CPU knows; libtpu reads XLA_FLAGS at its
+# first compile and aborts on a flag it does not know. The CPU backend has read them by then
+# (the computation below makes sure), so libtpu is shown them without it.
+CPU_ONLY_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _xla_flags_libtpu_reads():
+    jax.block_until_ready(jax.numpy.zeros(2) + 1)
+    before = os.environ.get("XLA_FLAGS")
+    if before is not None:
+        os.environ["XLA_FLAGS"] = " ".join(f for f in before.split() if f not in CPU_ONLY_FLAGS)
+    yield
+    if before is not None:
+        os.environ["XLA_FLAGS"] = before
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_each_program_once():
+    """TPU compiles are the cost of this module (~30 s for a tiny step, twice that unrolled) and
+    the persistent compilation cache cannot read them back (no TPU client). A program lowered to
+    the same text (for the same TOPOLOGY devices: every compile here) is compiled once."""
+    real = jax.stages.Lowered.compile
+    compiled = {}
+
+    def compile_once(self, *args, **kwargs):
+        key = (self.as_text(), repr(args), repr(sorted(kwargs.items())))
+        if key not in compiled:
+            compiled[key] = real(self, *args, **kwargs)
+        return compiled[key]
+    jax.stages.Lowered.compile = compile_once
+    yield
+    jax.stages.Lowered.compile = real
+
+
 @pytest.fixture(scope="module")
 def devices():
     return aot.topology_devices(TOPOLOGY)
+
+
+# Stage 1 sharded two ways (the ITC features are all-gathered), batch 8: 2 rows per chip. The
+# unrolled-copy test compiles the same scanned program (compiled once, above).
+STAGE1 = dict(mesh=dict(data=2, fsdp=2, tensor=1), batch_size=8)
 
 
 def test_pod_names_map_to_topologies(devices):
@@ -42,8 +82,9 @@ def test_v4_pods_are_megacore():
     assert make_mesh(dict(data=16, fsdp=1, tensor=4), devices=v4).devices.size == 64
 
 
+@pytest.mark.slow
 def test_stage1_step_compiles_with_reports(devices, tmp_path):
-    c = _config("tiny_stage1", mesh=dict(data=2, fsdp=2, tensor=1))
+    c = _config("tiny_stage1", **STAGE1)
     hlo = str(tmp_path / "step.hlo.gz")
     report = aot.compile_train(c, devices, TOPOLOGY, hlo=hlo)
     assert report.mesh == {"data": 2, "fsdp": 2, "tensor": 1} and report.fits
@@ -77,6 +118,7 @@ def test_stage1_step_compiles_with_reports(devices, tmp_path):
     assert any(k.startswith("fwd vision") and g[2] > 0 for k, g in groups.items())
 
 
+@pytest.mark.slow
 def test_stage2_microbatched_and_generate_compile(devices, tmp_path):
     c = _config("tiny_stage2", "opt", microbatches=2)
     report = aot.compile_train(c, devices, TOPOLOGY)
@@ -129,7 +171,7 @@ def test_an_unrolled_copy_that_does_not_fit_keeps_the_memory_report(devices, mon
     def lower(self, *args):
         return TooBig() if bnn.scan_unroll(2) == 2 else real(self, *args)
     monkeypatch.setattr(Trainer, "lower", lower)
-    report = aot.compile_train(_config("tiny_stage1"), devices, TOPOLOGY)
+    report = aot.compile_train(_config("tiny_stage1", **STAGE1), devices, TOPOLOGY)
     assert report.fits and report.bytes["total"] > 0 and report.estimated_seconds is None
     assert "97.5 GiB" in report.estimate_note and "no XLA estimate" in report.table()
 
