@@ -16,6 +16,9 @@
     model.features(images, texts, mode=...)   # LAVIS extract_features arrays
 
 `pixel_values` are float (B, H, W, 3), normalised; `input_ids` hold text tokens only.
+Instruction-aware models (InstructBLIP, `config.qformer_text_input`) take the instruction's
+Q-Former text on every surface that takes an image: `qformer_input_ids=`,
+`qformer_attention_mask=` (HF's names; required there, refused elsewhere).
 """
 from __future__ import annotations
 
