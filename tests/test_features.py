@@ -40,6 +40,13 @@ def cache(data_dir, tmp_path_factory):
     return feats, meta
 
 
+@pytest.fixture(scope="module")
+def cached_run(data_dir, cache, tmp_path_factory):
+    """The last metrics of the 3-step run trained from the cache: two tests compare with it."""
+    feats, _ = cache
+    return loop.run(_config(data_dir, feats), str(tmp_path_factory.mktemp("cached_run")))
+
+
 def test_cache_holds_the_frozen_vit_output_of_each_image(data_dir, cache):
     feats, meta = cache
     c = _config(data_dir, feats)
@@ -66,10 +73,9 @@ def test_cache_holds_the_frozen_vit_output_of_each_image(data_dir, cache):
     np.testing.assert_allclose(ln, want, rtol=1e-5, atol=1e-5)
 
 
-def test_training_from_the_cache_equals_training_from_images(data_dir, cache, tmp_path):
-    feats, _ = cache
+def test_training_from_the_cache_equals_training_from_images(data_dir, cached_run, tmp_path):
     images = loop.run(_config(data_dir, ""), str(tmp_path / "images"))
-    cached = loop.run(_config(data_dir, feats), str(tmp_path / "cached"))
+    cached = cached_run
     for k in ("loss", "itc", "itm", "itg", "grad_norm", "param_norm"):
         np.testing.assert_allclose(cached[k], images[k], rtol=1e-6, err_msg=k)
     assert cached["step"] == images["step"] == 3
@@ -170,7 +176,7 @@ def test_train_py_computes_a_missing_cache_and_reuses_it(data_dir, cache, tmp_pa
     assert again["loss"] == out["loss"]
 
 
-def test_two_processes_build_the_cache_one_process_builds(data_dir, cache, tmp_path):
+def test_two_processes_build_the_cache_one_process_builds(data_dir, cache, cached_run, tmp_path):
     """The CLI under jax.distributed (2 local processes x 2 CPU devices): each process writes
     its half of the images into its own shard; the cache reads as the one-process cache, and
     training from it gives the same losses."""
@@ -196,7 +202,7 @@ def test_two_processes_build_the_cache_one_process_builds(data_dir, cache, tmp_p
     for i in range(len(b)):                  # other batch sizes: equal to float rounding
         np.testing.assert_allclose(a[i], b[i], rtol=1e-5, atol=1e-6, err_msg=str(i))
     sharded = loop.run(_config(data_dir, two), str(tmp_path / "run_two"))
-    single = loop.run(_config(data_dir, feats), str(tmp_path / "run_one"))
+    single = cached_run                       # the same run from the one-process cache
     for k in ("loss", "itc", "itm", "itg"):
         np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, err_msg=k)
 
