@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
                     help="smoke run (tests): a small dataset and a few dozen steps per stage; "
                          "its figures mean nothing")
     args = ap.parse_args(argv)
-    sizes = (dict(train=256, test=20, vision_steps=30, vision_pool=256, llm_steps=30, steps=40)
+    sizes = (dict(train=256, test=10, vision_steps=30, vision_pool=256, llm_steps=10, steps=40)
              if args.quick else
              dict(train=5000, test=TEST_IMAGES, vision_steps=400, vision_pool=4000,
                   llm_steps=600, steps=None))

@@ -82,7 +82,7 @@ def test_param_counts_match_the_paper():
     # The paper §3.1: stage-2 trainable (Q-Former w/o text parts + projection + ln_vision) 107.1M for
     # OPT-2.7B; stage-1 Q-Former 186.7M. Counted from abstract shapes (nothing allocated).
     import numpy as np
-    from blip2_jax.api import abstract_params
+    from blip2_jax.models.blip2 import abstract_params
 
     def count(tree, keys):
         return sum(int(np.prod(x.shape)) for k in keys if k in tree

@@ -1,7 +1,7 @@
 """The paper's training configs (configs/stage1.py, stage2.py, caption_coco_ft.py,
 retrieval_coco_ft.py) hold together with the code that reads them, without allocating a full-size
 parameter: each file and arg loads; `loop.model_config` resolves; the frozen patterns match
-parameters of `api.abstract_init` (an `eval_shape`, cached per model config); every top-level
+parameters of `models.blip2.abstract_init` (an `eval_shape`, cached per model config); every top-level
 parameter has a source in `config.init`; the optimizer (decay mask, layer-wise LR scales) builds
 and its init / update trace on the abstract trainable tree; the data config builds a Pipeline
 (the tfds reader stubbed) with valid dataset names and image processors; `LossConfig(**c.loss)`
@@ -72,7 +72,7 @@ def _model(name, arg):
 
 
 def _abstract(name, arg):
-    """(paths, shapes) of every parameter: api.abstract_init is an lru_cached eval_shape."""
+    """(paths, shapes) of every parameter: models.blip2.abstract_init is an lru_cached eval_shape."""
     return flatten(blip2_model.abstract_init(_model(name, arg))[1])
 
 
@@ -362,7 +362,7 @@ def test_init_interpolates_position_table(tmp_path, monkeypatch):
     small = config_lib.get_preset("tiny-stage1")                    # 30 px: a 5x5 patch grid
     api.Blip2(small, _random_params(small), check=False).save(str(tmp_path), format="native")
     big = small.replace(vision=dataclasses.replace(small.vision, image_size=42))   # 7x7
-    monkeypatch.setattr(init_lib.api, "init_params", lambda cfg, seed=0: _random_params(cfg))
+    monkeypatch.setattr(init_lib.blip2_model, "init_params", lambda cfg, seed=0: _random_params(cfg))
     params, _ = init_lib.initial_params(big, {"checkpoint": str(tmp_path)})
     assert params["vision"]["pos_embed"].shape == (1, 50, small.vision.hidden_size)
 
@@ -421,7 +421,7 @@ def test_init_llm_from_a_plain_hf_language_model(tmp_path, monkeypatch, kind):
     hf_model.save_pretrained(str(tmp_path / "lm"))
     llm = config_lib.llm_from_hf(hcfg.to_dict())
     cfg = config_lib.get_preset(f"tiny-{kind}").replace(llm=llm)
-    monkeypatch.setattr(init_lib.api, "init_params", lambda c, seed=0: _random_params(c))
+    monkeypatch.setattr(init_lib.blip2_model, "init_params", lambda c, seed=0: _random_params(c))
     params, sources = init_lib.initial_params(cfg, {"llm": str(tmp_path / "lm"), "random": ["*"]})
 
     sd = hf_ref.state_dict_numpy(hf_model)

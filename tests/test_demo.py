@@ -28,7 +28,7 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
     for stage in ("stage1", "stage2"):
         with open(os.path.join(work, stage, "config.json")) as f:
             assert json.load(f)["config"]["data"]["features"] == os.path.join(work, "features")
-    assert results["test_images"] == 20 and results["chance_i2t"] == 1 / 20
+    assert results["test_images"] == 10 and results["chance_i2t"] == 1 / 10
     assert 0 <= results["image_to_text_R@1"] <= 1 and 0 <= results["captions_right"] <= 1
     assert results["captioned_images"] == 8
     n_right = round(results["captions_right"] * 8)       # examples: up to 4 right, 2 wrong
@@ -40,7 +40,7 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
     assert "held-out retrieval R@1" in out and "captions right" in out
     # The configs' evaluators ran and wrote a report per stage.
     assert {"retrieval_test", "caption_test", "vqa_test"} <= set(results["evaluators"])
-    assert results["evaluators"]["retrieval_test"]["images"] == 20
+    assert results["evaluators"]["retrieval_test"]["images"] == 10
     for report in results["reports"]:
         assert os.path.isfile(report) and report in out
     # A re-run finds every stage done and only evaluates again, to the same figures.

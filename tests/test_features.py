@@ -153,7 +153,7 @@ def test_refusals(data_dir, cache, tmp_path):
     with pytest.raises(features.FeatureCacheError, match="other ViT weights"):
         features.check_vision([cache_obj], "0" * 64)
     # Without a cache (none in that directory) the pipeline says how to make one.
-    with pytest.raises(features.FeatureCacheError, match="no feature cache.*blip2_jax.data"):
+    with pytest.raises(features.FeatureCacheError, match="no feature cache.*blip2_jax.train.features"):
         pipeline.from_config({**run_config.plain(_config(data_dir, str(tmp_path / "none")).data),
                               "image_size": 30}, batch_size=8, process_index=0,
                              process_count=1)
