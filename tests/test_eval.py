@@ -98,11 +98,18 @@ def test_in_training_evaluation_is_logged(stage2_run):
         assert {"results.json", "predictions.jsonl"} <= set(os.listdir(d))
 
 
-def test_eval_py_on_a_workdir_writes_results_predictions_and_report(stage2_run, data_dir,
-                                                                   tmp_path):
-    out = str(tmp_path / "out")
+@pytest.fixture(scope="module")
+def eval_py_out(stage2_run, data_dir, tmp_path_factory):
+    """eval.py (one process, 8 devices) on the stage-2 run's work directory: its output
+    directory."""
+    out = str(tmp_path_factory.mktemp("eval_py") / "out")
     cfg = f"{os.path.join(ROOT, 'configs', 'tiny_stage2.py')}:opt,{data_dir}"
     _run(_eval_cmd(cfg, "--workdir", stage2_run, "--output", out, "--config.total_steps=4"))
+    return out
+
+
+def test_eval_py_on_a_workdir_writes_results_predictions_and_report(eval_py_out):
+    out = eval_py_out
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     assert results["info"]["step"] == 4
@@ -242,10 +249,11 @@ def test_paper_eval_config_builds_every_evaluator():
         module.get_config("coco")
 
 
-def test_two_processes_evaluate_as_one(stage2_run, data_dir, tmp_path):
-    """eval.py under jax.distributed (2 processes × 2 CPU devices, each reading its rows of every
-    batch) against 1 process × 4 devices: the same predictions and metrics. VQA prompts differ
-    in length between the processes' rows, so both must agree on the prompt bucket."""
+def test_two_processes_evaluate_as_one(stage2_run, eval_py_out, data_dir, tmp_path):
+    """eval.py under jax.distributed (2 processes × 4 CPU devices, each reading its rows of every
+    batch) against 1 process × 8 devices (eval.py's run above, on the same final parameters):
+    the same predictions and metrics. VQA prompts differ in length between the processes' rows,
+    so both must agree on the prompt bucket."""
     port = runs.free_port()
     cfg = f"{os.path.join(ROOT, 'configs', 'tiny_stage2.py')}:opt,{data_dir}"
     final = os.path.join(stage2_run, "final")
@@ -254,9 +262,8 @@ def test_two_processes_evaluate_as_one(stage2_run, data_dir, tmp_path):
         return runs.spawn(_eval_cmd(cfg, "--checkpoint", final, "--output", out, "--no_report",
                                     *extra), devices)
 
-    two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    procs = [launch(two, 2, runs.distributed_flags(port, i)) for i in (0, 1)]
-    procs.append(launch(one, 4))
+    two, one = str(tmp_path / "two"), eval_py_out
+    procs = [launch(two, 4, runs.distributed_flags(port, i)) for i in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
