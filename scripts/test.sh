@@ -12,6 +12,8 @@ if ! PYTHONPATH=.venv/libtpu .venv/bin/python -c "import importlib.metadata as m
 fi
 PYTHON=.venv/bin/python bash scripts/fetch_test_assets.sh
 # Two pytest workers (pytest-xdist; one module per worker): compiling dominates the suite and
-# XLA compiles a program on one core; on the 2-core machine the suite takes 12 min instead of
-# 16.5. PYTEST_WORKERS=0 runs in one process.
-.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+# XLA compiles a program on one core. Files go out longest first (tests/conftest.py orders the
+# collection; --no-loadscope-reorder keeps that order), so both workers finish together.
+# PYTEST_WORKERS=0 runs in one process. `-m "not slow"` leaves out the tests that take more than
+# ~30 s each.
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
