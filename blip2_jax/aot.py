@@ -35,6 +35,7 @@ from blip2_jax import api, cli, generate as gen, nn as bnn, sharding as sharding
 from blip2_jax.convert.mapping import flatten
 from blip2_jax import run_config
 from blip2_jax.models.blip2 import abstract_params
+from blip2_jax.train import errors
 from blip2_jax.train.trainer import Trainer
 
 # Pod name (TensorCores, as Cloud TPU names them) -> topology (chips; v4 counts cores).
@@ -51,7 +52,12 @@ CHIPS = {"TPU v5": (95 * GiB, 459e12, 2765e9), "TPU v5p": (95 * GiB, 459e12, 276
 
 
 class AotError(ValueError):
-    pass
+    """A topology or program this machine cannot compile for (unknown name, no libtpu, a
+    generate program without an LLM)."""
+
+
+# Bad input, reported in one line (cli.report_errors); anything else is a bug.
+USER_ERRORS = (AotError, *errors.USER_ERRORS)
 
 
 def topology_devices(name: str) -> list:
@@ -59,6 +65,9 @@ def topology_devices(name: str) -> list:
     # Compiling only: several processes may load libtpu at once (tests, parallel sweeps).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topology = ALIASES.get(name, name)
+    if ":" not in topology:     # neither a pod name nor TYPE:SHAPE; libtpu is not loaded
+        raise AotError(f"unknown TPU topology {name!r}: give a pod name ({', '.join(ALIASES)}) "
+                       "or a topology TYPE:SHAPE such as v5p:4x4x4")
     # A v4 description defaults to one device per TensorCore, which meshes refuse; real v4 pods
     # run "megacore" (one device per chip, both cores), as v5p does by default.
     chip_config = {"chip_config_name": "megacore"} if topology.startswith("v4") else {}
@@ -377,23 +386,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "estimate (slower; default: on)")
     p.add_argument("--hlo", metavar="PATH", help="also write the optimized HLO here (train: the "
                    "unrolled program with --estimate); .gz compresses")
+    cli.add_verbose_argument(p)
     args = p.parse_args(argv[1:])
-    try:
-        devices = topology_devices(args.topology)
-        if args.program == "train":
-            report = compile_train(args.config, devices, args.topology, args.estimate,
-                                   hlo=args.hlo)
-        else:
-            report = compile_generate(args.config, devices, args.topology, hlo=args.hlo)
-    except (AotError, KeyError, ValueError) as e:
-        print(f"aot: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
-        return 2
+    return cli.report_errors(p.prog, lambda: _compile_and_report(args), USER_ERRORS,
+                             args.verbose)
+
+
+def _compile_and_report(args: argparse.Namespace) -> None:
+    devices = topology_devices(args.topology)
+    if args.program == "train":
+        report = compile_train(args.config, devices, args.topology, args.estimate, hlo=args.hlo)
+    else:
+        report = compile_generate(args.config, devices, args.topology, hlo=args.hlo)
     print(report.table())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(dataclasses.asdict(report), roofline=report.roofline()), f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ train.features, predict, convert, data.build, metrics):
 * a run config: `--config configs/NAME.py[:ARG]` plus any number of `--config.KEY=VALUE`
   overrides, parsed by ml_collections' config_flags (the value parsed as the entry's type); an
   unknown key, a bad value or a config file that fails to load is a usage error.
+* bad input found past the parser (a missing file, a wrong checkpoint, an unknown preset):
+  `report_errors` with the entry point's tuple of user-error types (the classes live in the
+  modules that raise them) prints one line `PROG: error: ...`, exit status 2; `--verbose`
+  (`add_verbose_argument`) or BLIP2_JAX_TRACEBACK=1 shows the traceback too, and any other
+  exception (a bug) keeps it.
 * the jax.distributed flags (`--coordinator-address HOST:PORT --num-processes N --process-id I`,
   or `--distributed` for the platform's own detection), and `setup` (logging, jax.distributed).
 """

@@ -10,9 +10,9 @@ Prints one line per image, in order: `PATH<TAB>text`. Without --question it capt
 tokens, length penalty -1). DIR is an HF `save_pretrained` BLIP-2 directory (OPT or FlanT5) with
 its tokenizer files, or a native blip2-jax directory holding them.
 
-Errors (missing checkpoint or tokenizer files, an unreadable image, a checkpoint without a
-language model) print one line `error: ...` naming the file to stderr and exit with status 1;
-bad arguments exit with status 2 (argparse).
+Bad input (missing checkpoint or tokenizer files, an unreadable image, a checkpoint without a
+language model, a template without `{}`) prints one line `python -m blip2_jax.predict: error: ...`
+naming the file to stderr and exits with status 2 (`--verbose`: with its traceback).
 """
 from __future__ import annotations
 
@@ -25,13 +25,22 @@ from PIL import Image, UnidentifiedImageError
 
 import blip2_jax
 from blip2_jax import cli, processing
-from blip2_jax.api import SurfaceError
-from blip2_jax.convert.mapping import MappingError
+from blip2_jax.convert import sources
+
+PROG = "python -m blip2_jax.predict"
+
+
+class PredictError(ValueError):
+    """A checkpoint directory or image file that is not there or cannot serve."""
+
+
+# Bad input, reported in one line (cli.report_errors); anything else is a bug.
+USER_ERRORS = (PredictError, processing.TokenizerError, *sources.CHECKPOINT_ERRORS)
 
 
 def _parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m blip2_jax.predict",
-                                description="BLIP-2 captioning / zero-shot VQA on image files.")
+    p = cli.ArgumentParser(prog=PROG,
+                           description="BLIP-2 captioning / zero-shot VQA on image files.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="HF save_pretrained BLIP-2 directory (or a native blip2-jax one)")
     p.add_argument("--image", action="append", required=True, metavar="PATH",
@@ -46,6 +55,7 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=None, metavar="N")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    cli.add_verbose_argument(p)
     return p
 
 
@@ -54,26 +64,22 @@ def _check_images(paths: Sequence[str]) -> None:
 
     for path in paths:
         if not os.path.isfile(path):
-            raise _Error(f"image {path}: no such file")
+            raise PredictError(f"image {path}: no such file")
         try:
             with Image.open(path) as im:
                 im.verify()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise _Error(f"image {path}: cannot be read as an image ({type(e).__name__}: {e})")
-
-
-class _Error(Exception):
-    pass
+            raise PredictError(f"image {path}: cannot be read as an image "
+                               f"({type(e).__name__}: {e})") from e
 
 
 def run(args: argparse.Namespace) -> list[tuple[str, str]]:
-
     if not os.path.isdir(args.checkpoint):
-        raise _Error(f"checkpoint directory {args.checkpoint} does not exist")
+        raise PredictError(f"checkpoint directory {args.checkpoint} does not exist")
     _check_images(args.image)
     model = blip2_jax.load(args.checkpoint, dtype=args.dtype)
     if model.config.llm is None:
-        raise _Error(f"checkpoint {args.checkpoint} has no language model (a stage-1 / retrieval "
+        raise PredictError(f"checkpoint {args.checkpoint} has no language model (a stage-1 / retrieval "
                      "checkpoint): it cannot caption or answer")
     kw = {}
     if args.num_beams is not None:
@@ -104,19 +110,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if value is not None and value < 1:
             _parser().error(f"--{name.replace('_', '-')} must be >= 1")
 
+    rows = []
     try:
-        rows = run(args)
+        code = cli.report_errors(PROG, lambda: rows.extend(run(args)), USER_ERRORS,
+                                 args.verbose)
     except KeyboardInterrupt:
         return 130
-    except (_Error, OSError, ValueError, ImportError, MappingError, SurfaceError) as e:
-        # OSError: missing checkpoint / tokenizer files; ValueError: unreadable images, bad
-        # configs or checkpoints (ConfigError, CheckpointError); MappingError: missing or
-        # unexpected weights.
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
     for path, text in rows:
         print(f"{path}\t{' '.join(text.split())}")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

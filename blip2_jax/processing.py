@@ -202,6 +202,11 @@ def _normalize_table(mean: tuple, std: tuple) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # Tokenizers
 # ------------------------------------------------------------------------------------------------
+class TokenizerError(ValueError):
+    """Tokenizer files that cannot serve (unreadable, of another model, without a special token
+    the model needs); the message names the file. Missing files are a FileNotFoundError."""
+
+
 QFORMER_SUBDIR = "qformer_tokenizer"
 DEC_TOKEN = "[DEC]"
 
@@ -216,7 +221,7 @@ def _read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+        raise TokenizerError(f"cannot read {path}: {e}") from e
 
 
 def _tokenizer_json_model(path: str) -> str:
@@ -261,11 +266,11 @@ def _find_llm_files(path: str, kind: str) -> tuple[str, str]:
         family = _tokenizer_json_family(tok_json)
         if family is None:
             model = _tokenizer_json_model(tok_json)
-            raise ValueError(f"{tok_json} holds a {model or 'unknown'} tokenizer, not an LLM one "
-                             "(OPT: byte-level BPE, T5: SentencePiece Unigram, LLaMA: "
-                             "SentencePiece BPE)"
-                             + ("; a WordPiece tokenizer is the Q-Former's: use kind='qformer'"
-                                if model == "WordPiece" else ""))
+            raise TokenizerError(
+                f"{tok_json} holds a {model or 'unknown'} tokenizer, not an LLM one (OPT: "
+                "byte-level BPE, T5: SentencePiece Unigram, LLaMA: SentencePiece BPE)"
+                + ("; a WordPiece tokenizer is the Q-Former's: use kind='qformer'"
+                   if model == "WordPiece" else ""))
         found.append((family, "tokenizer.json"))
     if os.path.isfile(vocab_json) and os.path.isfile(merges):
         found.append(("opt", "vocab.json + merges.txt"))
@@ -277,7 +282,8 @@ def _find_llm_files(path: str, kind: str) -> tuple[str, str]:
         if family in want:
             return family, how
     if found:
-        raise ValueError(f"{path} holds a {found[0][0]} tokenizer ({found[0][1]}), not {kind}")
+        raise TokenizerError(f"{path} holds a {found[0][0]} tokenizer ({found[0][1]}), "
+                             f"not {kind}")
     if kind == "opt":
         looked = [tok_json, vocab_json, merges]
     elif kind == "t5":
@@ -331,7 +337,7 @@ def _load_llm(path: str, kind: str):
             "llama": ("bos_token_id", "eos_token_id")}[family]
     for attr in need:
         if getattr(tok, attr) is None:
-            raise ValueError(f"the {family} tokenizer in {path} has no {attr[:-3]}")
+            raise TokenizerError(f"the {family} tokenizer in {path} has no {attr[:-3]}")
     return tok
 
 
@@ -360,7 +366,7 @@ def _load_qformer(path: str):
     tok.truncation_side = "right"
     for attr in ("cls_token_id", "sep_token_id", "pad_token_id"):
         if getattr(tok, attr) is None:
-            raise ValueError(f"the Q-Former tokenizer in {d} has no {attr[:-3]}")
+            raise TokenizerError(f"the Q-Former tokenizer in {d} has no {attr[:-3]}")
     return tok
 
 
@@ -378,7 +384,7 @@ def load_tokenizer(path: str | os.PathLike, kind: str):
         has none (id 30522 for bert-base-uncased, as LAVIS).
 
     A directory without the needed files raises FileNotFoundError naming what was looked for
-    and what is missing; files of the wrong kind raise ValueError.
+    and what is missing; files of the wrong kind raise TokenizerError (a ValueError).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):

@@ -151,7 +151,8 @@ def test_cli_reports_and_errors(tmp_path):
                           f"--config={ROOT}/configs/tiny_stage1.py", "--topology=v9z:1x1"],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode == 2
-    errors = [line for line in bad.stderr.splitlines() if line.startswith("aot: error:")]
+    errors = [line for line in bad.stderr.splitlines()
+              if line.startswith("python -m blip2_jax.aot: error:")]
     assert len(errors) == 1 and "v9z" in errors[0] and "invalid" in errors[0].lower(), errors
 
 

@@ -1,7 +1,8 @@
 """The command-line convention (blip2_jax/cli.py) on all eight entry points: `--help` exits 0 and
-lists the hyphenated flags; the underscore spelling of a flag parses as the hyphenated one; a
-`--config.KEY` the config lacks is one line on stderr and exit status 2. In process (the
-parser's result is caught before any work starts), one subprocess."""
+lists the hyphenated flags (`--verbose` among them); the underscore spelling of a flag parses as
+the hyphenated one; a `--config.KEY` the config lacks is one line on stderr and exit status 2.
+In process (the parser's result is caught before any work starts), one subprocess. Bad input
+past the parser: tests/test_user_errors.py."""
 from __future__ import annotations
 
 import argparse
@@ -47,25 +48,30 @@ MAINS = {
 }
 DISTRIBUTED = ["--coordinator-address", "--num-processes", "--process-id", "--distributed"]
 HELP = {   # (arguments before --help, flags its help lists)
-    "train.py": [((), ["--config", "--workdir", *DISTRIBUTED])],
+    "train.py": [((), ["--config", "--workdir", "--verbose", *DISTRIBUTED])],
     "eval.py": [((), ["--config", "--workdir", "--checkpoint", "--output", "--no-report",
-                      *DISTRIBUTED])],
-    "aot": [((), ["--config", "--topology", "--program", "--json", "--no-estimate", "--hlo"])],
-    "train.features": [((), ["--config", "--batch-size", "--dtype", "--overwrite",
+                      "--verbose", *DISTRIBUTED])],
+    "aot": [((), ["--config", "--topology", "--program", "--json", "--no-estimate", "--hlo",
+                  "--verbose"])],
+    "train.features": [((), ["--config", "--batch-size", "--dtype", "--overwrite", "--verbose",
                              *DISTRIBUTED])],
     "predict": [((), ["--checkpoint", "--image", "--prompt", "--question", "--template",
-                      "--num-beams", "--max-new-tokens", "--dtype"])],
+                      "--num-beams", "--max-new-tokens", "--dtype", "--verbose"])],
     "convert": [((), ["--to", "--from", "--config", "--vision", "--llm", "--lavis-parts",
-                      "--ln-vision-eps", "--max-shard-gb"])],
+                      "--ln-vision-eps", "--max-shard-gb", "--verbose"])],
     "data.build": [((), ["synthetic", "captions", "retrieval", "vqa", "webdataset"]),
                    (("synthetic",), ["--data-dir", "--overwrite", "--max-image-size",
-                                     "--image-size", "--min-objects", "--max-objects"]),
-                   (("captions",), ["--data-dir", "--annotations", "--image-root", "--name"]),
-                   (("webdataset",), ["--data-dir", "--shards", "--split"])],
+                                     "--image-size", "--min-objects", "--max-objects",
+                                     "--verbose"]),
+                   (("captions",), ["--data-dir", "--annotations", "--image-root", "--name",
+                                    "--verbose"]),
+                   (("webdataset",), ["--data-dir", "--shards", "--split", "--verbose"])],
     "metrics": [((), ["caption", "vqa", "gqa"]),
-                (("caption",), ["--references", "--predictions", "--no-meteor", "--tokenize"]),
-                (("vqa",), ["--answer-types", "--num-answers", "--lemmatize", "--rules"]),
-                (("gqa",), ["--no-normalize"])],
+                (("caption",), ["--references", "--predictions", "--no-meteor", "--tokenize",
+                                "--verbose"]),
+                (("vqa",), ["--answer-types", "--num-answers", "--lemmatize", "--rules",
+                            "--verbose"]),
+                (("gqa",), ["--no-normalize", "--verbose"])],
 }
 
 

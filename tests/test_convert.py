@@ -296,7 +296,8 @@ def test_malicious_pth_is_refused(tmp_path):
                tmp_path / "evil.pth")
     proc = convert_cli(tmp_path / "evil.pth", tmp_path / "out", "--to", "native", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("convert: error:") and "system" in proc.stderr
+    assert proc.stderr.startswith("python -m blip2_jax.convert: error:")
+    assert "system" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not marker.exists()
 
@@ -311,7 +312,7 @@ def test_cli_bad_input_one_line(tmp_path, stage1):
             args = (args[0], tmp_path / "o") + args[1:]
         proc = convert_cli(*args, check=False)
         assert proc.returncode == 2, args
-        assert proc.stderr.startswith("convert: error:"), proc.stderr
+        assert proc.stderr.startswith("python -m blip2_jax.convert: error:"), proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 

@@ -234,7 +234,8 @@ def test_cli_builds_and_reports_errors(data_dir, tmp_path, capsys):
     assert feature_builder.main(["x", f"--config={cfg}:{data_dir}", f"--config.data.features={feats}",
                           "--config.data.image_processor=blip_image_train"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("features: error:") and "blip_image_train" in err
+    assert err.startswith("python -m blip2_jax.train.features: error:")
+    assert "blip_image_train" in err
 
 
 def _png(seed: int) -> bytes:

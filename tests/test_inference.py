@@ -425,9 +425,10 @@ def test_cli_errors(pair, pngs, tmp_path):
                        (("--checkpoint", tmp_path / "nowhere", "--image", pngs[0]),
                         str(tmp_path / "nowhere"))]:
         out = _cli(*args)
-        assert out.returncode == 1, (args, out.stdout, out.stderr[-2000:])
+        assert out.returncode == 2, (args, out.stdout, out.stderr[-2000:])
         lines = out.stderr.strip().splitlines()
-        assert lines[-1].startswith("error: ") and name in lines[-1], out.stderr
+        assert lines[-1].startswith("python -m blip2_jax.predict: error: ") and name in lines[-1], \
+            out.stderr
         assert "Traceback" not in out.stderr and out.stdout == ""
     out = _cli("--checkpoint", pair.path, "--image", pngs[0], "--prompt", "a", "--question", "b")
     assert out.returncode == 2 and "not allowed with" in out.stderr

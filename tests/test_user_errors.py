@@ -1,8 +1,10 @@
 """Bad input gets one clear message naming what is wrong: checkpoints with a tensor missing or of
-the wrong shape, VQA templates without a slot for the question."""
+the wrong shape, VQA templates without a slot for the question; every command line reports it
+in one line `PROG: error: ...` with exit status 2 (a bug keeps its traceback)."""
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -151,3 +153,95 @@ def test_an_opt_with_projected_embeddings_is_refused_as_blip2_llm():
     cfg = get_preset("tiny-opt")
     with pytest.raises(ConfigError, match=r"word_embed_proj_dim \(16\) != hidden_size"):
         cfg.replace(llm=dataclasses.replace(cfg.llm, word_embed_proj_dim=16))
+
+
+# ----------------------------------------------------------------------------------------------
+# The `python -m` entry points past their parsers: bad input is one line `PROG: error: ...` and
+# exit status 2, without a traceback; --verbose or BLIP2_JAX_TRACEBACK=1 shows it; any other
+# exception (a bug) keeps it. In process, nothing compiled: each mistake is caught before a model
+# is built.
+# ----------------------------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mistake(name: str, tmp_path):
+    """(main, its program name, argv of a user mistake, what the line names, the exception it
+    raises with --verbose, (module, attribute) that a bug is planted in)."""
+    import json
+    from blip2_jax import aot, predict
+    from blip2_jax.convert import __main__ as convert_cli, sources
+    from blip2_jax.data import build as build_cli, records
+    from blip2_jax.metrics import __main__ as metrics_cli
+    from blip2_jax.train import features as features_cli
+    if name == "predict":          # a typo in an image path
+        return (predict.main, "python -m blip2_jax.predict",
+                ["--checkpoint", str(tmp_path), "--image", str(tmp_path / "photo.jpgg")],
+                f"image {tmp_path / 'photo.jpgg'}: no such file", ValueError,  # PredictError
+                (predict, "run"))
+    if name == "convert":          # a LAVIS file that is not where the command says
+        return (convert_cli.main, "python -m blip2_jax.convert",
+                [str(tmp_path / "blip2_pretrained.pth"), str(tmp_path / "out"), "--to", "native"],
+                f"checkpoint {tmp_path / 'blip2_pretrained.pth'} does not exist",
+                FileNotFoundError, (sources, "convert"))
+    if name == "data.build":       # an annotation entry without its caption
+        ann = tmp_path / "train.json"
+        ann.write_text(json.dumps([{"image": "a.jpg", "caption": "a dog"}, {"image": "b.jpg"}]))
+        return (build_cli.main, "python -m blip2_jax.data.build",
+                ["captions", "--annotations", str(ann), "--image-root", str(tmp_path),
+                 "--data-dir", str(tmp_path / "data")],
+                f"{ann}: entry 1: missing 'caption'", records.AnnotationError,
+                (records, "caption_entries"))
+    if name == "metrics":          # predictions of another split than the references
+        refs, preds = tmp_path / "refs.json", tmp_path / "preds.json"
+        refs.write_text(json.dumps({"1": ["cat"] * 10, "2": ["dog"] * 10}))
+        preds.write_text(json.dumps({"1": "cat", "3": "dog"}))
+        return (metrics_cli.main, "python -m blip2_jax.metrics",
+                ["vqa", "--references", str(refs), "--predictions", str(preds)],
+                "1 question id(s) of the references have no entry in predictions",
+                metrics_cli.InputError, (metrics_cli, "vqa_accuracy"))
+    if name == "train.features":   # a model preset misspelt
+        from blip2_jax.config import ConfigError
+        return (lambda argv: features_cli.main(["features", *argv]),
+                "python -m blip2_jax.train.features",
+                [f"--config={ROOT}/configs/tiny_stage1.py:{tmp_path}",
+                 "--config.model=tiny-stage-1"],
+                "unknown preset 'tiny-stage-1'", ConfigError,
+                (features_cli.run_config, "model_config"))
+    if name == "aot":              # a pod size that does not exist
+        return (lambda argv: aot.main(["aot", *argv]), "python -m blip2_jax.aot",
+                [f"--config={ROOT}/configs/tiny_stage1.py", "--topology", "v5p-100"],
+                "unknown TPU topology 'v5p-100'", aot.AotError, (aot, "topology_devices"))
+    raise AssertionError(name)
+
+
+ENTRY_POINTS = ["predict", "convert", "data.build", "metrics", "train.features", "aot"]
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_an_entry_point_reports_bad_input_in_one_line(name, tmp_path, capsys, monkeypatch):
+    main, prog, argv, needle, error, _ = _mistake(name, tmp_path)
+    monkeypatch.delenv("BLIP2_JAX_TRACEBACK", raising=False)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: ") and needle in lines[0], lines[0]
+    # --verbose, or the environment variable: the exception goes on, with its traceback.
+    with pytest.raises(error, match=re.escape(needle)):
+        main([*argv, "--verbose"])
+    monkeypatch.setenv("BLIP2_JAX_TRACEBACK", "1")
+    with pytest.raises(error, match=re.escape(needle)):
+        main(argv)
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_an_entry_point_keeps_the_traceback_of_a_bug(name, tmp_path, monkeypatch):
+    """A ValueError that is no user error (each entry point once caught them all) goes on."""
+    main, _, argv, _, _, (module, attribute) = _mistake(name, tmp_path)
+    monkeypatch.delenv("BLIP2_JAX_TRACEBACK", raising=False)
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug")
+    monkeypatch.setattr(module, attribute, bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(argv)

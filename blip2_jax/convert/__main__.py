@@ -8,7 +8,9 @@
 SRC: a directory of ours (`blip2_jax.json`) or of HF (`config.json`), or a LAVIS `.pth` (its
 model is inferred from its shapes unless --config names it). LAVIS releases only trainable
 weights: add the towers with --vision and --llm. DST: a directory (hf, native) or a `.pth` file.
-Bad input ends with one `convert: error: ...` line and exit code 2.
+Bad input (a missing file, a checkpoint of another model or format, an unknown preset) ends with
+one line `python -m blip2_jax.convert: error: ...` and exit status 2 (`--verbose`: with its
+traceback).
 """
 from __future__ import annotations
 
@@ -17,16 +19,13 @@ import sys
 import time
 
 from blip2_jax import cli
-from blip2_jax.config import ConfigError
 from blip2_jax.convert import sources
-from blip2_jax.convert.mapping import MappingError
-from blip2_jax.convert.pth import PthFormatError, UnsafeCheckpointError
-from blip2_jax.convert.stream import CheckpointError
+
+PROG = "python -m blip2_jax.convert"
 
 
 def main(argv=None) -> int:
-    parser = cli.ArgumentParser(prog="python -m blip2_jax.convert",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("src")
     parser.add_argument("dst")
     parser.add_argument("--to", required=True, choices=("hf", "lavis", "native"))
@@ -41,19 +40,19 @@ def main(argv=None) -> int:
     parser.add_argument("--ln-vision-eps", type=float,
                         help="ln_vision LayerNorm eps (LAVIS sources default to LAVIS's 1e-5)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0)
+    cli.add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    return cli.report_errors(PROG, lambda: convert(args), sources.CHECKPOINT_ERRORS,
+                             args.verbose)
 
+
+def convert(args) -> None:
     start = time.perf_counter()
-    try:
-        report = sources.convert(args.src, args.dst, args.to, source_format=args.source_format,
-                                 config=args.config, vision=args.vision, llm=args.llm,
-                                 dtype=args.dtype, parts=args.lavis_parts,
-                                 ln_vision_eps=args.ln_vision_eps,
-                                 max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    except (FileNotFoundError, ConfigError, MappingError, CheckpointError, PthFormatError,
-            UnsafeCheckpointError, ValueError) as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 2
+    report = sources.convert(args.src, args.dst, args.to, source_format=args.source_format,
+                             config=args.config, vision=args.vision, llm=args.llm,
+                             dtype=args.dtype, parts=args.lavis_parts,
+                             ln_vision_eps=args.ln_vision_eps,
+                             max_shard_bytes=int(args.max_shard_gb * 1024**3))
     cfg = report.pop("config")
     report["seconds"] = round(time.perf_counter() - start, 2)
     report["model"] = {"vision": cfg.vision.variant, "llm": cfg.llm_kind,
@@ -61,7 +60,6 @@ def main(argv=None) -> int:
     for note in report["notes"]:
         print(f"note: {note}", file=sys.stderr)
     print(json.dumps(report, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

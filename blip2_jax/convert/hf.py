@@ -122,6 +122,9 @@ def read(path: str, cfg: Optional[Blip2Config] = None) -> tuple[Blip2Config, dic
 # Writing
 # ----------------------------------------------------------------------------------------------
 def _check_writable(cfg: Blip2Config) -> None:
+    if cfg.vision.variant != "eva":
+        raise MappingError(f"HF BLIP-2's image encoder is the EVA ViT, this model's is "
+                           f"{cfg.vision.variant!r}: save it with format='native' or 'lavis'")
     if cfg.itg:
         raise MappingError("HF BLIP-2 has no Q-Former LM (ITG) head; save this model with "
                            "format='native', or drop the head (config itg=False, no lm_head)")

@@ -314,5 +314,11 @@ def convert(src: str, dst: str, to: str, *, source_format: Optional[str] = None,
             "leaves": len(leaves), "files": files, "notes": notes, "config": cfg}
 
 
-__all__ = ["FORMATS", "Loaded", "MappingError", "assemble", "convert", "detect", "load",
-           "open_model", "open_part", "resolve_config"]
+# What reading a checkpoint raises on bad input (a path that is not there, files of another
+# model or format, a torch pickle that is unsafe): the command lines report these in one line
+# (`cli.report_errors`); anything else is a bug and keeps its traceback.
+CHECKPOINT_ERRORS = (FileNotFoundError, ConfigError, MappingError, CheckpointError,
+                     pth.PthFormatError, pth.UnsafeCheckpointError)
+
+__all__ = ["CHECKPOINT_ERRORS", "FORMATS", "Loaded", "MappingError", "assemble", "convert",
+           "detect", "load", "open_model", "open_part", "resolve_config"]

@@ -9,8 +9,10 @@
 
 An annotation file without `SPLIT=` is the "train" split ("test" for retrieval). Shard patterns
 take globs and webdataset brace ranges (`shards/{00000..00099}.tar`). Prints what it wrote per
-split (examples, skipped records with the first few keys and reasons); exits with status 2 and a
-message naming the file and entry on malformed input.
+split (examples, skipped records with the first few keys and reasons). Bad input (a malformed
+annotation file, a missing file or directory, a dataset that exists without --overwrite) is one
+line `python -m blip2_jax.data.build: error: ...` naming the file and entry, exit status 2
+(`--verbose`: with its traceback).
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ from blip2_jax import cli
 from blip2_jax.data import builders, records, synthetic
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
+PROG = "python -m blip2_jax.data.build"
+# Bad input, reported in one line (cli.report_errors); anything else is a bug.
+USER_ERRORS = (records.AnnotationError, builders.DatasetError, builders.EmptySplitError,
+               FileExistsError, FileNotFoundError)
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -91,11 +97,11 @@ def _quiet_tfds() -> None:
 
 
 def main(argv=None) -> int:
-    parser = cli.ArgumentParser(prog="python -m blip2_jax.data.build",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
 
     def common(p, named=True):
+        cli.add_verbose_argument(p)
         p.add_argument("--data-dir", required=True, help="tfds data directory to write into")
         if named:
             p.add_argument("--name", help="dataset name (default: from the first input file)")
@@ -124,60 +130,62 @@ def main(argv=None) -> int:
     p.add_argument("--shards", required=True, nargs="+", metavar="PATTERN")
     p.add_argument("--split", default="train")
     args = parser.parse_args(argv)
+    if args.kind == "synthetic" and not 1 <= args.min_objects <= args.max_objects <= 9:
+        parser.error(f"need 1 <= --min-objects <= --max-objects <= 9, got {args.min_objects} "
+                     f"and {args.max_objects}")
     _quiet_tfds()
+    return cli.report_errors(PROG, lambda: build(args), USER_ERRORS, args.verbose)
 
-    try:
-        if args.kind == "synthetic":
-            sizes = {"train": args.train, "val": args.val, "test": args.test}
-            opts = dict(seed=args.seed, image_size=args.image_size,
-                        min_objects=args.min_objects, max_objects=args.max_objects)
-            # Rendered once, written in both schemas.
-            scenes = {s: list(synthetic.generate(s, n, **opts)) for s, n in sizes.items() if n}
-            for kind in builders.KINDS:
-                splits = {s: (lambda s=s, kind=kind: builders.synthetic_examples(kind, scenes[s]))
-                          for s in scenes}
-                reports = builders.build(kind, args.name, args.data_dir, splits,
-                                         description=f"synthetic scenes {opts}",
-                                         overwrite=args.overwrite)
-                _print_reports(kind, args.name, args.data_dir, reports)
-            texts = [t for ex in scenes.get("train", next(iter(scenes.values())))
-                     for t in ex["captions"] + [x for qa in ex["qa"] for x in qa]]
-            dirs = synthetic.write_tokenizers(texts, synthetic_tokenizer_dir(args.data_dir,
-                                                                             args.name))
-            print(f"wrote tokenizers for the synthetic language: {', '.join(dirs.values())}")
-            return 0
 
-        read = dict(workers=args.workers, max_size=args.max_image_size)
-        if args.kind == "webdataset":
-            shards = [s for pattern in args.shards for s in expand_shards(pattern)]
-            missing = [s for s in shards if not os.path.isfile(s)]
-            if not shards or missing:
-                raise records.AnnotationError(f"--shards {args.shards}: no such shard file(s) "
-                                              f"{missing[:5] or '(pattern matched nothing)'}")
-            name = args.name or _stem(shards[0])
-            splits = {args.split: lambda: builders.webdataset_examples(shards, **read)}
-            kind = builders.CAPTIONS
-        else:
-            files = _annotation_splits(args.annotations,
-                                       "test" if args.kind == "retrieval" else "train")
-            if not os.path.isdir(args.image_root):
-                raise records.AnnotationError(f"--image-root {args.image_root}: no such directory")
-            name = args.name or _stem(next(iter(files.values())))
-            # Parse and validate every file before writing anything.
-            parse = {"captions": records.caption_entries, "retrieval": records.retrieval_entries,
-                     "vqa": records.vqa_entries}[args.kind]
-            entries = {split: parse(path) for split, path in files.items()}
-            splits = {split: (lambda e=e: builders.entry_examples(e, args.image_root, **read))
-                      for split, e in entries.items()}
-            kind = builders.VQA if args.kind == "vqa" else builders.CAPTIONS
-        reports = builders.build(kind, name, args.data_dir, splits,
-                                 description=f"{args.kind} built by blip2_jax.data.build",
-                                 overwrite=args.overwrite)
-        _print_reports(kind, name, args.data_dir, reports)
-        return 0
-    except (records.AnnotationError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def build(args) -> None:
+    """The dataset `main`'s arguments ask for, written and reported."""
+    if args.kind == "synthetic":
+        sizes = {"train": args.train, "val": args.val, "test": args.test}
+        opts = dict(seed=args.seed, image_size=args.image_size,
+                    min_objects=args.min_objects, max_objects=args.max_objects)
+        # Rendered once, written in both schemas.
+        scenes = {s: list(synthetic.generate(s, n, **opts)) for s, n in sizes.items() if n}
+        for kind in builders.KINDS:
+            splits = {s: (lambda s=s, kind=kind: builders.synthetic_examples(kind, scenes[s]))
+                      for s in scenes}
+            reports = builders.build(kind, args.name, args.data_dir, splits,
+                                     description=f"synthetic scenes {opts}",
+                                     overwrite=args.overwrite)
+            _print_reports(kind, args.name, args.data_dir, reports)
+        texts = [t for ex in scenes.get("train", next(iter(scenes.values())))
+                 for t in ex["captions"] + [x for qa in ex["qa"] for x in qa]]
+        dirs = synthetic.write_tokenizers(texts, synthetic_tokenizer_dir(args.data_dir,
+                                                                         args.name))
+        print(f"wrote tokenizers for the synthetic language: {', '.join(dirs.values())}")
+        return
+
+    read = dict(workers=args.workers, max_size=args.max_image_size)
+    if args.kind == "webdataset":
+        shards = [s for pattern in args.shards for s in expand_shards(pattern)]
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if not shards or missing:
+            raise records.AnnotationError(f"--shards {args.shards}: no such shard file(s) "
+                                          f"{missing[:5] or '(pattern matched nothing)'}")
+        name = args.name or _stem(shards[0])
+        splits = {args.split: lambda: builders.webdataset_examples(shards, **read)}
+        kind = builders.CAPTIONS
+    else:
+        files = _annotation_splits(args.annotations,
+                                   "test" if args.kind == "retrieval" else "train")
+        if not os.path.isdir(args.image_root):
+            raise records.AnnotationError(f"--image-root {args.image_root}: no such directory")
+        name = args.name or _stem(next(iter(files.values())))
+        # Parse and validate every file before writing anything.
+        parse = {"captions": records.caption_entries, "retrieval": records.retrieval_entries,
+                 "vqa": records.vqa_entries}[args.kind]
+        entries = {split: parse(path) for split, path in files.items()}
+        splits = {split: (lambda e=e: builders.entry_examples(e, args.image_root, **read))
+                  for split, e in entries.items()}
+        kind = builders.VQA if args.kind == "vqa" else builders.CAPTIONS
+    reports = builders.build(kind, name, args.data_dir, splits,
+                             description=f"{args.kind} built by blip2_jax.data.build",
+                             overwrite=args.overwrite)
+    _print_reports(kind, name, args.data_dir, reports)
 
 
 if __name__ == "__main__":

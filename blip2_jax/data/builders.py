@@ -142,7 +142,7 @@ def build(kind: str, name: str, data_dir: str,
     # start-up time: tfds takes seconds to import; only building or reading a dataset needs it
     import tensorflow_datasets as tfds
     if not name or "/" in name or not name.replace("_", "").replace("-", "").isalnum():
-        raise ValueError(f"dataset name {name!r}: use letters, digits, '_' and '-'")
+        raise DatasetError(f"dataset name {name!r}: use letters, digits, '_' and '-'")
     if kind not in _BUILDERS:
         _BUILDERS[kind] = _builder_class(kind)
     target = os.path.join(data_dir, kind, name, VERSION)
@@ -275,8 +275,8 @@ def dataset_path(data_dir: str, name: str) -> str:
     full, _, version = name.partition(":")
     parts = full.split("/")
     if len(parts) != 2 or parts[0] not in KINDS:
-        raise ValueError(f"dataset name {name!r} must look like 'blip2_captions/NAME' or "
-                         f"'blip2_vqa/NAME'")
+        raise DatasetError(f"dataset name {name!r} must look like 'blip2_captions/NAME' or "
+                           f"'blip2_vqa/NAME'")
     base = os.path.join(data_dir, *parts)
     if not os.path.isdir(base):
         raise FileNotFoundError(f"dataset {name!r} not found in {data_dir!r} (have: "
@@ -332,7 +332,7 @@ class RetrievalTruth:
 def retrieval_truth(data_dir: str, name: str, split: str = "test") -> RetrievalTruth:
     src = open_split(data_dir, name, split)
     if kind_of(name) != CAPTIONS:
-        raise ValueError(f"retrieval needs a blip2_captions dataset, got {name!r}")
+        raise DatasetError(f"retrieval needs a blip2_captions dataset, got {name!r}")
     rows = sorted(((int(src[r]["index"]), r) for r in range(len(src))))
     image_ids, texts, text_to_image, image_to_texts = [], [], [], []
     for i, (_, r) in enumerate(rows):

@@ -22,8 +22,9 @@ Accepted files (ids are compared as strings, so ``1`` and ``"1"`` are the same i
   records (so a LAVIS GQA result file serves as both references and predictions).
 * vqa/gqa predictions: ``{question_id: answer}`` or ``[{"question_id", "answer"|"pred_ans"}, ...]``.
 
-Exit status: 0 ok; 2 bad arguments or input files (message on stderr, no traceback); 1 a
-missing optional dependency (e.g. Java or spaCy).
+Exit status: 0 ok; 2 bad arguments or input files (one line `python -m blip2_jax.metrics: error:
+...` on stderr; `--verbose`: with its traceback); 1 a missing optional dependency (e.g. Java or
+spaCy).
 """
 from __future__ import annotations
 
@@ -33,12 +34,15 @@ import sys
 from typing import Any
 
 from blip2_jax import cli
+from blip2_jax.metrics import MetricInputError
 from blip2_jax.metrics.caption import caption_metrics
 from blip2_jax.metrics.vqa import exact_match, spacy_lemmatizer, vqa_accuracy
 
+PROG = "python -m blip2_jax.metrics"
 
-class InputError(Exception):
-    """Bad input: reported as ``error: <message>`` with exit status 2."""
+
+class InputError(ValueError):
+    """Bad input files: reported as ``PROG: error: <message>`` with exit status 2."""
 
 
 def _load(path: str, what: str) -> Any:
@@ -252,8 +256,7 @@ def _num_answers(s: str) -> int | None:
 
 
 def build_parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m blip2_jax.metrics",
-                                description="Score predictions; prints one JSON object.")
+    p = cli.ArgumentParser(prog=PROG, description="Score predictions; prints one JSON object.")
     sub = p.add_subparsers(dest="task", required=True, metavar="{caption,vqa,gqa}")
 
     c = sub.add_parser("caption", help="COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr)")
@@ -286,6 +289,8 @@ def build_parser() -> cli.ArgumentParser:
                         "compares raw strings, as LAVIS 'rank' inference)")
     g.add_argument("--lemmatize", action="store_true", help=argparse.SUPPRESS)
     g.set_defaults(func=_cmd_gqa)
+    for sub_parser in (c, v, g):
+        cli.add_verbose_argument(sub_parser)
     return p
 
 
@@ -295,21 +300,25 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+def _score(args: argparse.Namespace) -> dict:
+    try:
+        return args.func(args)
+    except MetricInputError as e:     # the files load but do not line up (ids, answer counts)
+        raise InputError(f"{args.references} / {args.predictions}: {e}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    result = {}
     try:
-        result = args.func(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError) as e:  # raised by the metric functions on inconsistent inputs
-        print(f"error: {args.references} / {args.predictions}: {e}", file=sys.stderr)
-        return 2
+        code = cli.report_errors(PROG, lambda: result.update(_score(args)), (InputError,),
+                                 args.verbose)
     except _Unavailable as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result, default=_jsonable))
-    return 0
+    if code == 0:
+        print(json.dumps(result, default=_jsonable))
+    return code
 
 
 if __name__ == "__main__":

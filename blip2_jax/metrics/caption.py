@@ -26,6 +26,8 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
+from blip2_jax.metrics import MetricInputError
+
 __all__ = [
     "PUNCTUATIONS",
     "SPICE_UNAVAILABLE",
@@ -377,17 +379,17 @@ def ptb_tokenize(text: str) -> str:
 
 def _pairs(refs: Mapping[Hashable, Sequence[str]], preds: Mapping[Hashable, Any]):
     if set(refs) != set(preds):
-        raise ValueError("refs and preds must have the same ids")
+        raise MetricInputError("refs and preds must have the same ids")
     out = []
     for k in refs:
         p = preds[k]
         if isinstance(p, (list, tuple)):
             if len(p) != 1:
-                raise ValueError(f"prediction for id {k!r} must be one caption, got {len(p)}")
+                raise MetricInputError(f"prediction for id {k!r} must be one caption, got {len(p)}")
             p = p[0]
         r = list(refs[k])
         if not r:
-            raise ValueError(f"no references for id {k!r}")
+            raise MetricInputError(f"no references for id {k!r}")
         out.append((k, p, r))
     return out
 
@@ -571,26 +573,26 @@ def meteor(refs, preds) -> tuple[float | None, list[float] | str]:
 
 def _check_inputs(references, predictions):
     if not isinstance(references, Mapping) or not isinstance(predictions, Mapping):
-        raise TypeError("references and predictions must be dicts {id: [str, ...]} and {id: str}")
+        raise MetricInputError("references and predictions must be dicts {id: [str, ...]} and {id: str}")
     missing = [k for k in predictions if k not in references]
     extra = [k for k in references if k not in predictions]
     if missing:
-        raise ValueError(f"{len(missing)} prediction id(s) have no references, e.g. {missing[:5]!r}")
+        raise MetricInputError(f"{len(missing)} prediction id(s) have no references, e.g. {missing[:5]!r}")
     if extra:
-        raise ValueError(f"{len(extra)} reference id(s) have no prediction, e.g. {extra[:5]!r}")
+        raise MetricInputError(f"{len(extra)} reference id(s) have no prediction, e.g. {extra[:5]!r}")
     if not references:
-        raise ValueError("no captions to evaluate")
+        raise MetricInputError("no captions to evaluate")
     for k, rs in references.items():
         if isinstance(rs, str) or not isinstance(rs, Sequence):
-            raise TypeError(f"references[{k!r}] must be a list of strings, got {type(rs).__name__}")
+            raise MetricInputError(f"references[{k!r}] must be a list of strings, got {type(rs).__name__}")
         if len(rs) == 0:
-            raise ValueError(f"references[{k!r}] is an empty list")
+            raise MetricInputError(f"references[{k!r}] is an empty list")
         for r in rs:
             if not isinstance(r, str):
-                raise TypeError(f"references[{k!r}] contains a {type(r).__name__}, not a str: {r!r}")
+                raise MetricInputError(f"references[{k!r}] contains a {type(r).__name__}, not a str: {r!r}")
     for k, p in predictions.items():
         if not isinstance(p, str):
-            raise TypeError(f"predictions[{k!r}] must be a str, got {type(p).__name__}: {p!r}")
+            raise MetricInputError(f"predictions[{k!r}] must be a str, got {type(p).__name__}: {p!r}")
 
 
 def _tokenize_java(captions: dict) -> dict:

@@ -34,6 +34,8 @@ import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
+from blip2_jax.metrics import MetricInputError
+
 __all__ = ["ARTICLES", "CONTRACTIONS", "MANUAL_MAP", "PUNCTUATION", "RULES", "exact_match",
            "normalize_answer", "process_digit_article", "process_punctuation",
            "spacy_lemmatizer", "vqa_accuracy", "vqa_score"]
@@ -158,7 +160,7 @@ def vqa_score(prediction: str, answers: Sequence[str], *, rules: str = "lavis") 
     """
     answers = list(answers)
     if len(answers) < 2:
-        raise ValueError(
+        raise MetricInputError(
             f"need at least 2 ground-truth answers, got {len(answers)}: with one answer the "
             "leave-one-out VQA formula always scores 0 (use exact_match for single answers)")
     if rules == "lavis":
@@ -195,7 +197,7 @@ def _check_ids(references: Mapping, predictions: Mapping, what: str = "predictio
     ref_str = {str(q) for q in references}
     if {str(q) for q in predictions} & ref_str and not (set(predictions) & set(references)):
         msg += " — the ids differ only in type (e.g. int vs str); convert them to one type"
-    raise ValueError(msg)
+    raise MetricInputError(msg)
 
 
 def _some(ids: Sequence, n: int = 5) -> str:
@@ -206,8 +208,8 @@ def _some(ids: Sequence, n: int = 5) -> str:
 def _check_predictions(predictions: Mapping) -> None:
     bad = [q for q, p in predictions.items() if not isinstance(p, str)]
     if bad:
-        raise ValueError(f"predictions must be strings; not for question id(s) {_some(bad)} "
-                         f"(e.g. {predictions[bad[0]]!r})")
+        raise MetricInputError(f"predictions must be strings; not for question id(s) {_some(bad)} "
+                               f"(e.g. {predictions[bad[0]]!r})")
 
 
 def _round(x: float, ndigits: int | None) -> float:
@@ -218,8 +220,8 @@ def _group_means(scores: Mapping[Hashable, float], groups: Mapping[Hashable, Any
                  name: str, ndigits: int | None) -> dict[str, float]:
     missing = [q for q in scores if q not in groups]
     if missing:
-        raise ValueError(f"{name} has no entry for {len(missing)} question id(s) "
-                         f"(e.g. {_some(missing)})")
+        raise MetricInputError(f"{name} has no entry for {len(missing)} question id(s) "
+                               f"(e.g. {_some(missing)})")
     buckets: dict[str, list[float]] = {}
     for q, s in scores.items():
         buckets.setdefault(str(groups[q]), []).append(s)
@@ -263,26 +265,26 @@ def vqa_accuracy(references: Mapping[Hashable, Sequence[str]],
     if rules not in RULES:
         raise ValueError(f"rules must be one of {RULES}, got {rules!r}")
     if not references:
-        raise ValueError("references are empty")
+        raise MetricInputError("references are empty")
     _check_ids(references, predictions)
     _check_predictions(predictions)
     bad_type = [q for q, a in references.items()
                 if isinstance(a, str) or not isinstance(a, Sequence)
                 or not all(isinstance(x, str) for x in a)]
     if bad_type:
-        raise ValueError(f"each reference must be a list of answer strings; not for question "
-                         f"id(s) {_some(bad_type)} (e.g. {references[bad_type[0]]!r})")
+        raise MetricInputError(f"each reference must be a list of answer strings; not for question "
+                               f"id(s) {_some(bad_type)} (e.g. {references[bad_type[0]]!r})")
     if num_answers is not None:
         bad = [q for q, a in references.items() if len(a) != num_answers]
         if bad:
-            raise ValueError(
+            raise MetricInputError(
                 f"{len(bad)} question(s) do not have exactly {num_answers} reference answers "
                 f"(e.g. {_some(bad)} with {len(references[bad[0]])}); pass num_answers=None "
                 "to score other counts with the same leave-one-out formula")
     else:
         bad = [q for q, a in references.items() if len(a) < 2]
         if bad:
-            raise ValueError(
+            raise MetricInputError(
                 f"question id(s) {_some(bad)} have fewer than 2 reference answers: the "
                 "leave-one-out VQA formula would always score 0 (use exact_match instead)")
 
@@ -323,13 +325,13 @@ def exact_match(references: Mapping[Hashable, str], predictions: Mapping[Hashabl
     ``{question_id: 100.0 or 0.0}`` when asked.
     """
     if not references:
-        raise ValueError("references are empty")
+        raise MetricInputError("references are empty")
     _check_ids(references, predictions)
     _check_predictions(predictions)
     bad = [q for q, a in references.items() if not isinstance(a, str)]
     if bad:
-        raise ValueError(f"each reference must be a single answer string; not for question "
-                         f"id(s) {_some(bad)} (e.g. {references[bad[0]]!r})")
+        raise MetricInputError(f"each reference must be a single answer string; not for question "
+                               f"id(s) {_some(bad)} (e.g. {references[bad[0]]!r})")
     hits: dict[Hashable, bool] = {}
     for q, gt in references.items():
         pred = predictions[q]

@@ -38,7 +38,7 @@ from blip2_jax.data.features import (FORMAT, META, FeatureCacheError, build_comm
                                      check_processor, require_frozen_vision, shard_name)
 from blip2_jax.models.blip2 import abstract_init
 from blip2_jax.models.vit import VisionTransformer
-from blip2_jax.train import init as init_lib, state as state_lib
+from blip2_jax.train import errors, init as init_lib, state as state_lib
 
 
 def vision_is_frozen(cfg, frozen: Sequence[str]) -> bool:
@@ -219,15 +219,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="images per ViT call (multiple of the local devices; default 64)")
     p.add_argument("--dtype", help="storage dtype (default: the ViT's compute dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache that differs")
+    cli.add_verbose_argument(p)
     args = p.parse_args(argv[1:])
     cli.initialize_distributed(args)
-    try:
-        build(args.config, batch_size=args.batch_size, dtype=args.dtype,
-              overwrite=args.overwrite)
-    except (FeatureCacheError, FileNotFoundError, ValueError) as e:
-        print(f"features: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.report_errors(p.prog, lambda: build(args.config, batch_size=args.batch_size,
+                                                   dtype=args.dtype, overwrite=args.overwrite),
+                             errors.USER_ERRORS, args.verbose)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 
 from blip2_jax import (api, checkpoint as ckpt_lib, config as config_lib, run_config,
                        sharding as sharding_lib)
-from blip2_jax.convert import mapping, stream
-from blip2_jax.data import batch as batch_lib, builders, features, pipeline, records
+from blip2_jax.data import batch as batch_lib, features, pipeline
 from blip2_jax.eval import evaluators, runner
-from blip2_jax.train import features as feature_builder, init as init_lib, state as state_lib
+from blip2_jax.train import (errors, features as feature_builder, init as init_lib,
+                             state as state_lib)
 from blip2_jax.train.metrics import MetricWriter, drop_rows_after
 from blip2_jax.train.trainer import Trainer
 
@@ -43,13 +43,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def _user_errors() -> tuple:
-    return (run_config.RunConfigError, config_lib.ConfigError, ResumeError, init_lib.InitError,
-            features.FeatureCacheError, records.AnnotationError, builders.DatasetError,
-            FileNotFoundError, mapping.MappingError, stream.CheckpointError,
-            ckpt_lib.CheckpointError, evaluators.EvalConfigError)
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict:
@@ -149,8 +142,9 @@ def _run(config, workdir: str, checkpointer: ckpt_lib.Checkpointer) -> dict:
     eval_every = int(run_config.section(config, "eval").get("every_steps") or 0)
     evs, eval_tokenizers = run_config.evaluators(config) if eval_every > 0 else ([], None)
     if jax.process_count() > 1 and any(ev.kind == "retrieval" for ev in evs):
-        raise ValueError("config.eval: retrieval evaluators run in one process; drop them from "
-                         "in-training evaluation of a multi-host run (eval.py runs them after)")
+        raise evaluators.EvalConfigError(
+            "config.eval: retrieval evaluators run in one process; drop them from in-training "
+            "evaluation of a multi-host run (eval.py runs them after)")
     frozen_dtype = config.get("frozen_dtype") or None
     skip_nonfinite = config.get("on_nonfinite", "stop") == "skip"
     trainer = Trainer(cfg, loss_cfg, run_config.section(config, "optimizer"), total_steps=total,
@@ -400,6 +394,7 @@ def _progress(start: int, stop: int):
     return tqdm(total=stop, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
 
 
-# What train.py and eval.py report as bad input (one line, exit 2): configs, checkpoints,
-# datasets, work directories. Anything else is a bug and keeps its traceback.
-USER_ERRORS = _user_errors()
+# What train.py and eval.py report as bad input (one line, exit 2): the run-config entry
+# points' (train/errors.py) and a work directory the config does not continue. Anything else
+# is a bug and keeps its traceback.
+USER_ERRORS = (*errors.USER_ERRORS, ResumeError)
