@@ -59,6 +59,7 @@ LONGEST_FILES = ["test_demo.py",            # 130 s
                  "test_convert.py",         # 42
                  "test_inference.py",       # 30
                  "test_generate.py",        # 25
+                 "test_lavis_instruct.py",  # 25
                  "test_t5.py",              # 23
                  "test_instructblip.py",    # 20
                  "test_retrieval_eval.py",  # 18

@@ -81,6 +81,20 @@ def blip2_generation(llm: str = "opt", num_query_tokens: int = 4, seed: int = 0,
     return randomize(Blip2ForConditionalGeneration(cfg), seed)
 
 
+def instructblip_generation(llm: str = "llama", num_query_tokens: int = 4, seed: int = 0,
+                           vision: dict | None = None, qformer: dict | None = None,
+                           text: dict | None = None):
+    """A tiny random `InstructBlipForConditionalGeneration` (its Q-Former keeps the text side)."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+    text_cfg = LLM_CONFIGS[llm](**(text or {}))
+    cfg = InstructBlipConfig(vision_config=vision_config(**(vision or {})),
+                             qformer_config=qformer_config(**(qformer or {})),
+                             text_config=text_cfg.to_dict(), num_query_tokens=num_query_tokens,
+                             image_token_index=IMAGE_TOKEN)
+    cfg._attn_implementation = "eager"
+    return randomize(InstructBlipForConditionalGeneration(cfg), seed)
+
+
 def blip2_retrieval(num_query_tokens: int = 4, seed: int = 0, vision: dict | None = None,
                     qformer: dict | None = None) -> Blip2ForImageTextRetrieval:
     cfg = Blip2Config(vision_config=vision_config(**(vision or {})),

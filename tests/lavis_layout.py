@@ -145,34 +145,9 @@ def zero_key_bias(hf_sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # HF -> LAVIS
 # ----------------------------------------------------------------------------------------------
-def hf_to_lavis(hf_sd: Mapping[str, np.ndarray], kind: str, *, cls_head: dict | None = None,
-                temp: float | None = None, max_position_embeddings: int | None = None,
-                seed: int = 0, lm_head: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The full LAVIS `state_dict()` of `kind` (see the module docstring) from an HF state dict."""
-    _check_kind(kind)
-    hf = {k: np.asarray(v) for k, v in hf_sd.items()}
-    used: set[str] = set()
-
-    def take(key: str) -> np.ndarray:
-        if key not in hf:
-            raise KeyError(f"HF state dict lacks {key!r} (kind {kind!r})")
-        used.add(key)
-        return _copy(hf[key])
-
-    stage1 = kind == "stage1"
-    sections: dict[str, dict[str, np.ndarray]] = {s: {} for s in (
-        "own", "visual", "ln_vision", "embeddings", "encoder", "cls", "heads", "llm", "proj")}
-
-    # own parameters of the top module come first in a torch state_dict
-    sections["own"]["query_tokens"] = take("query_tokens")
-    if stage1:
-        sections["own"]["temp"] = np.asarray(DEFAULT_TEMP if temp is None else temp,
-                                             np.float32).reshape(())
-    elif temp is not None:
-        raise ValueError("temp exists in the stage-1 model only")
-
-    # ---- vision (EVA ViT-g layout, §7.1) ----
-    vis = sections["visual"]
+def _vision_to_lavis(hf: Mapping[str, np.ndarray], take, vis: dict, ln_vision: dict) -> None:
+    """The EVA ViT-g (§7.1) and ln_vision keys of an HF BLIP-2 / InstructBLIP dict, into `vis`
+    and `ln_vision` (`take(key)` reads and marks an HF key)."""
     vis["visual_encoder.cls_token"] = take("vision_model.embeddings.class_embedding")
     vis["visual_encoder.pos_embed"] = take("vision_model.embeddings.position_embedding")
     for p in ("weight", "bias"):
@@ -201,7 +176,36 @@ def hf_to_lavis(hf_sd: Mapping[str, np.ndarray], kind: str, *, cls_head: dict | 
             for p in ("weight", "bias"):
                 vis[f"{d}mlp.{fc}.{p}"] = take(f"{s}mlp.{fc}.{p}")
     for p in ("weight", "bias"):
-        sections["ln_vision"][f"ln_vision.{p}"] = take(f"vision_model.post_layernorm.{p}")
+        ln_vision[f"ln_vision.{p}"] = take(f"vision_model.post_layernorm.{p}")
+
+
+def hf_to_lavis(hf_sd: Mapping[str, np.ndarray], kind: str, *, cls_head: dict | None = None,
+                temp: float | None = None, max_position_embeddings: int | None = None,
+                seed: int = 0, lm_head: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The full LAVIS `state_dict()` of `kind` (see the module docstring) from an HF state dict."""
+    _check_kind(kind)
+    hf = {k: np.asarray(v) for k, v in hf_sd.items()}
+    used: set[str] = set()
+
+    def take(key: str) -> np.ndarray:
+        if key not in hf:
+            raise KeyError(f"HF state dict lacks {key!r} (kind {kind!r})")
+        used.add(key)
+        return _copy(hf[key])
+
+    stage1 = kind == "stage1"
+    sections: dict[str, dict[str, np.ndarray]] = {s: {} for s in (
+        "own", "visual", "ln_vision", "embeddings", "encoder", "cls", "heads", "llm", "proj")}
+
+    # own parameters of the top module come first in a torch state_dict
+    sections["own"]["query_tokens"] = take("query_tokens")
+    if stage1:
+        sections["own"]["temp"] = np.asarray(DEFAULT_TEMP if temp is None else temp,
+                                             np.float32).reshape(())
+    elif temp is not None:
+        raise ValueError("temp exists in the stage-1 model only")
+
+    _vision_to_lavis(hf, take, sections["visual"], sections["ln_vision"])
 
     # ---- Q-Former ----
     emb = sections["embeddings"]
@@ -537,3 +541,120 @@ def clip_lavis_from_hf_clip(hf_clip_vision_sd: Mapping[str, np.ndarray], *,
         out = {k: v for k, v in out.items()
                if not k.startswith((last, "ln_post.")) and k != "proj"}
     return {prefix + k: v for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# InstructBLIP: LAVIS Blip2VicunaInstruct / Blip2T5Instruct
+# ----------------------------------------------------------------------------------------------
+# Written from LAVIS `blip2_vicuna_instruct.py` / `blip2_t5_instruct.py` (qformer_text_input=True:
+# the Q-Former keeps BERT's word/position tables and text FFN, `Qformer.cls` is deleted; the LLM
+# is `llm_model` + `llm_proj` / `t5_model` + `t5_proj`), LAVIS's `modeling_llama.py` (a
+# transformers-4.28 copy whose LlamaRotaryEmbedding registers `inv_freq` as a persistent buffer,
+# base 10000) and HF's `convert_instructblip_original_to_pytorch.py` (replayed in
+# `instruct_lavis_to_hf`; it loads the renamed LAVIS dict with strict=True into the HF model of
+# its day, whose position_ids / inv_freq buffers were persistent too).
+INSTRUCT_KINDS = {"llama": ("llm_model.", "llm_proj."), "t5": ("t5_model.", "t5_proj.")}
+ROTARY = "llm_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"
+
+
+def instruct_hf_to_lavis(hf_sd: Mapping[str, np.ndarray], llm: str, *,
+                         head_dim: int | None = None) -> dict[str, np.ndarray]:
+    """The full LAVIS `state_dict()` of InstructBLIP with LLM `llm` ("llama": Vicuna, "t5":
+    FlanT5) from an HF `InstructBlipForConditionalGeneration` state dict (torch `state_dict()`:
+    transformers 5 stores no position_ids / inv_freq buffers, lists T5's tied copies). LAVIS adds
+    `Qformer.bert.embeddings.position_ids` (rows of the position table) and, for LLaMA, one
+    `inv_freq` per layer (`head_dim` needed: LAVIS's formula in torch fp32)."""
+    if llm not in INSTRUCT_KINDS:
+        raise ValueError(f"llm must be one of {sorted(INSTRUCT_KINDS)}, got {llm!r}")
+    model, proj = INSTRUCT_KINDS[llm]
+    hf = {k: np.asarray(v) for k, v in hf_sd.items()}
+    used: set[str] = set()
+
+    def take(key: str) -> np.ndarray:
+        if key not in hf:
+            raise KeyError(f"HF state dict lacks {key!r}")
+        used.add(key)
+        return _copy(hf[key])
+
+    out = {"query_tokens": take("query_tokens")}
+    vis, ln = {}, {}
+    _vision_to_lavis(hf, take, vis, ln)
+    out.update(vis)
+    out.update(ln)
+    table = take("qformer.embeddings.position_embeddings.weight")
+    out[POSITION_IDS] = np.arange(table.shape[0], dtype=np.int64)[None]
+    out["Qformer.bert.embeddings.word_embeddings.weight"] = take(
+        "qformer.embeddings.word_embeddings.weight")
+    out["Qformer.bert.embeddings.position_embeddings.weight"] = table
+    for p in ("weight", "bias"):
+        out[f"Qformer.bert.embeddings.LayerNorm.{p}"] = take(f"qformer.embeddings.layernorm.{p}")
+    used.add("qformer.embeddings.position_ids")         # tolerated if some HF version stores it
+    text_ffn = False
+    for k in list(hf):
+        if k.startswith("qformer.encoder.layer."):
+            text_ffn |= bool(_QF_TEXT_FFN.search(k))
+            out["Qformer.bert." + k[len("qformer."):].replace("attention.attention.",
+                                                               "attention.self.")] = take(k)
+        elif k.startswith("language_model."):
+            out[model + k[len("language_model."):]] = take(k)
+    if not text_ffn:
+        raise ValueError("an InstructBLIP Q-Former has the text FFN (intermediate / output)")
+    for p in ("weight", "bias"):
+        out[f"{proj}{p}"] = take(f"language_projection.{p}")
+    if llm == "llama":
+        import torch
+        if head_dim is None:
+            raise ValueError("llm 'llama' needs head_dim (for the inv_freq buffers)")
+        layers = {int(m.group(1)) for k in out
+                  if (m := re.match(r"llm_model\.model\.layers\.(\d+)\.", k))}
+        inv = (1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))).numpy()
+        for i in sorted(layers):
+            out[ROTARY.format(i=i)] = inv.copy()
+    left = sorted(set(hf) - used)
+    if left:
+        raise ValueError(f"HF keys with no LAVIS InstructBLIP counterpart: {left[:8]}")
+    return out
+
+
+def instruct_lavis_to_hf(lavis_sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF's InstructBLIP conversion script on a LAVIS state dict: its renames (vision, the
+    embeddings LayerNorm), its substring rules as written, q/v bias fused with a zero key bias;
+    the buffers today's HF model lacks (qformer position_ids, LLaMA inv_freq) dropped."""
+    sd = {k: _copy(v) for k, v in lavis_sd.items()}
+    n_blocks = _count(sd, _EVA_BLOCK)
+    renames = [r for r in _convert_rename_keys(n_blocks, itm=False)
+               if not r[0].startswith("Qformer.")]
+    renames += [("Qformer.bert.embeddings.LayerNorm.weight", "qformer.embeddings.layernorm.weight"),
+                ("Qformer.bert.embeddings.LayerNorm.bias", "qformer.embeddings.layernorm.bias")]
+    for src, dst in renames:
+        if src not in sd:
+            raise KeyError(f"LAVIS state dict lacks {src!r}")
+        sd[dst] = sd.pop(src)
+    out: dict[str, np.ndarray] = {}
+    for key, val in sd.items():
+        if key.startswith("Qformer.bert"):
+            key = key.replace("Qformer.bert", "qformer")
+        if "attention.self" in key:
+            key = key.replace("self", "attention")
+        if "llm_proj" in key:
+            key = key.replace("llm_proj", "language_projection")
+        if "t5_proj" in key:
+            key = key.replace("t5_proj", "language_projection")
+        if key.startswith("llm_model"):
+            key = key.replace("llm_model", "language_model")
+        if key.startswith("t5"):
+            key = key.replace("t5", "language")
+        out[key] = val
+    for i in range(n_blocks):
+        q = out.pop(f"visual_encoder.blocks.{i}.attn.q_bias")
+        v = out.pop(f"visual_encoder.blocks.{i}.attn.v_bias")
+        out[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = np.concatenate(
+            [q, np.zeros_like(v), v])
+    out.pop("qformer.embeddings.position_ids", None)
+    for k in [k for k in out if k.endswith(".rotary_emb.inv_freq")]:
+        del out[k]
+    bad = [k for k in out if k.startswith(("visual_encoder", "Qformer", "ln_vision", "llm_",
+                                           "t5_", "opt"))]
+    if bad:
+        raise ValueError(f"keys the HF InstructBLIP model would not accept: {sorted(bad)[:8]}")
+    return out

@@ -1,7 +1,8 @@
 """Any checkpoint we read, as lazy leaves of our tree; several assembled into one model.
 
-    open_model(path)           a whole BLIP-2 checkpoint: ours (native), HF, or LAVIS `.pth`
-                               (a trainable-only LAVIS file gives only the leaves it holds)
+    open_model(path)           a whole BLIP-2 / InstructBLIP checkpoint: ours (native), HF, or
+                               LAVIS `.pth` (which LAVIS model: `lavis.detect_model`; a
+                               trainable-only LAVIS file gives only the leaves it holds)
     open_part(path, cfg, part) one tower: "vision" from a BLIP-2 checkpoint or an image encoder's
                                own file (eva_vit_g.pth, clip_vit_L.pth); "llm" from a BLIP-2
                                checkpoint or an HF OPT / T5 directory (safetensors or .bin)
@@ -21,7 +22,7 @@ import numpy as np
 
 from blip2_jax import config as config_lib
 from blip2_jax.config import Blip2Config, ConfigError
-from blip2_jax.convert import hf, hf_opt, hf_t5, lavis, native, pth, stream
+from blip2_jax.convert import hf, hf_llama, lavis, native, pth, stream
 from blip2_jax.convert.mapping import MappingError, check_names, flatten
 from blip2_jax.convert.stream import CheckpointError, Leaf
 from blip2_jax.models import blip2 as blip2_model
@@ -40,6 +41,7 @@ class Loaded:
     cfg: Blip2Config
     leaves: dict[str, Leaf]
     explicit_config: bool = False   # the config came from the caller, not the checkpoint
+    lavis_model: Optional[str] = None   # kind "lavis": the LAVIS model its keys are of
 
 
 def _hf_config(path: str) -> dict:
@@ -52,13 +54,14 @@ def _hf_config(path: str) -> dict:
 
 
 def detect(path: str) -> str:
-    """"native", "hf", "hf-llm" (an HF OPT/T5 directory) or "pth" (a torch file)."""
+    """"native", "hf", "hf-llm" (an HF OPT/T5/LLaMA directory) or "pth" (a torch file)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         if native.is_native(path):
             return "native"
         if os.path.isfile(os.path.join(path, "config.json")):
-            return "hf-llm" if _hf_config(path).get("model_type") in ("opt", "t5") else "hf"
+            return ("hf-llm" if _hf_config(path).get("model_type") in hf.LLM_TABLES
+                    else "hf")
         raise ConfigError(f"{path} has neither {native.CONFIG_FILE} (blip2-jax) nor config.json "
                           "(Hugging Face)")
     if os.path.isfile(path):
@@ -105,13 +108,14 @@ def open_model(path: str, config=None) -> Loaded:
         raise ConfigError(f"{path} is a plain HF language model; give it as the LLM source "
                           "(--llm / llm=) of a BLIP-2 model")
     source, saved = lavis.open_pth(path)
-    if not lavis.is_blip2(source):
+    model = lavis.detect_model(source)       # fails naming the keys of an unknown variant
+    if model is None:
         raise ConfigError(f"{path} holds no BLIP-2 model (no Qformer / query_tokens / "
                           "ln_vision): an image encoder's file goes in --vision / vision=")
     # LAVIS numerics (ln_vision eps) for LAVIS's files; the config we stored in ours as it was
     cfg2 = (saved if cfg is None and saved is not None
             else lavis.lavis_numerics(cfg or lavis.infer_config(source)))
-    return Loaded("lavis", cfg2, lavis.leaves(source, cfg2), cfg is not None)
+    return Loaded("lavis", cfg2, lavis.leaves(source, cfg2), cfg is not None, model)
 
 
 def hf_weights(path: str) -> stream.KeySource:
@@ -136,12 +140,35 @@ def hf_weights(path: str) -> stream.KeySource:
 
 
 def llm_config(path: str, kind: str) -> config_lib.LLMConfig:
-    """The LLM config of an HF OPT/T5 directory, as LAVIS runs it (OPT ends text at "\\n";
-    FlanT5's gated FFN uses exact GELU)."""
+    """The LLM config of an HF OPT/T5/LLaMA directory, as LAVIS runs it (OPT ends text at
+    "\\n"; FlanT5's gated FFN uses exact GELU; blip2_vicuna_instruct adds a "[PAD]" token —
+    one more vocabulary row, see `_llm_dir_leaves` — and uses "</s>" as BOS and EOS)."""
     llm = config_lib.llm_from_hf(_hf_config(path))
     if kind == "opt":
         return dataclasses.replace(llm, eos_token_id=OPT_NEWLINE)
+    if kind == "llama":
+        eos = llm.eos_token_ids[0] if llm.eos_token_ids else 2
+        return dataclasses.replace(llm, vocab_size=llm.vocab_size + 1, bos_token_id=eos,
+                                   eos_token_id=eos, pad_token_id=llm.vocab_size)
     return dataclasses.replace(llm, activation="gelu")
+
+
+# Our leaves with one row per vocabulary entry (LLaMA), and the axis of that row.
+_VOCAB_AXES = {"llm/embed_tokens/embedding": 0, "llm/lm_head/kernel": 1}
+
+
+def _with_pad_row(leaf: Leaf, axis: int) -> Leaf:
+    """`leaf` with one zero vocabulary row appended (LAVIS's "[PAD]", added to Vicuna by
+    `resize_token_embeddings`: LAVIS draws it at random when it builds the model; it is the
+    padding token's embedding, and its logit is 0 here)."""
+    shape = list(leaf.shape)
+    shape[axis] += 1
+
+    def read(j):
+        a = np.asarray(leaf.value())
+        out = np.concatenate([a, np.zeros_like(np.take(a, [0], axis=axis))], axis=axis)
+        return out if j is None else out[j]
+    return Leaf(tuple(shape), leaf.dtype, read, origin=leaf.origin + " (+ a zero [PAD] row)")
 
 
 def _llm_dir_leaves(path: str, cfg: Blip2Config) -> dict[str, Leaf]:
@@ -152,7 +179,7 @@ def _llm_dir_leaves(path: str, cfg: Blip2Config) -> dict[str, Leaf]:
                           f"{cfg.llm_kind}")
     theirs = config_lib.llm_from_hf(hf_config)
     reader = hf_weights(path)
-    table = hf_opt if model_type == "opt" else hf_t5
+    table = hf.LLM_TABLES[model_type]
     if model_type == "t5":   # as hf.read: the checkpoint, not the flag, says whether it is tied
         untied = "lm_head.weight" in reader.keys() and not np.array_equal(
             reader.get("lm_head.weight"), reader.get("shared.weight"))
@@ -161,8 +188,19 @@ def _llm_dir_leaves(path: str, cfg: Blip2Config) -> dict[str, Leaf]:
         raise ConfigError(f"{path}: tie_word_embeddings is {theirs.tie_word_embeddings} there "
                           f"and {cfg.llm.tie_word_embeddings} in the model's LLM config")
     ignore = list(hf.HF_BUFFERS) + [re.escape(k) for k in table.tied_keys(cfg.llm, theirs="")]
-    return stream.leaves_from_rules(table.rules(cfg.llm, ours="llm", theirs=""), reader,
-                                    ignore=ignore)
+    if model_type == "llama":
+        ignore += hf_llama.ignorable(cfg.llm, theirs="")
+        # blip2_vicuna_instruct's LLM: the directory's Vicuna plus LAVIS's "[PAD]" row
+        pad_row = (cfg.llm.vocab_size == theirs.vocab_size + 1
+                   and cfg.llm.pad_token_id == theirs.vocab_size)
+        if pad_row:
+            cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, vocab_size=theirs.vocab_size))
+    out = stream.leaves_from_rules(table.rules(cfg.llm, ours="llm", theirs=""), reader,
+                                   ignore=ignore)
+    if model_type == "llama" and pad_row:
+        out.update({k: _with_pad_row(out[k], axis) for k, axis in _VOCAB_AXES.items()
+                    if k in out})
+    return out
 
 
 def _under(leaves: Mapping[str, Leaf], prefixes: Sequence[str]) -> dict[str, Leaf]:
@@ -256,14 +294,20 @@ def assemble(cfg: Blip2Config, layers: Sequence[tuple[str, Mapping[str, Leaf]]],
 def load(path: str, config=None, vision: Optional[str] = None, llm: Optional[str] = None,
          ln_vision_eps: Optional[float] = None) -> tuple[Blip2Config, dict[str, Leaf], list[str]]:
     """(config, leaves, notes) of a model from `path` plus tower sources."""
-    base = open_model(path, config)
+    return _load(path, open_model(path, config), vision, llm, ln_vision_eps)
+
+
+def _load(path: str, base: Loaded, vision: Optional[str], llm: Optional[str],
+          ln_vision_eps: Optional[float]) -> tuple[Blip2Config, dict[str, Leaf], list[str]]:
     cfg, notes = base.cfg, []
     if llm is not None and base.kind == "lavis" and not base.explicit_config \
             and detect(llm) == "hf-llm" and cfg.llm is not None:
         cfg = cfg.replace(llm=dataclasses.replace(llm_config(llm, cfg.llm_kind),
                                                   dtype=cfg.llm.dtype,
                                                   param_dtype=cfg.llm.param_dtype))
-        notes.append(f"LLM config from {llm} (as LAVIS runs it)")
+        notes.append(f"LLM config from {llm} (as LAVIS runs it)" + (
+            f"; LAVIS's [PAD] (id {cfg.llm.pad_token_id}) is a zero row appended to its "
+            "embeddings and head" if cfg.llm_kind == "llama" else ""))
     if ln_vision_eps is not None:
         cfg = cfg.replace(vision=dataclasses.replace(cfg.vision,
                                                      post_layer_norm_eps=float(ln_vision_eps)))
@@ -281,14 +325,16 @@ def convert(src: str, dst: str, to: str, *, source_format: Optional[str] = None,
             ln_vision_eps: Optional[float] = None,
             max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> dict:
     """Convert a checkpoint (+ tower sources) to `to` in {"native", "hf", "lavis"}, one tensor
-    at a time. Returns a report: formats, config, tensors written, notes."""
+    at a time. Returns a report: formats (`lavis_model`: the LAVIS model read or written, e.g.
+    "blip2_vicuna_instruct"), config, tensors written, notes."""
     if to not in FORMATS:
         raise ValueError(f"--to must be one of {FORMATS}, got {to!r}")
     if source_format is not None:
         found = {"pth": "lavis", "hf-llm": "hf-llm"}.get(detect(src), detect(src))
         if found != source_format:
             raise ConfigError(f"{src} is a {found} checkpoint, not {source_format}")
-    cfg, leaves, notes = load(src, config, vision, llm, ln_vision_eps)
+    base = open_model(src, config)
+    cfg, leaves, notes = _load(src, base, vision, llm, ln_vision_eps)
     out_dtype = stream.float_dtype(dtype)
     if to == "native":
         files = native.write(dst, cfg, leaves, max_shard_bytes, dtype=out_dtype)
@@ -310,8 +356,11 @@ def convert(src: str, dst: str, to: str, *, source_format: Optional[str] = None,
         lavis.check_writable(cfg)
         notes += lavis.write(dst, cfg, leaves, parts, dtype=out_dtype)
         files = [os.path.basename(dst)]
-    return {"source": os.fspath(src), "destination": os.fspath(dst), "to": to,
-            "leaves": len(leaves), "files": files, "notes": notes, "config": cfg}
+    report = {"source": os.fspath(src), "from": base.kind, "destination": os.fspath(dst),
+              "to": to}
+    if base.lavis_model is not None or to == "lavis":
+        report["lavis_model"] = base.lavis_model or lavis.model_name(cfg)
+    return dict(report, leaves=len(leaves), files=files, notes=notes, config=cfg)
 
 
 # What reading a checkpoint raises on bad input (a path that is not there, files of another

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import ml_dtypes
 import numpy as np
@@ -321,14 +321,16 @@ def leaves_from_native(source: KeySource) -> dict[str, Leaf]:
 
 
 def leaves_from_rules(rules: Sequence[Rule], source: KeySource, *, ignore: Sequence[str] = (),
-                      partial: bool = False,
+                      partial: Union[bool, Sequence[str]] = False,
                       shapes: Optional[Mapping[str, tuple]] = None) -> dict[str, Leaf]:
     """Our leaves from a flat source through a key table, read lazily.
 
     Fails (MappingError, naming every key) on source keys no rule reads (unless a regex in
     `ignore` matches), on layers of one stacked leaf with different shapes, and — unless `partial`
     — on rules whose keys are absent. With `partial`, a rule whose keys are all absent is skipped
-    (the leaf must come from another source) while one with only some of its keys fails.
+    (the leaf must come from another source) while one with only some of its keys fails;
+    `partial` a sequence of key prefixes: only rules whose keys start with one of them may be
+    absent (a tower file kept apart), every other absent key fails.
     `shapes` ({leaf: shape}, the model's): every source key of a wrong shape is named too (the
     ViT position table may differ in its grid: it is resized later).
     """
@@ -340,7 +342,8 @@ def leaves_from_rules(rules: Sequence[Rule], source: KeySource, *, ignore: Seque
         src = r.source_keys()
         present = [k in keys for k in src]
         if not all(present):
-            if partial and not any(present):
+            if not any(present) and (partial is True or (
+                    partial and all(k.startswith(tuple(partial)) for k in src))):
                 continue
             missing += [k for k, p in zip(src, present) if not p]
             continue
