@@ -191,7 +191,7 @@ def itg_loss(logits, input_ids, attention_mask, label_smoothing: float = ITG_LAB
 # Stage 2
 # ------------------------------------------------------------------------------------------------
 def opt_lm_loss(text_logits, last_query_logits, input_ids, attention_mask,
-                prompt_length: int = 0):
+                prompt_length: int = 0, targets=None):
     """The decoder-only LM loss (OPT, LLaMA: one function for both) over [queries; BOS text
     "\\n" pad]: LAVIS's targets (queries and padding -100, and the first `prompt_length` tokens
     when a prompt is set) under HF's shifted causal-LM CE (mean, no smoothing).
@@ -201,10 +201,17 @@ def opt_lm_loss(text_logits, last_query_logits, input_ids, attention_mask,
     last_query_logits (B, V) or None: the logits at the last query position, which predict
         ids[:, 0] (the BOS). With no prompt LAVIS trains this (its quirk); with a prompt, or when
         None is passed, it is not a target.
-    prompt_length: the number of BOS + prompt tokens that are not targets (0 = no prompt)."""
+    prompt_length: the number of BOS + prompt tokens that are not targets (0 = no prompt), the
+        same for every row (a caption prompt).
+    targets (B, T) or None: a per-row mask of the positions that are targets, on top of the
+        above: VQA's [BOS prompt answer EOS pad] rows mark the answer and its EOS only
+        (`processing.tokenize_prompt_answer`; LAVIS InstructBLIP's `input_part_targets_len`),
+        so each row's prompt, of its own length, is never a target."""
     t = input_ids.shape[1]
     position = jnp.arange(t)
     target_ok = (attention_mask > 0) & (position >= prompt_length)[None, :]
+    if targets is not None:
+        target_ok = target_ok & (targets > 0)
     logits, labels, where = text_logits[:, :-1], input_ids[:, 1:], target_ok[:, 1:]
     if last_query_logits is not None:
         logits = jnp.concatenate([last_query_logits[:, None], logits], axis=1)

@@ -34,7 +34,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageLike = Union["Image.Image", np.ndarray, str, os.PathLike]
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "preprocess_images", "normalize_pixels", "load_tokenizer",
-           "tokenizer_kind", "tokenize_prompts", "decode", "pre_caption", "pre_question"]
+           "tokenizer_kind", "tokenize_prompts", "tokenize_prompt_answer", "decode", "pre_caption",
+           "pre_question"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -492,6 +493,52 @@ def tokenize_prompts(tokenizer, texts: str | Sequence[str], *, kind: str,
         input_ids[i, sl] = r
         mask[i, sl] = 1
     return input_ids, mask
+
+
+def tokenize_prompt_answer(tokenizer, prompt: str, answer: str, *, kind: str, max_length: int,
+                           suffix: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One decoder-only answer-generation training row, `[BOS] prompt answer END`, right padded
+    to `max_length`: (ids, mask, targets), int32 (max_length,). `targets` is 1 on the answer's
+    tokens and END, the only positions the loss predicts (LAVIS InstructBLIP's
+    `concat_text_input_output` + `input_part_targets_len`: the prompt is never a target).
+
+    kind="opt": the answer is tokenized as " " + answer (the tokens it follows the prompt with in
+        running text: GPT-2's pre-tokenizer splits before the space, so these equal the tokens
+        of the whole "prompt answer"), END = `suffix`'s tokens (BLIP-2 OPT: "\\n", its EOS).
+    kind="llama": the answer as SentencePiece tokenizes it alone (its "\u2581" word start), END =
+        `suffix`'s tokens then the tokenizer's EOS (pad: the pad id, or EOS when there is none).
+    The prompt's tokens are those `tokenize_prompts` gives at inference. A row longer than
+    `max_length`: the answer keeps at most max_length - 2 - len(END) tokens (cut on the right;
+    END stays), then the prompt keeps its LAST tokens (cut on the left, as LAVIS's
+    `truncation_side="left"` for InstructBLIP's inputs: the template's end, which the answer
+    follows, stays)."""
+    if kind not in ("opt", "llama"):
+        raise ValueError(f"tokenize_prompt_answer is for decoder-only LLMs ('opt', 'llama'), got "
+                         f"{kind!r}")
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    if kind == "llama" and pad is None:
+        pad = tokenizer.eos_token_id
+    end = list(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else []
+    if kind == "llama":
+        end.append(tokenizer.eos_token_id)
+    if bos is None or pad is None or None in end:
+        raise ValueError(f"the tokenizer lacks the special tokens a {kind} sequence needs")
+    room = max_length - 2 - len(end)          # BOS and at least one prompt token stay
+    if room < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for an answer")
+    text = " " + answer if kind == "opt" else answer
+    answer_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:room] + end
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    keep = max_length - 1 - len(answer_ids)
+    prompt_ids = prompt_ids[len(prompt_ids) - keep:] if len(prompt_ids) > keep else prompt_ids
+    row = [bos] + prompt_ids + answer_ids
+    ids = np.full((max_length,), pad, np.int32)
+    mask = np.zeros((max_length,), np.int32)
+    targets = np.zeros((max_length,), np.int32)
+    ids[:len(row)] = row
+    mask[:len(row)] = 1
+    targets[len(row) - len(answer_ids):len(row)] = 1
+    return ids, mask, targets
 
 
 def decode(tokenizer, ids, eos_token_id: Optional[int | Iterable[int]] = None,

@@ -25,7 +25,7 @@ import ml_collections
 
 from blip2_jax import config as config_lib, processing, sharding as sharding_lib
 from blip2_jax.convert import native
-from blip2_jax.data import batch as batch_lib
+from blip2_jax.data import batch as batch_lib, builders
 from blip2_jax.data.pipeline import TextSpec
 from blip2_jax.eval import evaluators as eval_lib
 from blip2_jax.losses import LossConfig
@@ -220,6 +220,7 @@ class TextSetup:
     loss: LossConfig
     prefix_lm: bool       # T5: the caption is split into an encoder prefix and a decoder target
     max_length: int
+    targets: tuple = ()   # names of the specs whose rows carry a per-row target mask (VQA)
 
     @property
     def fields(self) -> tuple:
@@ -233,6 +234,15 @@ def _tokenizer(path: Optional[str], kind: str, required: bool):
     return processing.load_tokenizer(path, kind)
 
 
+def trains_on_vqa(config) -> bool:
+    """The run's training sources (config.data.train) are VQA datasets (blip2_vqa/...): the
+    stage-2 step then learns to generate each question's answer (VQA fine-tuning)."""
+    raw = section(config, "data").get("train") or []
+    raw = [raw] if isinstance(raw, Mapping) else list(raw)
+    return bool(raw) and all(builders.kind_of(str(s.get("name", ""))) == builders.VQA
+                             for s in raw)
+
+
 def text_setup(config, cfg: config_lib.Blip2Config, *, tokenizers: bool = True) -> TextSetup:
     """The stage's TextSetup. Tokenizer paths may say "{data_dir}" (config.data.data_dir).
 
@@ -240,7 +250,14 @@ def text_setup(config, cfg: config_lib.Blip2Config, *, tokenizers: bool = True) 
     and the length of OPT's masked prompt. tokenizers=False (compiling for a topology, where the
     tokenizers may not be on this machine): a tokenizer that is not there is replaced by the model
     config as LAVIS lays it out — [DEC] is the Q-Former's last id (BERT's vocabulary + 1), the OPT
-    prompt is not masked. Neither changes the compiled program's shapes."""
+    prompt is not masked. Neither changes the compiled program's shapes.
+
+    VQA fine-tuning (`trains_on_vqa`; the pipeline fills config.data.question_template with each
+    question): OPT / LLaMA read `[BOS] prompt answer END` (`llm_ids`, with `llm_targets` on the
+    answer and END: "\\n" for OPT, EOS for LLaMA), T5's encoder reads the prompt (`llm_ids`)
+    and its decoder the answer (`target_ids`). A question-aware Q-Former
+    (`Blip2Config.qformer_text_input`) also reads the filled prompt (`qformer_ids`, BERT, cut
+    at max_length on the right): the same text its LLM sees, as `Blip2.answer` gives it."""
     text = section(config, "text")
     max_length = int(text.get("max_length", 32))
     weights = section(config, "loss")
@@ -251,10 +268,16 @@ def text_setup(config, cfg: config_lib.Blip2Config, *, tokenizers: bool = True) 
         specs = (TextSpec("qformer", paths["qformer"], "qformer", max_length),)
         return TextSetup(specs, LossConfig(dec_token_id=dec, **weights), False, max_length)
     tok_dir = paths["llm"]
+    if trains_on_vqa(config):
+        return _vqa_text_setup(cfg, tok_dir, paths["qformer"], max_length, weights)
+    if cfg.qformer_text_input:
+        raise RunConfigError("a question-aware Q-Former (model qformer_text_input) trains on VQA "
+                             "data: name blip2_vqa/... datasets in config.data.train")
     if cfg.llm_kind == "llama":
         # No LAVIS recipe fixes LLaMA's caption template (BOS, EOS / "\n") for the data pipeline.
-        raise RunConfigError("stage-2 runs from a run config support OPT and T5 LLMs; train a "
-                             "LLaMA BLIP-2 with train.Trainer and your own batches")
+        raise RunConfigError("stage-2 caption runs from a run config support OPT and T5 LLMs "
+                             "(LLaMA trains on VQA data, e.g. configs/tiny_vqa.py:llama); train a "
+                             "LLaMA BLIP-2 on captions with train.Trainer and your own batches")
     if cfg.llm_kind == "opt":
         prompt = section(config, "data").get("prompt", "")
         tok = _tokenizer(tok_dir, "opt", tokenizers) if prompt else None
@@ -268,6 +291,32 @@ def text_setup(config, cfg: config_lib.Blip2Config, *, tokenizers: bool = True) 
     specs = (TextSpec("llm", tok_dir, "t5", max_length),
              TextSpec("target", tok_dir, "t5", max_length, field="target"))
     return TextSetup(specs, LossConfig(**weights), True, max_length)
+
+
+def _vqa_text_setup(cfg: config_lib.Blip2Config, tok_dir: Optional[str],
+                    qformer_dir: Optional[str], max_length: int, weights: dict) -> TextSetup:
+    """`text_setup` of a VQA fine-tune (see there)."""
+    if cfg.decoder_only:
+        suffix = "\n" if cfg.llm_kind == "opt" else ""       # BLIP-2 OPT's EOS (with_caption_eos)
+        specs = (TextSpec("llm", tok_dir, cfg.llm_kind, max_length, suffix=suffix,
+                          target_field="answer"),)
+        targets = ("llm",)
+    else:
+        specs = (TextSpec("llm", tok_dir, "t5", max_length),
+                 TextSpec("target", tok_dir, "t5", max_length, field="answer"))
+        targets = ()
+    if cfg.qformer_text_input:
+        if not qformer_dir:
+            raise RunConfigError("the model's Q-Former reads the question "
+                                 "(qformer_text_input): set config.text.qformer_tokenizer")
+        positions = cfg.qformer.max_position_embeddings
+        if max_length > positions:
+            raise RunConfigError(f"config.text.max_length {max_length} exceeds the Q-Former's "
+                                 f"{positions} text positions (max_position_embeddings): the "
+                                 f"question's BERT ids would not fit; use max_length <= "
+                                 f"{positions}")
+        specs += (TextSpec("qformer", qformer_dir, "qformer", max_length),)
+    return TextSetup(specs, LossConfig(**weights), False, max_length, targets)
 
 
 def with_caption_eos(config, cfg: config_lib.Blip2Config) -> config_lib.Blip2Config:
@@ -309,7 +358,7 @@ def batch_fields(config, cfg: config_lib.Blip2Config,
         tokens = 1 + (size // cfg.vision.patch_size) ** 2          # [CLS] + patches
         features = ((tokens, cfg.vision.hidden_size), cfg.vision.dtype)
     return batch_lib.step_fields(text.fields, text.max_length, image_size=size,
-                                 features=features)
+                                 features=features, with_targets=text.targets)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,6 +414,8 @@ def evaluators(config, *, batch_size: Optional[int] = None):
     evs = eval_lib.from_config(eval_cfg, data_dir=data_dir, batch_size=batch_size)
     paths = tokenizer_paths(config)
     need = {ev.needs()[1] for ev in evs}
+    if "llm" in need:
+        need.add("qformer")        # a question-aware Q-Former reads the generation prompts
     toks = {k: processing.load_tokenizer(paths[k], k) for k in ("llm", "qformer")
             if k in need and paths[k]}
     return evs, eval_lib.Tokenizers(**toks)

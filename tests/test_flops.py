@@ -230,6 +230,12 @@ def _preset(name, **llm):
     return cfg.replace(llm=dataclasses.replace(cfg.llm, **llm)) if llm else cfg
 
 
+def _question_aware(name):
+    cfg = config.get_preset(name)
+    return cfg.replace(qformer=dataclasses.replace(cfg.qformer, has_text_input=True),
+                       qformer_text_input=True)
+
+
 STEP_CASES = {
     # name: (config, frozen patterns, LossConfig, train_llm)
     "stage1": (_preset("tiny-stage1"), ("vision/.*",), LossConfig(), False),
@@ -251,11 +257,24 @@ STEP_CASES = {
     "t5_ungated_train_all": (_preset("tiny-t5", gated=False, activation="relu",
                                      num_decoder_layers=3), (), LossConfig(train_vision=True),
                              True),
+    # VQA fine-tuning: the question-aware Q-Former's query pass runs the question beside the
+    # queries; OPT's per-row answer targets change no matmul.
+    "opt_vqa_question_aware": (_question_aware("tiny-opt"), ("vision/.*", "llm/.*"),
+                               LossConfig(), False),
+    "t5_vqa_question_aware_train_vision": (_question_aware("tiny-t5"), ("llm/.*",),
+                                           LossConfig(train_vision=True), False),
 }
 
 
 def _batch_for(cfg):
-    return _stage1_batch() if cfg.llm is None else _stage2_batch(cfg.llm_kind)
+    if cfg.llm is None:
+        return _stage1_batch()
+    batch = _stage2_batch(cfg.llm_kind)
+    if cfg.qformer_text_input:
+        batch.update(qformer_ids=S((4, 6), I32), qformer_mask=S((4, 6), I32))
+        if cfg.decoder_only:
+            batch["llm_targets"] = S((4, 7), I32)
+    return batch
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,11 @@ from them (`aot.abstract_batch`):
 - `image_index`, `dataset_index`, `index` int32 (B,): the image within its dataset, the dataset
   within the mixture, the record (image-id-aware ITC uses the first two);
 - per tokenized text NAME (`TextSpec.name`: `qformer`, `llm`, `target`): `NAME_ids` and
-  `NAME_mask` int32 (B, L).
+  `NAME_mask` int32 (B, L);
+- VQA fine-tuning of a decoder-only LLM: `llm_targets` int32 (B, L), 1 on the `llm_ids`
+  positions the loss predicts (each row's answer and its end, after a prompt of its own
+  length). With a question-aware Q-Former (`Blip2Config.qformer_text_input`) a stage-2 batch
+  also has `qformer_ids` / `qformer_mask`: the same question, BERT-tokenized.
 """
 from __future__ import annotations
 
@@ -42,14 +46,20 @@ def mask(name: str) -> str:
     return f"{name}_mask"
 
 
+def targets(name: str) -> str:
+    return f"{name}_targets"
+
+
 def dtype(name: str) -> np.dtype:
     return BFLOAT16 if name in ("bfloat16", "bf16") else np.dtype(name)
 
 
 def step_fields(texts: Sequence[str], max_length: int, *, image_size: int,
-                features: Optional[tuple[tuple, str]] = None) -> dict[str, Field]:
+                features: Optional[tuple[tuple, str]] = None,
+                with_targets: Sequence[str] = ()) -> dict[str, Field]:
     """The fields of a training batch: `texts` the tokenized text names, `features`
-    ((N, Dv), dtype name) when the ViT's tokens come from a cache instead of images."""
+    ((N, Dv), dtype name) when the ViT's tokens come from a cache instead of images,
+    `with_targets` the text names that also carry a per-row target mask (`NAME_targets`)."""
     if features is None:
         out = {IMAGE: Field((image_size, image_size, 3), np.dtype(np.float32))}
     else:
@@ -61,6 +71,8 @@ def step_fields(texts: Sequence[str], max_length: int, *, image_size: int,
     for name in texts:
         out[ids(name)] = Field((max_length,), np.dtype(np.int32))
         out[mask(name)] = Field((max_length,), np.dtype(np.int32))
+        if name in with_targets:
+            out[targets(name)] = Field((max_length,), np.dtype(np.int32))
     return out
 
 

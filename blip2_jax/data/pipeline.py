@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from typing import Any, Mapping, Optional, Sequence
 
 import grain
@@ -51,6 +52,7 @@ from blip2_jax.data import batch as batch_lib, builders, features, ops
 log = logging.getLogger(__name__)
 
 _SKIP = "__skipped__"
+_LOAD_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +68,13 @@ class Source:
 class TextSpec:
     """Tokenize `field` ("text" or "answer") with a model tokenizer to a fixed length.
 
-    kind: "qformer" (BERT `[CLS] t [SEP]`), "opt" (`</s> t`) or "t5" (`t </s>`); `tokenizer` is a
-    checkpoint directory (see `processing.load_tokenizer`) or a tokenizer object. `suffix` is
-    appended before tokenizing (LAVIS's OPT captions end with "\\n")."""
+    kind: "qformer" (BERT `[CLS] t [SEP]`), "opt" (`</s> t`), "llama" (`<s> t`) or "t5"
+    (`t </s>`); `tokenizer` is a checkpoint directory (see `processing.load_tokenizer`) or a
+    tokenizer object. `suffix` is appended before tokenizing (LAVIS's OPT captions end with
+    "\\n"). Text longer than `max_length` is cut on the right (the special tokens stay).
+    target_field (decoder-only kinds): the row is `field` then `target_field` + `suffix` (+ EOS
+    for LLaMA) in one sequence, `processing.tokenize_prompt_answer`, and `NAME_targets` marks
+    the target_field's tokens, the only ones the loss predicts (VQA: prompt, then answer)."""
     name: str
     tokenizer: Any
     kind: str
@@ -76,6 +82,7 @@ class TextSpec:
     field: str = "text"
     suffix: str = ""
     padding_side: str = "right"
+    target_field: str = ""
 
 
 def _object(x) -> np.ndarray:
@@ -108,11 +115,15 @@ class _Process(grain.transforms.RandomMap):
 
     def _tokenizer(self, spec: TextSpec):
         if spec.name not in self._tokenizers:
-            tok = spec.tokenizer
-            if isinstance(tok, (str, os.PathLike)):
-                tok = processing.load_tokenizer(tok, "qformer" if spec.kind == "qformer"
-                                                else spec.kind)
-            self._tokenizers[spec.name] = tok
+            # One loader at a time: grain's read threads would otherwise import transformers'
+            # lazy tokenizer classes concurrently, which can fail (AttributeError) mid-import.
+            with _LOAD_LOCK:
+                if spec.name not in self._tokenizers:
+                    tok = spec.tokenizer
+                    if isinstance(tok, (str, os.PathLike)):
+                        tok = processing.load_tokenizer(tok, "qformer" if spec.kind == "qformer"
+                                                        else spec.kind)
+                    self._tokenizers[spec.name] = tok
         return self._tokenizers[spec.name]
 
     def random_map(self, element, rng: np.random.Generator):
@@ -148,21 +159,48 @@ class _Process(grain.transforms.RandomMap):
             question = ops.pre_question(_text(record["question"]), self.max_words)
             out["text"] = processing.fill_template(self.question_template, question)
             answers = [_text(a) for a in record["answers"]]
-            values, counts = np.unique(answers, return_counts=True)
-            # Drawing by frequency trains on LAVIS's count-weighted answer loss in expectation.
-            out["answer"] = (str(values[rng.choice(len(values), p=counts / counts.sum())])
-                             if self.train else str(values[np.argmax(counts)]))
+            out["answer"] = draw_answer(answers, rng if self.train else None)
             out["answers"] = _object(answers)
             out["question_id"] = _text(record["question_id"])
+            if not answers and bad is None:
+                # Nothing to train on or to score against: a bad record like an unreadable
+                # image (dropped and counted in training, an invalid row in evaluation).
+                bad = f"question {out['question_id']} (index {int(record['index'])}): no answers"
+                out[batch_lib.VALID] = np.bool_(False)
         for spec in self.texts:
+            tok = self._tokenizer(spec)
+            if spec.target_field:
+                (out[batch_lib.ids(spec.name)], out[batch_lib.mask(spec.name)],
+                 out[batch_lib.targets(spec.name)]) = processing.tokenize_prompt_answer(
+                    tok, out[spec.field], out[spec.target_field], kind=spec.kind,
+                    max_length=spec.max_length, suffix=spec.suffix)
+                continue
             ids, mask = processing.tokenize_prompts(
-                self._tokenizer(spec), out[spec.field] + spec.suffix, kind=spec.kind,
+                tok, out[spec.field] + spec.suffix, kind=spec.kind,
                 max_length=spec.max_length, padding="max_length",
                 padding_side=spec.padding_side)
             out[batch_lib.ids(spec.name)], out[batch_lib.mask(spec.name)] = ids[0], mask[0]
         if bad is not None:
             out[_SKIP] = bad
         return out
+
+
+def draw_answer(answers: Sequence[str], rng: Optional[np.random.Generator]) -> str:
+    """The answer a VQA question trains on: one of its (unique) answers drawn with probability
+    count / total, LAVIS's answer weights (`COCOVQADataset`: `answer_weight[a] += 1 / n`). LAVIS
+    trains on them in one of two ways: BLIP's VQA loss sums every unique answer's loss times its
+    weight (`blip_vqa.py`: `(weight * loss).sum() / bsz`), InstructBLIP draws one answer by those
+    weights (`VQADatasetInstructWrapper`: `random.choices(answers, weights)`). This is the draw:
+    its expected loss is BLIP's weighted sum, at one LLM row per question instead of one per
+    unique answer (up to 10 for VQAv2). `rng` comes from (seed, the example's global position),
+    so the draw does not depend on workers, hosts or the mesh. Evaluation (rng None): the most
+    frequent answer (ties: the first in sorted order). No answers: "" (the record is bad)."""
+    if not answers:
+        return ""
+    values, counts = np.unique(list(answers), return_counts=True)
+    if rng is None:
+        return str(values[np.argmax(counts)])
+    return str(values[rng.choice(len(values), p=counts / counts.sum())])
 
 
 def _split_prefix(text: str, rng: Optional[np.random.Generator]) -> tuple[str, str]:

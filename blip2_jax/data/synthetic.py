@@ -19,6 +19,7 @@ import dataclasses
 import io
 import os
 import re
+import string
 from typing import Iterator
 
 import numpy as np
@@ -269,8 +270,10 @@ QFORMER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def write_tokenizers(texts: list[str], out_dir: str, *, qformer_vocab: int = 100,
-                     opt_vocab: int = 384, t5_vocab: int = 256) -> dict[str, str]:
-    """Small tokenizers of the three families, fitted to `texts`, under `out_dir/{qformer,opt,t5}`:
+                     opt_vocab: int = 384, t5_vocab: int = 256,
+                     llama_vocab: int = 384) -> dict[str, str]:
+    """Small tokenizers of the four families, fitted to `texts`, under
+    `out_dir/{qformer,opt,t5,llama}`:
 
     qformer: a BERT `vocab.txt` with the usual specials ([PAD] = 0), every word, and [unused]
         fillers up to `qformer_vocab - 1` entries, so that `load_tokenizer(..., "qformer")`
@@ -278,10 +281,13 @@ def write_tokenizers(texts: list[str], out_dir: str, *, qformer_vocab: int = 100
     opt: GPT-2-style byte-level BPE (`vocab.json` + `merges.txt`) with OPT's specials <s> 0,
         <pad> 1, </s> 2, <unk> 3 and "\\n" as a token, `opt_vocab` entries;
     t5: a SentencePiece-style Unigram `tokenizer.json` with T5's <pad> 0, </s> 1, <unk> 2, one
-        piece per word plus single characters.
+        piece per word plus single characters;
+    llama: a SentencePiece-style BPE `tokenizer.json` ("\u2581" word starts, byte fallback) with
+        LLaMA's <unk> 0, <s> 1, </s> 2 and no pad token, at most `llama_vocab` entries; its
+        alphabet adds the ASCII letters, digits and punctuation to the texts' characters.
     Deterministic for the same texts."""
 
-    dirs = {k: os.path.join(out_dir, k) for k in ("qformer", "opt", "t5")}
+    dirs = {k: os.path.join(out_dir, k) for k in ("qformer", "opt", "t5", "llama")}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
     words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
@@ -314,4 +320,14 @@ def write_tokenizers(texts: list[str], out_dir: str, *, qformer_vocab: int = 100
     uni.pre_tokenizer = pre_tokenizers.Metaspace()
     uni.decoder = decoders.Metaspace()
     uni.save(os.path.join(dirs["t5"], "tokenizer.json"))
+
+    spbpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    spbpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    spbpe.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    alphabet = sorted(({c for t in corpus for c in t} | set(string.ascii_letters + string.digits
+                                                           + string.punctuation)) - {" ", "\n"})
+    spbpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=llama_vocab, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=alphabet + ["\u2581"], show_progress=False))
+    spbpe.save(os.path.join(dirs["llama"], "tokenizer.json"))
     return dirs

@@ -233,13 +233,33 @@ class GenerationEvaluator(Evaluator):
 
     def _generate(self, model, tokenizers: Tokenizers, prompts: list[str], pixels,
                   generate_kwargs: dict) -> np.ndarray:
-        """Generated token rows of the GLOBAL batch (every process's rows, in process order)."""
+        """Generated token rows of the GLOBAL batch (every process's rows, in process order).
+        A question-aware (instruction-aware) Q-Former also reads each prompt, BERT-tokenized,
+        as `Blip2.answer` / `caption` give it and VQA fine-tuning trains it."""
         tok = tokenizers.llm
-        kind = model.config.llm_kind
+        cfg = model.config
         ids = mask = None
         if any(prompts):
-            ids, mask = processing.tokenize_prompts(tok, prompts, kind=kind)
+            ids, mask = processing.tokenize_prompts(tok, prompts, kind=cfg.llm_kind)
+        if cfg.qformer_text_input:
+            q_ids, q_mask = processing.tokenize_prompts(
+                self._qformer_tokenizer(model, tokenizers), prompts, kind="qformer",
+                max_length=cfg.qformer.max_position_embeddings)
+            generate_kwargs = dict(generate_kwargs, qformer_input_ids=q_ids,
+                                   qformer_attention_mask=q_mask)
         return model.generate(pixels, ids, mask, **generate_kwargs)
+
+    def _qformer_tokenizer(self, model, tokenizers: Tokenizers):
+        """The BERT tokenizer of a question-aware Q-Former: config.text's, else the
+        checkpoint's own."""
+        if tokenizers.qformer is not None:
+            return tokenizers.qformer
+        try:
+            return model.qformer_tokenizer
+        except (ValueError, FileNotFoundError) as e:
+            raise EvalConfigError(f"evaluator {self.name!r}: the model's Q-Former reads the "
+                                  "prompt (qformer_text_input), which needs its tokenizer: set "
+                                  f"config.text.qformer_tokenizer ({e})") from None
 
     def _decode(self, model, tokenizers: Tokenizers, tokens: np.ndarray) -> list[str]:
         llm = model.config.llm

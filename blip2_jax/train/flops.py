@@ -35,7 +35,8 @@ Conventions
       forward-only when its weight is 0 but ITM is on (its similarities pick the negatives);
     itm: the [queries; text] pass with cross-attention over 3B pairs and the itm_head;
     itg: the causal text pass over the cached query K/V and the LM head (transform + vocab).
-* Stage 2: vision; qformer_query (trainable); llm_proj (trainable); the LLM ("frozen" unless
+* Stage 2: vision; qformer_query (trainable; with a question-aware Q-Former the query pass
+  also runs the question's text positions); llm_proj (trainable); the LLM ("frozen" unless
   `train_llm`): OPT or LLaMA over [queries; text] with the head on the last query and the text
   positions (T + 1, `logits_from = Q - 1`); T5 encoder over [queries; prefix] and decoder over
   the target length (cross-attention K/V of the encoder output in every decoder layer).
@@ -238,7 +239,8 @@ def train_step_flops_breakdown(cfg: Blip2Config, loss_cfg, batch_size: int, text
                                image_size: Optional[ImageSize] = None,
                                train_vision: Optional[bool] = None,
                                train_llm: bool = False,
-                               cached_vision: bool = False) -> dict[str, float]:
+                               cached_vision: bool = False,
+                               qformer_text_len: int = 0) -> dict[str, float]:
     """Training FLOPs of one step over the global batch, by part (see the module docstring).
 
     loss_cfg: `train.step.LossConfig` (its weights switch stage-1 terms; `train_vision`).
@@ -246,7 +248,9 @@ def train_step_flops_breakdown(cfg: Blip2Config, loss_cfg, batch_size: int, text
     (`llm_ids`) length, with `target_len` the `target_ids` length. image_size: the batch's
     image side (default the config's). train_vision: default `loss_cfg.train_vision`.
     train_llm: the LLM is trained (not frozen). cached_vision: the batch brings the ViT's
-    output (a frozen-feature cache), so the step runs no ViT."""
+    output (a frozen-feature cache), so the step runs no ViT. qformer_text_len: stage 2 with a
+    question-aware Q-Former (`qformer_text_input`): the `qformer_ids` length, text positions
+    its query pass runs beside the queries."""
     if train_vision is None:
         train_vision = bool(getattr(loss_cfg, "train_vision", False))
     b, t = int(batch_size), int(text_len)
@@ -255,7 +259,8 @@ def train_step_flops_breakdown(cfg: Blip2Config, loss_cfg, batch_size: int, text
     n_img = vision_tokens(cfg.vision, image_size)
     out = {"vision": 0.0 if cached_vision else vit_flops(cfg.vision, b, image_size).cost(
         "trainable" if train_vision else "forward")}
-    query_pass = qformer_flops(cfg.qformer, b, queries=q, image_tokens=n_img)
+    query_pass = qformer_flops(cfg.qformer, b, queries=q, image_tokens=n_img,
+                               text=int(qformer_text_len) if cfg.llm is not None else 0)
 
     if cfg.llm is None:
         itc_on, itm_on, itg_on = bool(loss_cfg.itc), bool(loss_cfg.itm), bool(loss_cfg.itg)
@@ -294,12 +299,13 @@ def train_step_flops_breakdown(cfg: Blip2Config, loss_cfg, batch_size: int, text
 def train_step_flops(cfg: Blip2Config, loss_cfg, batch_size: int, text_len: int, *,
                      target_len: Optional[int] = None, image_size: Optional[ImageSize] = None,
                      train_vision: Optional[bool] = None, train_llm: bool = False,
-                     cached_vision: bool = False) -> float:
+                     cached_vision: bool = False, qformer_text_len: int = 0) -> float:
     """Matmul FLOPs of one training step (forward + backward) over the global batch; the sum of
     `train_step_flops_breakdown`. Per device: divide by the device count."""
     return float(sum(train_step_flops_breakdown(
         cfg, loss_cfg, batch_size, text_len, target_len=target_len, image_size=image_size,
-        train_vision=train_vision, train_llm=train_llm, cached_vision=cached_vision).values()))
+        train_vision=train_vision, train_llm=train_llm, cached_vision=cached_vision,
+        qformer_text_len=qformer_text_len).values()))
 
 
 def _batch_shapes(cfg: Blip2Config, batch: Mapping) -> dict:
@@ -314,6 +320,8 @@ def _batch_shapes(cfg: Blip2Config, batch: Mapping) -> dict:
         kw["text_len"] = batch["llm_ids"].shape[1]
         if cfg.llm_kind == "t5":
             kw["target_len"] = batch["target_ids"].shape[1]
+        if cfg.qformer_text_input:
+            kw["qformer_text_len"] = batch["qformer_ids"].shape[1]
     return kw
 
 
@@ -323,7 +331,8 @@ def train_step_flops_for_batch(cfg: Blip2Config, loss_cfg, batch: Mapping, *,
     """`train_step_flops` with the sizes read from a batch dict (numpy or global jax arrays:
     pass the GLOBAL batch, e.g. after `Trainer.place`): `image` (B, H, W, 3) or
     `vision_features` (B, N, Dv), and
-    `qformer_ids` (stage 1), `llm_ids` (stage 2), `target_ids` (T5)."""
+    `qformer_ids` (stage 1, and stage 2 with a question-aware Q-Former), `llm_ids` (stage 2),
+    `target_ids` (T5)."""
     return train_step_flops(cfg, loss_cfg, **_batch_shapes(cfg, batch),
                             train_vision=train_vision, train_llm=train_llm)
 

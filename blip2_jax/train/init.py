@@ -4,6 +4,10 @@ that should be loaded left silently random.
     config.init.checkpoint     a whole model (HF or native dir, LAVIS .pth): every leaf it has
     config.init.stage1         a stage-1 model (e.g. a stage-1 run's `final/`): vision, ln_vision,
                                the Q-Former leaves the target model has, query_tokens
+    config.init.qformer_text   a model with the Q-Former's text side (a stage-1 model): the
+                               Q-Former leaves no earlier source gave. A stage-2 checkpoint has
+                               no word/position tables or text FFN (LAVIS deletes them), which
+                               a question-aware Q-Former (VQA fine-tuning) needs
     config.init.qformer_bert   a BERT directory (bert-base-uncased layout) → the Q-Former
                                (`convert.bert_qformer`, LAVIS's from-scratch init)
     config.init.vision         a model (dir or LAVIS .pth) whose image encoder (vision/ +
@@ -87,7 +91,7 @@ def _take(flat: dict, loaded: dict, src: Mapping, prefixes: Sequence[str], sourc
 def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict, dict]:
     """(full parameter tree, {top-level name: source}) for the start of a run."""
     init = dict(init)
-    known = {"checkpoint", "stage1", "qformer_bert", "vision", "llm", "random"}
+    known = {"checkpoint", "stage1", "qformer_text", "qformer_bert", "vision", "llm", "random"}
     unknown = set(init) - known
     if unknown:
         raise KeyError(f"unknown config.init keys {sorted(unknown)} (known {sorted(known)})")
@@ -103,6 +107,11 @@ def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict
         src = _model_leaves(init["stage1"], cfg)
         _take(flat, loaded, src, ["vision", "ln_vision", "qformer", "query_tokens"],
               f"stage-1 model {init['stage1']}", all_leaves=False, cfg=cfg)
+    if init.get("qformer_text"):
+        rest = [p for p in flat if p.startswith("qformer/") and p not in loaded]
+        if rest:
+            _take(flat, loaded, _model_leaves(init["qformer_text"], cfg), rest,
+                  f"Q-Former text side from {init['qformer_text']}", all_leaves=True, cfg=cfg)
     if init.get("qformer_bert"):
         params, report = bert_qformer.init_qformer_from_bert(
             cfg, init["qformer_bert"], jax.random.PRNGKey(seed + 1), params=unflatten(flat))
@@ -130,7 +139,8 @@ def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict
         groups = sorted({p.split("/")[0] for p in missing})
         raise InitError(
             f"no source for {len(missing)} parameters under {groups} (e.g. {missing[:3]}); name "
-            "a source in config.init (checkpoint / stage1 / qformer_bert / vision / llm) or list "
+            "a source in config.init (checkpoint / stage1 / qformer_text / qformer_bert / vision "
+            "/ llm) or list "
             "the names that may start random in config.init.random")
     sources = {}
     for name in top:

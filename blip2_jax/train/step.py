@@ -13,10 +13,15 @@ Stage 2 decoder-only (OPT, LLaMA): the projected queries prefix `[BOS] caption "
 targets.
 Stage 2 T5: the prefix LM. The encoder reads [queries; caption prefix] and the decoder
 predicts the caption suffix (`data.pipeline` splits the caption).
+VQA fine-tuning runs through the same stage-2 losses (answer generation, the BLIP-2 paper §4.3):
+decoder-only LLMs read [queries; BOS prompt answer END] and the loss covers the answer and END
+only (the batch's per-row `llm_targets`); T5's encoder reads [queries; prompt] and its decoder
+predicts the answer (`target`). A question-aware Q-Former (`Blip2Config.qformer_text_input`)
+runs its queries with the prompt's BERT ids (`qformer_ids`) through the bidirectional pass.
 
 The batch: the fields `data.batch` defines (images or cached ViT tokens, `valid`, the indices,
 and the stage's tokenized texts: `qformer` in stage 1, `llm` for OPT / LLaMA, `llm` + `target` for
-T5).
+T5; in VQA fine-tuning `llm_targets` for OPT / LLaMA and `qformer` for a question-aware Q-Former).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import optax
 
 from blip2_jax import losses, nn as bnn, sharding
 from blip2_jax.config import Blip2Config
+from blip2_jax.data import batch as batch_lib
 from blip2_jax.data.batch import FEATURES
 from blip2_jax.losses import LossConfig
 from blip2_jax.models.blip2 import Blip2Module
@@ -114,8 +120,10 @@ def _loss_mask(mask, valid):
 def stage2_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     cfg = m.config
     valid = batch["valid"] if lc.masked_rows else None
+    question = ((batch[batch_lib.ids("qformer")], batch[batch_lib.mask("qformer")])
+                if cfg.qformer_text_input else (None, None))
     query_out, _ = m.query_output(m.ln_vision(_vision_tokens(m, batch, lc.train_vision)),
-                                  deterministic=False)
+                                  *question, deterministic=False)
     prefix = m.llm_prefix(query_out)
     ids, mask = batch["llm_ids"], batch["llm_mask"]
     embeds = jnp.concatenate([prefix, m.llm.embed(ids).astype(prefix.dtype)], axis=1)
@@ -123,7 +131,8 @@ def stage2_losses(m: Blip2Module, batch: Mapping, rng, lc: LossConfig):
     if cfg.decoder_only:
         logits = m.decoder_logits(embeds, full_mask, logits_from=cfg.num_query_tokens - 1)
         lm = losses.opt_lm_loss(logits[:, 1:], logits[:, 0], ids, _loss_mask(mask, valid),
-                                prompt_length=lc.prompt_length)
+                                prompt_length=lc.prompt_length,
+                                targets=batch.get(batch_lib.targets("llm")))
     else:
         labels, label_mask = batch["target_ids"], batch["target_mask"]
         dec_in = losses.t5_decoder_inputs(labels, label_mask, cfg.llm.decoder_start_token_id,
