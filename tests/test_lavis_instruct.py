@@ -97,12 +97,11 @@ def test_lavis_files_read_as_the_hf_model(instruct, tmp_path):
     assert_same(flat(got), want)
 
 
+@pytest.mark.parametrize("instruct", ["llama"], indirect=True)
 def test_vicuna_directory_gets_lavis_pad_row(instruct):
     """blip2_vicuna_instruct's LLM is the Vicuna directory plus LAVIS's "[PAD]" (one more row in
     the embeddings and the head, id = the directory's vocabulary size; "</s>" as BOS and EOS)."""
-    llm, hf_dir, _, _, _, llm_dir = instruct
-    if llm != "llama":
-        pytest.skip("Vicuna only")
+    _, hf_dir, _, _, _, llm_dir = instruct
     cfg = blip2_jax.load(hf_dir, dtype=None).config
     lavis_llm = sources.llm_config(llm_dir, "llama")
     assert (lavis_llm.vocab_size, lavis_llm.pad_token_id) == (cfg.llm.vocab_size + 1,
