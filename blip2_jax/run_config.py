@@ -92,10 +92,10 @@ def set_key(config, key: str, value) -> None:
     *path, last = key.split(".")
     for i, p in enumerate(path):
         if p not in node:
-            raise KeyError(f"config has no key {'.'.join(path[:i + 1])!r}")
+            raise RunConfigError(f"config has no key {'.'.join(path[:i + 1])!r}")
         node = node[p]
     if isinstance(node, ml_collections.ConfigDict) and last not in node:
-        raise KeyError(f"config has no key {key!r}")
+        raise RunConfigError(f"config has no key {key!r}")
     node[last] = value
 
 
@@ -134,7 +134,7 @@ def model_config(config) -> config_lib.Blip2Config:
         def update(dst, src, where):
             for k, v in src.items():
                 if k not in dst:
-                    raise KeyError(f"config.model_overrides: {where}{k} is not a model config "
+                    raise RunConfigError(f"config.model_overrides: {where}{k} is not a model config "
                                    f"field (have {sorted(dst)})")
                 if isinstance(v, Mapping):
                     update(dst[k], v, f"{where}{k}.")
@@ -152,7 +152,7 @@ def make_mesh(config, devices=None):
     dcn = {k[4:]: int(v) for k, v in m.items() if k.startswith("dcn_") and int(v) != 1}
     unknown = set(m) - set(axes) - {f"dcn_{k}" for k in axes}
     if unknown:
-        raise KeyError(f"unknown config.mesh keys {sorted(unknown)}")
+        raise RunConfigError(f"unknown config.mesh keys {sorted(unknown)}")
     return sharding_lib.make_mesh(axes, dcn=dcn or None, devices=devices)
 
 
@@ -163,7 +163,7 @@ def sharding_rules(config) -> tuple[tuple, tuple]:
     s = section(config, "sharding")
     unknown = set(s) - {"rules", "overrides"}
     if unknown:
-        raise KeyError(f"unknown config.sharding keys {sorted(unknown)} (rules, overrides)")
+        raise RunConfigError(f"unknown config.sharding keys {sorted(unknown)} (rules, overrides)")
 
     def rules_of(raw) -> tuple:
         return tuple((str(name), tuple(axes) if isinstance(axes, list) else axes)

@@ -245,3 +245,22 @@ def test_an_entry_point_keeps_the_traceback_of_a_bug(name, tmp_path, monkeypatch
     monkeypatch.setattr(module, attribute, bug)
     with pytest.raises(ValueError, match="a bug"):
         main(argv)
+
+
+def test_unknown_run_config_keys_are_user_errors():
+    """A misspelt mesh, sharding or model_overrides key in a config file is one line (a
+    RunConfigError, which every training CLI reports as bad input), not a KeyError traceback."""
+    import ml_collections
+
+    from blip2_jax import run_config
+    from blip2_jax.train import errors
+    assert issubclass(run_config.RunConfigError, errors.USER_ERRORS)
+    c = ml_collections.ConfigDict(dict(mesh=dict(data=1, tensr=2), sharding=dict(rule=[]),
+                                       model="tiny-stage1",
+                                       model_overrides=dict(vision=dict(hidden_sise=8))))
+    for fn, word in ((run_config.make_mesh, "tensr"), (run_config.sharding_rules, "rule"),
+                     (run_config.model_config, "hidden_sise")):
+        with pytest.raises(run_config.RunConfigError, match=word):
+            fn(c)
+    with pytest.raises(run_config.RunConfigError, match="optimizer.lrr"):
+        run_config.load("tiny_stage1.py:/nowhere", {"optimizer.lrr": 1.0})
