@@ -1,13 +1,16 @@
 """Evaluate BLIP-2: the evaluators a config names (captioning, VQA, retrieval) on a trained model.
 
-    python eval.py --config configs/NAME.py[:args] (--workdir DIR | --checkpoint PATH) \\
-        [--output OUT] [--no-report] [--config.key=value ...]
+    python eval.py --workdir DIR [--config configs/NAME.py[:args]] [--output OUT] [--no-report] \\
+        [--config.key=value ...]
+    python eval.py --config configs/NAME.py[:args] --checkpoint PATH [...]
 
 --workdir: a train.py run directory (its final/ export, or its latest checkpoint when the run
-  has not finished); OUT defaults to DIR/eval/step_N (where train.py's in-training
-  evaluation of step N also goes), and the report plots DIR/metrics.jsonl.
---checkpoint: a model directory (ours, native, or a Hugging Face BLIP-2 save_pretrained dir);
-  OUT defaults to ./eval_<checkpoint name>.
+  has not finished), evaluated with the run's own config (DIR/config.json) unless --config
+  names another; --config.key=value overrides apply on top of either. OUT defaults to
+  DIR/eval/step_N (where train.py's in-training evaluation of step N also goes), and the
+  report plots DIR/metrics.jsonl.
+--checkpoint: a model directory (ours, native, or a Hugging Face BLIP-2 save_pretrained dir),
+  with --config; OUT defaults to ./eval_<checkpoint name>.
 Writes OUT/results.json, OUT/predictions.jsonl and OUT/report.html (blip2_jax/eval/runner.py).
 The evaluators live in config.eval (blip2_jax/eval/evaluators.py lists their settings); their
 datasets in config.data.data_dir unless an evaluator names its own; tokenizers come from
@@ -30,7 +33,7 @@ from blip2_jax import run_config
 
 def parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
-                           config=True, lock_config=True, distributed=True)
+                           config="optional", lock_config=True, distributed=True)
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--workdir", metavar="DIR", help="a train.py run directory to evaluate")
     model.add_argument("--checkpoint", metavar="PATH", help="a model directory (native or HF)")
@@ -44,10 +47,29 @@ def parser() -> cli.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`argv` as sys.argv: the program name first."""
     argv = list(sys.argv if argv is None else argv)
-    args = parser().parse_args(argv[1:])
+    p = parser()
+    args = p.parse_args(argv[1:])
+    resolve_config(args, p)
     cli.setup(args)
     from blip2_jax.train import loop      # after jax.distributed.initialize (cli.setup)
     return cli.report_errors("eval.py", lambda: evaluate(args), loop.USER_ERRORS, args.verbose)
+
+
+def resolve_config(args: argparse.Namespace, p: cli.ArgumentParser) -> None:
+    """Without --config, `args.config` becomes the --workdir run's own config (its config.json)
+    with the --config.KEY=VALUE overrides applied; a usage error when there is none."""
+    if args.config is not None:
+        return
+    if not args.workdir:
+        p.error("--checkpoint needs --config (a model directory holds no run config; a train.py "
+                "--workdir is evaluated with its own)")
+    try:
+        config = run_config.load_stored(args.workdir)
+        args.config = cli.apply_overrides(config, args.config_overrides, prog=p.prog,
+                                          what=f"the run's config ({args.workdir}/config.json)")
+    except (FileNotFoundError, cli.ConfigArgumentError) as e:
+        p.error(f"--workdir: {e}" if isinstance(e, FileNotFoundError) else str(e))
+    args.config_file = os.path.join(args.workdir, run_config.STORED_CONFIG)
 
 
 def evaluate(args: argparse.Namespace):

@@ -324,12 +324,16 @@ class Blip2:
              hf.DEFAULT_MAX_SHARD_BYTES, lavis_parts: str = "full") -> list[str]:
         """Write the model: "hf" / "native" (a directory) or "lavis" (a `.pth` file LAVIS loads;
         `lavis_parts` "full" = every key, "trainable" = as LAVIS releases them). Returns the
-        files written; what a LAVIS model has that this one lacks is warned about."""
+        files written; what a LAVIS model has that this one lacks is warned about. A directory
+        also gets the tokenizers the model holds (`_save_tokenizers`), as `save_pretrained`
+        writes a processor's."""
         params = jax.tree.map(np.asarray, self.params)
         if format == "hf":
-            return hf.write(path, self.config, params, max_shard_bytes)
+            return hf.write(path, self.config, params, max_shard_bytes) + \
+                self._save_tokenizers(path)
         if format == "native":
-            return native.write(path, self.config, params, max_shard_bytes)
+            return native.write(path, self.config, params, max_shard_bytes) + \
+                self._save_tokenizers(path)
         if format == "lavis":
             lavis.check_writable(self.config)
             for note in lavis.write(path, self.config, stream.leaves_from_tree(params),
@@ -337,6 +341,19 @@ class Blip2:
                 warnings.warn(note, stacklevel=2)
             return [path]
         raise ValueError(f"format must be 'hf', 'native' or 'lavis', got {format!r}")
+
+    def _save_tokenizers(self, path: str) -> list[str]:
+        """The tokenizers this model holds (given, or loaded on use), written as HF's processors
+        lay out a checkpoint directory: the LLM's in `path` itself (`Blip2Processor`), the
+        Q-Former's in `path/qformer_tokenizer/` (`InstructBlipProcessor`), where
+        `processing.load_tokenizer` and so `blip2_jax.load(path)` find them."""
+        files = []
+        held = ((self._tokenizer if self.config.llm is not None else None, path),
+                (self._qformer_tokenizer, os.path.join(path, processing.QFORMER_SUBDIR)))
+        for tok, where in held:
+            if tok is not None and hasattr(tok, "save_pretrained"):
+                files += [os.fspath(f) for f in tok.save_pretrained(where)]
+        return files
 
     # -- sharding --------------------------------------------------------------------------------
     def shard(self, mesh, rules=None, **kw) -> "Blip2":

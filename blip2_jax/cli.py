@@ -38,8 +38,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     config=True: a required `--config FILE[:ARG]`; `--config.KEY=VALUE` overrides are taken out
     of the arguments before argparse sees them, and the parsed namespace holds `config` (the
-    ConfigDict, overrides applied, locked when lock_config) and `config_file` (FILE[:ARG] as
-    given). distributed=True: the jax.distributed flags (`add_distributed_arguments`).
+    ConfigDict, overrides applied, locked when lock_config), `config_file` (FILE[:ARG] as
+    given) and `config_overrides` (the override arguments). config="optional": `--config` may
+    be left out, then `config` and `config_file` are None and the entry point applies
+    `config_overrides` to a config of its own (`apply_overrides`). distributed=True: the
+    jax.distributed flags (`add_distributed_arguments`).
     Subcommand parsers (add_subparsers) are of this class too, with neither."""
 
     def __init__(self, *args, config: bool = False, lock_config: bool = True,
@@ -49,7 +52,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self._lock_config = lock_config
         if config:
             self.add_argument(
-                "--config", required=True, metavar="FILE[:ARG]",
+                "--config", required=config != "optional", metavar="FILE[:ARG]",
                 help="a run config, configs/NAME.py[:ARG] (its get_config(ARG)); then any number "
                      "of --config.KEY=VALUE overrides (e.g. --config.optimizer.lr=1e-4; VALUE "
                      "is parsed as the entry's type, a KEY the config lacks is an error)")
@@ -64,11 +67,13 @@ class ArgumentParser(argparse.ArgumentParser):
         namespace, extra = super().parse_known_args(hyphenate(self, args), namespace)
         if self._config:
             namespace.config_file = namespace.config
-            try:
-                namespace.config = load_config(namespace.config_file, overrides,
-                                               lock_config=self._lock_config, prog=self.prog)
-            except ConfigArgumentError as e:
-                self.error(str(e))
+            namespace.config_overrides = overrides
+            if namespace.config_file is not None:
+                try:
+                    namespace.config = load_config(namespace.config_file, overrides,
+                                                   lock_config=self._lock_config, prog=self.prog)
+                except ConfigArgumentError as e:
+                    self.error(str(e))
         return namespace, extra
 
     def error(self, message: str):
@@ -150,6 +155,33 @@ def load_config(spec: str, overrides: Sequence[str] = (), *, lock_config: bool =
         # config_flags lists the paths it tried; the last line is the reason.
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
         raise ConfigArgumentError(f"--config {spec}: {reason}") from None
+    except (flags.Error, ValueError, TypeError) as e:
+        raise ConfigArgumentError(_one_line(e)) from None
+    if len(rest) > 1:
+        raise ConfigArgumentError(f"unrecognized arguments: {' '.join(rest[1:])}")
+    return config
+
+
+def apply_overrides(config, overrides: Sequence[str] = (), *, lock_config: bool = True,
+                    prog: str = "blip2_jax", what: str = "the config"):
+    """`config` (a ConfigDict, changed in place) with `--config.KEY=VALUE` `overrides` applied as
+    `load_config` applies them to a config file's; raises ConfigArgumentError with a one-line
+    message (`what` names the config in it)."""
+    argv = [prog, *overrides]
+    values = flags.FlagValues()
+    try:
+        holder = config_flags.DEFINE_config_dict("config", config, flag_values=values,
+                                                 lock_config=lock_config, sys_argv=argv)
+        rest = values(argv)
+        config = holder.value
+    except (AttributeError, KeyError, IndexError) as e:      # an override's key is not there
+        for arg in overrides:
+            key = _OVERRIDE.sub("", arg).partition("=")[0]
+            try:
+                config_path.get_value(key, config)
+            except (AttributeError, KeyError, IndexError, TypeError):
+                raise ConfigArgumentError(f"--config.{key}: {what} has no such entry") from None
+        raise ConfigArgumentError(_one_line(e)) from None
     except (flags.Error, ValueError, TypeError) as e:
         raise ConfigArgumentError(_one_line(e)) from None
     if len(rest) > 1:

@@ -72,9 +72,18 @@ def config_path(spec: str) -> tuple[str, Optional[str]]:
     return path, (arg if sep else None)
 
 
+STORED_CONFIG = "config.json"     # what train.py writes into its work directory (train/loop.py)
+
+
 def load(spec: str, overrides: Optional[Mapping[str, Any]] = None) -> ml_collections.ConfigDict:
-    """The ConfigDict of "configs/NAME.py[:ARG]" (its `get_config(ARG)`), with `overrides`
+    """The ConfigDict of "configs/NAME.py[:ARG]" (its `get_config(ARG)`), or of a train.py work
+    directory (the config its run used, from WORKDIR/config.json), with `overrides`
     ({"optimizer.lr": 1e-4, ...}: dotted keys that must exist) applied."""
+    if os.path.isdir(spec):
+        config = load_stored(spec)
+        for key, value in (overrides or {}).items():
+            set_key(config, key, value)
+        return config
     path, arg = config_path(spec)
     name = "blip2_run_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(name, path)
@@ -84,6 +93,26 @@ def load(spec: str, overrides: Optional[Mapping[str, Any]] = None) -> ml_collect
     for key, value in (overrides or {}).items():
         set_key(config, key, value)
     return config
+
+
+def load_stored(workdir: str) -> ml_collections.ConfigDict:
+    """The config a train.py run in `workdir` used (its config.json, as the run resolved it; a
+    resume that changed it stores the latest). JSON has no tuples: lists come back as tuples,
+    as the configs write them (and as `--config.KEY=VALUE` can override them)."""
+    path = os.path.join(workdir, STORED_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} holds no {STORED_CONFIG} (is it a train.py work "
+                                "directory?)")
+    with open(path) as f:
+        stored = json.load(f)
+
+    def tuples(x):
+        if isinstance(x, Mapping):
+            return {k: tuples(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return tuple(tuples(v) for v in x)
+        return x
+    return ml_collections.ConfigDict(tuples(stored["config"]))
 
 
 def set_key(config, key: str, value) -> None:

@@ -100,12 +100,65 @@ def test_in_training_evaluation_is_logged(stage2_run):
 
 @pytest.fixture(scope="module")
 def eval_py_out(stage2_run, data_dir, tmp_path_factory):
-    """eval.py (one process, 8 devices) on the stage-2 run's work directory: its output
-    directory."""
+    """eval.py (one process, 8 devices) on the stage-2 run's work directory, with the run's own
+    config (no --config, no override): its output directory."""
     out = str(tmp_path_factory.mktemp("eval_py") / "out")
-    cfg = f"{os.path.join(ROOT, 'configs', 'tiny_stage2.py')}:opt,{data_dir}"
-    _run(_eval_cmd(cfg, "--workdir", stage2_run, "--output", out, "--config.total_steps=4"))
+    _run([sys.executable, os.path.join(ROOT, "eval.py"), "--workdir", stage2_run, "--output",
+          out])
     return out
+
+
+def test_eval_py_workdir_config_is_the_runs_own_with_overrides_on_top(stage2_run, data_dir,
+                                                                       capsys):
+    spec = importlib.util.spec_from_file_location("eval_py", os.path.join(ROOT, "eval.py"))
+    eval_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_py)
+
+    def resolved(*argv):
+        p = eval_py.parser()
+        args = p.parse_args(list(argv))
+        eval_py.resolve_config(args, p)
+        return args
+    run = _config("tiny_stage2", f"opt,{data_dir}", **{"eval.every_steps": 2})
+    args = resolved("--workdir", stage2_run, "--config.eval.batch_size=2")
+    assert args.config_file == os.path.join(stage2_run, "config.json")
+    assert args.config.eval.batch_size == 2 and args.config.total_steps == 4
+    assert args.config.data.data_dir == data_dir and args.config.frozen == tuple(run.frozen)
+    args.config.eval.batch_size = 4          # all else as the run's config
+    assert run_config.config_changes(run, args.config) == []
+    # --config still names another config, overrides on top.
+    cfg = f"{os.path.join(ROOT, 'configs', 'tiny_stage2.py')}:opt,{data_dir}"
+    assert resolved("--workdir", stage2_run, "--config", cfg,
+                    "--config.total_steps=7").config.total_steps == 7
+    for argv, message in (
+            (("--workdir", stage2_run, "--config.eval.nothing=1"),
+             "--config.eval.nothing: the run's config"),
+            (("--checkpoint", os.path.join(stage2_run, "final")), "--checkpoint needs --config"),
+            (("--workdir", data_dir), "holds no config.json")):
+        with pytest.raises(SystemExit) as e:
+            resolved(*argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("eval.py: error:") and message in err, err
+
+
+def test_the_export_carries_the_runs_tokenizers_and_predict_uses_it(stage2_run, data_dir,
+                                                                      tmp_path, capsys):
+    """A run's final/ holds the tokenizers it read its text with, as HF's save_pretrained lays
+    them out: `python -m blip2_jax.predict --checkpoint final/` captions with nothing else."""
+    from PIL import Image
+    from blip2_jax import predict
+    final = os.path.join(stage2_run, "final")
+    config = _config("tiny_stage2", f"opt,{data_dir}")
+    want = processing.load_tokenizer(run_config.tokenizer_paths(config)["llm"], "opt")
+    got = processing.load_tokenizer(final, "opt")
+    text = "Question: what colour is the big cube? Answer: red\n"
+    assert got(text)["input_ids"] == want(text)["input_ids"] and len(got) == len(want)
+    assert (got.bos_token_id, got.pad_token_id) == (want.bos_token_id, want.pad_token_id)
+    image = str(tmp_path / "scene.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(image)
+    assert predict.main(["--checkpoint", final, "--image", image, "--num-beams", "1",
+                         "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith(image + "\t")
 
 
 def test_eval_py_on_a_workdir_writes_results_predictions_and_report(eval_py_out):
@@ -166,6 +219,14 @@ def test_retrieval_through_eval_py_equals_evaluate_split(data_dir, tmp_path):
     workdir = str(tmp_path / "stage1")
     config = _config("tiny_stage1", data_dir)
     loop.run(config, workdir)
+    # The stage-1 export carries the Q-Former tokenizer the run used (qformer_tokenizer/).
+    want = processing.load_tokenizer(run_config.tokenizer_paths(config)["qformer"], "qformer")
+    got = processing.load_tokenizer(os.path.join(workdir, "final"), "qformer")
+    assert os.path.isdir(os.path.join(workdir, "final", processing.QFORMER_SUBDIR))
+    text = "a small red cube left of a big blue ball"
+    assert got(text)["input_ids"] == want(text)["input_ids"]
+    assert (got.bos_token, got.bos_token_id) == (want.bos_token, want.bos_token_id) == \
+        ("[DEC]", len(want) - 1)
     out = str(tmp_path / "out")
     cfg = f"{os.path.join(ROOT, 'configs', 'tiny_stage1.py')}:{data_dir}"
     _run(_eval_cmd(cfg, "--checkpoint", os.path.join(workdir, "final"), "--output", out))

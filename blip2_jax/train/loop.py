@@ -6,8 +6,10 @@ steps, with metrics, resumption, preemption and a final export.
 - `metrics.jsonl`: one JSON object per logged step;
 - `tb/`: TensorBoard events;
 - `config.json`: the resolved config;
-- `final/`: at the end of the run, the whole model in our native format (`blip2_jax.load`
-  reads it; a stage-2 config names it in `init.stage1`).
+- `final/`: at the end of the run, the whole model in our native format with the tokenizers
+  the run read its text with (config.text: the LLM's in `final/` itself, the Q-Former's in
+  `final/qformer_tokenizer/`, as HF's processors lay them out), so `blip2_jax.load`, `predict`
+  and `eval.py --checkpoint` use it as it is; a stage-2 config names it in `init.stage1`.
 
 Re-running the same command resumes from the latest checkpoint; SIGTERM saves one and exits.
 `stop_after_steps` ends the run at that step as a preemption would, while the schedule still
@@ -29,8 +31,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from blip2_jax import (api, checkpoint as ckpt_lib, config as config_lib, run_config,
-                       sharding as sharding_lib)
+from blip2_jax import (api, checkpoint as ckpt_lib, config as config_lib, processing,
+                       run_config, sharding as sharding_lib)
 from blip2_jax.data import batch as batch_lib, features, pipeline
 from blip2_jax.eval import evaluators, runner
 from blip2_jax.train import (errors, features as feature_builder, init as init_lib,
@@ -54,10 +56,22 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict:
             for k, v in batch.items()}
 
 
+def run_tokenizers(config, cfg: config_lib.Blip2Config) -> dict:
+    """{"tokenizer": the LLM's, "qformer_tokenizer": the Q-Former's}: those config.text names
+    (and that are there), loaded as the run reads them: what its export carries."""
+    paths = run_config.tokenizer_paths(config)
+    out = {}
+    for key, kind, attr in (("llm", cfg.llm_kind if cfg.llm is not None else None, "tokenizer"),
+                            ("qformer", "qformer", "qformer_tokenizer")):
+        if kind and paths[key] and os.path.isdir(paths[key]):
+            out[attr] = processing.load_tokenizer(paths[key], kind)
+    return out
+
+
 def _export(path: str, cfg: config_lib.Blip2Config, params, frozen_dtype: Optional[str],
-            frozen_towers: set):
-    """The whole model, native format; frozen towers keep their stored dtype (the config says
-    so), trained ones are float32."""
+            frozen_towers: set, tokenizers: Mapping):
+    """The whole model, native format, with `tokenizers` (`run_tokenizers`); frozen towers keep
+    their stored dtype (the config says so), trained ones are float32."""
     host = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
     if jax.process_index() != 0:
         return
@@ -66,7 +80,7 @@ def _export(path: str, cfg: config_lib.Blip2Config, params, frozen_dtype: Option
             cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, param_dtype=frozen_dtype))
         if "llm" in frozen_towers and cfg.llm is not None:
             cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, param_dtype=frozen_dtype))
-    api.Blip2(cfg, host, check=False).save(path, format="native")
+    api.Blip2(cfg, host, check=False, **tokenizers).save(path, format="native")
 
 
 class ResumeError(ValueError):
@@ -249,7 +263,8 @@ def _run(config, workdir: str, checkpointer: ckpt_lib.Checkpointer) -> dict:
         writer.close()
     if step == total:
         _export(os.path.join(workdir, "final"), cfg,
-                state_lib.merge(state.params, frozen), frozen_dtype, set(frozen_tops))
+                state_lib.merge(state.params, frozen), frozen_dtype, set(frozen_tops),
+                run_tokenizers(config, cfg) if jax.process_index() == 0 else {})
     return {"step": step, "preempted": preempted["flag"], **last}
 
 
