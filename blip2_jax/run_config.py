@@ -303,10 +303,11 @@ def text_setup(config, cfg: config_lib.Blip2Config, *, tokenizers: bool = True) 
         raise RunConfigError("a question-aware Q-Former (model qformer_text_input) trains on VQA "
                              "data: name blip2_vqa/... datasets in config.data.train")
     if cfg.llm_kind == "llama":
-        # No LAVIS recipe fixes LLaMA's caption template (BOS, EOS / "\n") for the data pipeline.
-        raise RunConfigError("stage-2 caption runs from a run config support OPT and T5 LLMs "
-                             "(LLaMA trains on VQA data, e.g. configs/tiny_vqa.py:llama); train a "
-                             "LLaMA BLIP-2 on captions with train.Trainer and your own batches")
+        # `[BOS] prompt caption EOS`, the caption and EOS the targets: the answer-generation row
+        # (InstructBLIP's caption tasks) with config.data.prompt as the prompt.
+        specs = (TextSpec("llm", tok_dir, "llama", max_length, field="prompt",
+                          target_field="caption"),)
+        return TextSetup(specs, LossConfig(**weights), False, max_length, targets=("llm",))
     if cfg.llm_kind == "opt":
         prompt = section(config, "data").get("prompt", "")
         tok = _tokenizer(tok_dir, "opt", tokenizers) if prompt else None

@@ -105,7 +105,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(data_dir, uninterrupted
                          allow_config_change=True), parts)
 
 
-@pytest.mark.parametrize("llm", ["opt", "t5"])
+@pytest.mark.parametrize("llm", ["opt", "llama", "t5"])
 def test_tiny_stage2_trains_and_exports(data_dir, tmp_path, llm):
     work = str(tmp_path / llm)
     c = _config("tiny_stage2", f"{llm},{data_dir}", total_steps=4, peak_tflops_per_device=0.5)
@@ -132,6 +132,8 @@ def test_tiny_stage2_trains_and_exports(data_dir, tmp_path, llm):
                                         "opt")
         newline = tok("\n", add_special_tokens=False)["input_ids"]
         assert [model.config.llm.eos_token_id] == newline != [2]
+    if llm == "llama":   # `[BOS] caption EOS` rows: the exported model stops at the EOS
+        assert model.config.llm.eos_token_id == 2
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path):

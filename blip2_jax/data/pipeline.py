@@ -26,7 +26,8 @@ Batch fields: those a training step takes, as `data.batch` defines them (`image`
 frozen-feature cache, `vision_features`; `valid`; the indices; `NAME_ids` / `NAME_mask` per
 tokenizer spec NAME), and the host-only ones:
 - `text`: the caption, or the question for VQA; LAVIS-cleaned, prompt applied. With
-  `prefix_lm` it is the caption's prefix, and `target` holds the suffix;
+  `prefix_lm` it is the caption's prefix, and `target` holds the suffix; captions also have
+  `prompt` (config.data.prompt) and `caption` (the cleaned caption) apart;
 - VQA also has `answer` (one of the answers, drawn by frequency) and `answers` (all of them, as
   an object array);
 - `image_id` (and `question_id`) strings; evaluation batches also have `position` int32, the
@@ -66,7 +67,7 @@ class Source:
 
 @dataclasses.dataclass(frozen=True)
 class TextSpec:
-    """Tokenize `field` ("text" or "answer") with a model tokenizer to a fixed length.
+    """Tokenize `field` ("text", "answer", "prompt" ...) with a model tokenizer to a fixed length.
 
     kind: "qformer" (BERT `[CLS] t [SEP]`), "opt" (`</s> t`), "llama" (`<s> t`) or "t5"
     (`t </s>`); `tokenizer` is a checkpoint directory (see `processing.load_tokenizer`) or a
@@ -154,6 +155,8 @@ class _Process(grain.transforms.RandomMap):
             if self.prefix_lm:
                 text, out["target"] = _split_prefix(text, rng if self.train else None)
             out["text"] = self.prompt + text
+            # The prompt and the caption apart: a LLaMA caption row's prompt is no target.
+            out["prompt"], out["caption"] = self.prompt.rstrip(), text
             out["captions"] = _object(captions)
         else:
             question = ops.pre_question(_text(record["question"]), self.max_words)
