@@ -4,6 +4,10 @@
     configs/demo.py:stage2,WORK   stage 2 (OPT LM), Q-Former from WORK/stage1/final, frozen LM from
                                   WORK/unimodal
 
+WORK defaults to out/demo, but stage 2 starts from a stage-1 model only when it is named: by WORK
+(`stage2,WORK`: the stage-1 run of that work directory, where the demo trains it) or by
+`--config.init.stage1=DIR`; `stage2` alone leaves a placeholder that fails naming the key.
+
 WORK/data holds the synthetic dataset and its tokenizers; WORK/unimodal the pre-trained image
 encoder and language model (blip2_jax/train/unimodal.py).
 """
@@ -24,6 +28,7 @@ NUM_QUERIES = 8
 
 def get_config(arg="stage1,out/demo"):
     stage, _, work = arg.partition(",")
+    stage1 = f"{work}/stage1/final" if work else "/path/to/stage1_run/final"
     work = work or "out/demo"
     if stage not in ("stage1", "stage2"):
         raise ValueError(f"demo config takes 'stage1,WORK' or 'stage2,WORK', got {arg!r}")
@@ -47,7 +52,7 @@ def get_config(arg="stage1,out/demo"):
         c.model = "tiny-opt"
         c.model_overrides = dict(vision=VISION, qformer=QFORMER, llm=LLM,
                                  num_query_tokens=NUM_QUERIES)
-        c.init = dict(stage1=f"{work}/stage1/final", llm=f"{work}/unimodal",
+        c.init = dict(stage1=stage1, llm=f"{work}/unimodal",
                       random=("llm_proj",))
         c.frozen = ("vision/.*", "llm/.*")
         c.loss = dict(lm=1.0)

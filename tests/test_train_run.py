@@ -106,10 +106,20 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(data_dir, uninterrupted
 
 
 @pytest.mark.parametrize("llm", ["opt", "llama", "t5"])
-def test_tiny_stage2_trains_and_exports(data_dir, tmp_path, llm):
+def test_tiny_stage2_trains_and_exports(data_dir, uninterrupted, tmp_path, llm, caplog):
     work = str(tmp_path / llm)
     c = _config("tiny_stage2", f"{llm},{data_dir}", total_steps=4, peak_tflops_per_device=0.5)
-    result = loop.run(c, work)
+    stage1 = os.path.join(uninterrupted, "final")
+    if llm == "opt":        # from a stage-1 run's export, as the paper's stage 2
+        c.init = dict(stage1=stage1, random=("llm", "llm_proj"))
+    with caplog.at_level("INFO", logger="blip2_jax.train.loop"):
+        result = loop.run(c, work)
+    # The run says, in one line, where each parameter came from.
+    said = [r.getMessage() for r in caplog.records if "initial parameters:" in r.getMessage()]
+    assert len(said) == 1, said
+    assert (f"llm, llm_proj <- random init; ln_vision, qformer, query_tokens, vision <- stage-1 "
+            f"model {stage1}" if llm == "opt" else "query_tokens, vision <- random init") \
+        in said[0], said[0]
     rows = _rows(work)
     assert result["step"] == 4 and all(np.isfinite(r["lm"]) for r in rows)
     assert rows[-1]["lm"] < rows[0]["lm"]
@@ -189,8 +199,17 @@ def test_unnamed_sources_fail(data_dir, tmp_path):
                                                  r"'vision'\]"):
         loop.run(c, str(tmp_path / "x"))
     c.init = dict(random=("*",), vision=str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(FileNotFoundError, match="config.init.vision = .*nowhere' does not exist"):
         loop.run(c, str(tmp_path / "y"))
+    # A stage-2 config starts from the stage-1 model it names, never from a default one: the
+    # demo's names its work directory's (configs/demo.py:stage2,WORK), else a placeholder that
+    # fails naming the key before anything loads.
+    assert run_config.load("demo.py:stage2,W").init.stage1 == "W/stage1/final"
+    c = run_config.load("demo.py:stage2")
+    with pytest.raises(init_lib.MissingSource, match=r"config.init.stage1 = '/path/to/stage1_run/"
+                                                     r"final' does not exist: set --config.init."
+                                                     r"stage1=PATH, the stage-1 model"):
+        init_lib.initial_params(run_config.model_config(c), run_config.section(c, "init"))
 
 
 def test_two_processes_give_the_same_losses_as_one(data_dir, uninterrupted, tmp_path):

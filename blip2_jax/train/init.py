@@ -21,6 +21,10 @@ that should be loaded left silently random.
     config.init.random         top-level names allowed to start from random init (the heads LAVIS
                                creates fresh, e.g. "vision_proj", "llm_proj", or "*" for a toy run)
 
+A source is explicit: a path config.init names that is not there (a placeholder such as the
+paper configs' `/path/to/...`, or a run not trained yet) fails naming the key (`MissingSource`)
+before anything loads. `describe(sources)` is the one line a run logs of what it started from.
+
 Later sources override earlier ones in the order above. A ViT position table made for another
 image size (a 224-px source for 364-px fine-tuning) is resized bicubically to the model's grid. Every parameter not loaded must be under a
 name in `random`, or init fails listing them. `sources` records, per top-level name, where it came
@@ -28,6 +32,7 @@ from (the checkpoint writes it beside each frozen tower's content hash).
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -41,6 +46,39 @@ from blip2_jax.models import blip2 as blip2_model
 
 class InitError(ValueError):
     pass
+
+
+class MissingSource(InitError, FileNotFoundError):
+    """A path config.init names that is not there."""
+
+
+# What each path-valued source names (for the error when it is not there), in load order.
+SOURCES = {
+    "checkpoint": "a whole model (a run's final/, an HF or native directory, a LAVIS .pth)",
+    "stage1": "the stage-1 model this run starts from (a stage-1 run's final/)",
+    "qformer_text": "a model with the Q-Former's text side (a stage-1 run's final/)",
+    "qformer_bert": "a bert-base-uncased directory",
+    "vision": "a model or image-encoder file whose ViT is taken",
+    "llm": "a model or HF language-model directory whose LLM is taken",
+}
+
+
+def check_sources(init: Mapping) -> None:
+    """Every path config.init names is there (MissingSource naming the first that is not)."""
+    for key, what in SOURCES.items():
+        path = init.get(key)
+        if path and not os.path.exists(os.fspath(path)):
+            raise MissingSource(f"config.init.{key} = {path!r} does not exist: set "
+                                f"--config.init.{key}=PATH, {what}")
+
+
+def describe(sources: Mapping[str, str]) -> str:
+    """`initial_params`' record as one line: each source with the top-level names it gave,
+    e.g. "vision, qformer <- stage-1 model /runs/s1/final; llm_proj <- random init"."""
+    by: dict[str, list[str]] = {}
+    for name, source in sources.items():
+        by.setdefault(source, []).append(name)
+    return "; ".join(f"{', '.join(names)} <- {source}" for source, names in by.items())
 
 
 def _part(path: str, cfg: Blip2Config, part: str) -> dict:
@@ -95,6 +133,7 @@ def initial_params(cfg: Blip2Config, init: Mapping, seed: int = 0) -> tuple[dict
     unknown = set(init) - known
     if unknown:
         raise KeyError(f"unknown config.init keys {sorted(unknown)} (known {sorted(known)})")
+    check_sources(init)
     flat = flatten(jax.tree.map(np.asarray, blip2_model.init_params(cfg, seed)))
     loaded: dict[str, str] = {}
     top = sorted({p.split("/")[0] for p in flat})

@@ -167,6 +167,8 @@ def _run(config, workdir: str, checkpointer: ckpt_lib.Checkpointer) -> dict:
 
     params, sources = init_lib.initial_params(cfg, run_config.section(config, "init"),
                                               int(config.seed))
+    if resumed_from is None:
+        log.info("initial parameters: %s", init_lib.describe(sources))
     frozen_tops = sorted({p.split("/")[0] for p in trainer.frozen_paths})
     frozen_host, frozen_meta = _frozen_towers(trainer, params, sources, frozen_dtype)
     if data_cfg.get("features"):
