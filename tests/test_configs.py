@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blip2_jax import api, config as config_lib
+from blip2_jax import api, config as config_lib, processing
 from blip2_jax.convert.mapping import flatten
 from blip2_jax.data import builders, ops, pipeline
 from blip2_jax.eval import evaluators as eval_lib
@@ -45,6 +45,7 @@ CASES = [
     ("stage2", "flant5-xxl"), ("stage2", "opt-2.7b,vit_l"), ("stage2", "flant5-xl,vit_l"),
     ("caption_coco_ft", None),
     ("retrieval_coco_ft", "vit_g"), ("retrieval_coco_ft", "vit_l"),
+    ("vqa_ft", "opt-2.7b"), ("vqa_ft", "opt-6.7b"), ("vqa_ft", "flant5-xl"),
 ]
 IDS = [f"{n}:{a}" if a else n for n, a in CASES]
 
@@ -56,6 +57,7 @@ LOOP_KEYS = {"model", "model_overrides", "init", "frozen", "frozen_dtype", "loss
              "allow_config_change", "sharding"}
 # What each config.init source provides (blip2_jax/train/init.py), by top-level name.
 INIT_PROVIDES = {"stage1": {"vision", "ln_vision", "qformer", "query_tokens"},
+                 "qformer_text": {"qformer"},
                  "qformer_bert": {"qformer", "query_tokens", "lm_head"},
                  "vision": {"vision", "ln_vision"},
                  "llm": {"llm"}}
@@ -96,7 +98,9 @@ def test_loads_and_resolves(name, arg):
     else:
         assert cfg.llm_kind == ("t5" if "flant5" in (arg or "") else "opt")
     assert cfg.vision.variant == ("clip" if "vit_l" in (arg or "") else "eva")
-    assert cfg.vision.image_size == (364 if name.endswith("_ft") else 224)
+    assert cfg.vision.image_size == {"vqa_ft": 490}.get(name, 364 if name.endswith("_ft")
+                                                        else 224)
+    assert cfg.qformer_text_input == (name == "vqa_ft")
     # Placeholders only: no real path of anyone's machine in the committed configs.
     paths = [v for k, v in run_config.plain(c.init).items() if k != "random"]
     paths += [c.data.data_dir] + [v for k, v in c.text.items() if k.endswith("_tokenizer")]
@@ -116,7 +120,7 @@ def test_frozen_patterns_match(name, arg):
     state_lib.check_patterns(paths, c.frozen)
     frozen = state_lib.frozen_paths(paths, c.frozen)
     expected = {"stage1": {"vision"}, "stage2": {"vision", "llm"}, "caption_coco_ft": {"llm"},
-                "retrieval_coco_ft": set()}[name]
+                "retrieval_coco_ft": set(), "vqa_ft": {"llm"}}[name]
     assert _tops(frozen) == expected
     # Whole towers: nothing of a frozen tower is left trainable.
     assert all(p in frozen for p in paths if p.split("/")[0] in expected)
@@ -126,7 +130,8 @@ def test_frozen_patterns_match(name, arg):
 @pytest.mark.parametrize("name,arg", CASES, ids=IDS)
 def test_every_parameter_has_a_source(name, arg):
     init = run_config.plain(_config(name, arg).init)
-    assert set(init) <= {"checkpoint", "stage1", "qformer_bert", "vision", "llm", "random"}
+    assert set(init) <= {"checkpoint", "stage1", "qformer_text", "qformer_bert", "vision", "llm",
+                         "random"}
     tops = _tops(_abstract(name, arg))
     random = set(init.get("random") or ())
     assert "*" not in random and random <= tops, random - tops
@@ -176,9 +181,10 @@ def test_data_config_builds_a_pipeline(name, arg, monkeypatch, tmp_path):
     cfg = _model(name, arg)
     data = run_config.plain(c.data)
     raw = data["train"] if isinstance(data["train"], list) else [data["train"]]
+    kind = builders.VQA if name == "vqa_ft" else builders.CAPTIONS
+    assert run_config.trains_on_vqa(c) == (name == "vqa_ft")
     for s in raw:
-        assert re.fullmatch(r"blip2_captions/[A-Za-z0-9_-]+", s["name"]), s["name"]
-        assert builders.kind_of(s["name"]) == builders.CAPTIONS
+        assert re.fullmatch(kind + r"/[A-Za-z0-9_-]+", s["name"]), s["name"]
         with pytest.raises(FileNotFoundError, match="not found"):   # a well-formed name
             builders.dataset_path(str(tmp_path), s["name"])
     # The pipeline as loop.run builds it, with the tfds reader stubbed out.
@@ -186,15 +192,17 @@ def test_data_config_builds_a_pipeline(name, arg, monkeypatch, tmp_path):
     monkeypatch.setattr(pipeline.builders, "open_split",
                         lambda d, n, s: opened.append((d, n, s)) or [])
     data.setdefault("image_size", cfg.vision.image_size)
-    if cfg.llm_kind == "t5":
+    prefix_lm = cfg.llm_kind == "t5" and name != "vqa_ft"      # VQA: the prompt, then the answer
+    if prefix_lm:
         data["prefix_lm"] = True
     p = pipeline.from_config(data, batch_size=int(c.batch_size), seed=int(c.seed),
                              process_index=0, process_count=1)
     assert [n for _, n, _ in opened] == [s["name"] for s in raw]
-    assert all(d == c.data.data_dir and s == "train" for d, _, s in opened)
+    assert [(d, s) for d, _, s in opened] == [(c.data.data_dir, s.get("split", "train"))
+                                              for s in raw]
     for src in p.sources:
         ops.image_processor(src.image_processor or data["image_processor"], cfg.vision.image_size)
-    assert p._process.prefix_lm == (cfg.llm_kind == "t5")
+    assert p._process.prefix_lm == prefix_lm
 
 
 @pytest.mark.parametrize("name,arg", CASES, ids=IDS)
@@ -233,6 +241,11 @@ PAPER = {
     ("caption_coco_ft", None): (256, 11_065, 1e-5, 0.0, 1000, 0.999, 0.95),
     ("retrieval_coco_ft", "vit_g"): (224, 12_650, 1e-5, 0.0, 1000, 0.999, 0.95),
     ("retrieval_coco_ft", "vit_l"): (224, 12_650, 5e-6, 0.0, 1000, 0.98, 0.95),
+    # Table 8: 5 epochs of VQAv2 train + val (443,757 + 214,354 questions) and VG QA (the
+    # config's approximate 1.44M) at batch 128; LLRD 0.95 / 0.95 / 0.9.
+    ("vqa_ft", "opt-2.7b"): (128, 5 * (2_098_111 // 128), 1e-5, 0.0, 1000, 0.999, 0.95),
+    ("vqa_ft", "opt-6.7b"): (128, 5 * (2_098_111 // 128), 1e-5, 0.0, 1000, 0.999, 0.9),
+    ("vqa_ft", "flant5-xl"): (128, 5 * (2_098_111 // 128), 1e-5, 0.0, 1000, 0.999, 0.95),
 }
 
 
@@ -246,9 +259,17 @@ def test_headline_values(name, arg):
         lr, min_lr, warmup, 0.9, b2, 0.05)
     assert o.get("vit_layer_decay") == llrd
     assert o.warmup_lr == (1e-6 if name.startswith("stage") else 1e-8)     # LAVIS
-    assert c.text.max_length == 32
+    assert c.text.max_length == (48 if name == "vqa_ft" else 32)
     assert c.data.prompt == ("a photo of " if name == "caption_coco_ft" else "")
-    if name.startswith("stage"):
+    if name == "vqa_ft":
+        assert c.data.question_template == "Question: {} Answer:"          # Table 8
+        assert {(s["name"], s["split"]) for s in c.data.train} == {
+            ("blip2_vqa/vqav2", "train"), ("blip2_vqa/vqav2", "val"), ("blip2_vqa/vg_qa", "train")}
+        ev = c.eval.evaluators.vqav2_heldout
+        assert (ev.kind, ev.split, ev.template, ev.num_beams, ev.max_new_tokens) == (
+            "vqa", "heldout", "Question: {} Answer:", 5, 10)
+        assert c.data.image_processor == "blip_image_train"
+    elif name.startswith("stage"):
         train = {s["name"]: s for s in c.data.train}
         assert set(train) == {f"blip2_captions/{n}" for n in
                               ("coco_karpathy", "vg", "cc3m", "cc12m", "sbu", "laion115m")}
@@ -270,7 +291,8 @@ def test_models_and_defaults():
     assert _config("stage2", "opt-2.7b,vit_l").init.stage1 == "/path/to/stage1_vit_l/final"
     for name, bad in [("stage1", "vit_h"), ("stage2", "opt-13b"), ("stage2", "opt-6.7b,vit_l"),
                       ("stage2", "opt-2.7b,vit_h"), ("caption_coco_ft", "flant5-xl"),
-                      ("retrieval_coco_ft", "vit_b")]:
+                      ("retrieval_coco_ft", "vit_b"), ("vqa_ft", "flant5-xxl"),
+                      ("vqa_ft", "opt-2.7b,v5p-128")]:
         with pytest.raises(ValueError):
             _config(name, bad)
 
@@ -349,6 +371,39 @@ def test_caption_prompt_length_matches_lavis(opt_dir):
     c.text.llm_tokenizer = opt_dir
     lc = run_config.text_setup(c, _model("caption_coco_ft", None)).loss
     assert lc.prompt_length == 4
+
+
+def test_vqa_rows_are_the_whole_text_tokenized(opt_dir, bert_dir):
+    """vqa_ft's text set-up with GPT-2's real BPE: a training row `[BOS] prompt answer "\n"`,
+    tokenized in two parts, equals the whole text tokenized at once; its prompt part is what
+    generation gets at inference; the targets are the rest. FlanT5: the prompt to the encoder,
+    the answer to the decoder."""
+    c = _config("vqa_ft", "opt-2.7b")
+    c.text.llm_tokenizer, c.text.qformer_tokenizer = opt_dir, bert_dir
+    text = run_config.text_setup(c, _model("vqa_ft", "opt-2.7b"))
+    assert [(s.name, s.kind, s.max_length, s.field, s.suffix, s.target_field)
+            for s in text.specs] == [("llm", "opt", 48, "text", "\n", "answer"),
+                                     ("qformer", "qformer", 48, "text", "", "")]
+    assert text.targets == ("llm",) and text.loss.prompt_length == 0 and not text.prefix_lm
+    tok = processing.load_tokenizer(opt_dir, "opt")
+    for question, answer in [("what is the man holding?", "frisbee"), ("how many?", "2"),
+                             ("is it raining", "no"), ("what color is the bus?", "red and white")]:
+        prompt = processing.fill_template(c.data.question_template, question)
+        ids, mask, targets = processing.tokenize_prompt_answer(tok, prompt, answer, kind="opt",
+                                                               max_length=48, suffix="\n")
+        whole = [tok.bos_token_id] + tok(f"{prompt} {answer}\n",
+                                         add_special_tokens=False)["input_ids"]
+        assert ids[:len(whole)].tolist() == whole and mask.sum() == len(whole)
+        inference, _ = processing.tokenize_prompts(tok, prompt, kind="opt")
+        n = inference.shape[1]
+        assert ids[:n].tolist() == inference[0].tolist()
+        assert targets.tolist() == [0] * n + [1] * (len(whole) - n) + [0] * (48 - len(whole))
+    c = _config("vqa_ft", "flant5-xl")
+    c.text.qformer_tokenizer = bert_dir
+    text = run_config.text_setup(c, _model("vqa_ft", "flant5-xl"))
+    assert [(s.name, s.kind, s.field) for s in text.specs] == [
+        ("llm", "t5", "text"), ("target", "t5", "answer"), ("qformer", "qformer", "text")]
+    assert text.targets == () and not text.prefix_lm
 
 
 def _random_params(cfg, seed=0):
