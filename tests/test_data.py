@@ -162,6 +162,10 @@ def test_build_synthetic_writes_tokenizers_of_its_language(data_dir):
     ids, _ = processing.tokenize_prompts(t5, caption, kind="t5")
     assert processing.decode(t5, ids, eos_token_id=1) == [caption]
     assert len(ids[0]) == len(caption.replace(",", " ,").split()) + 1     # a piece per word
+    llama = processing.load_tokenizer(os.path.join(base, "llama"), "llama")
+    assert (llama.unk_token_id, llama.bos_token_id, llama.eos_token_id) == (0, 1, 2)
+    ids, _ = processing.tokenize_prompts(llama, caption, kind="llama")
+    assert processing.decode(llama, ids[:, 1:]) == [caption] and 0 not in ids[0]
 
 
 # ------------------------------------------------------------------------------------------------
