@@ -12,14 +12,18 @@
      paraphrases the dataset uses (`synthetic.parse_caption`);
    - the configs' evaluators (blip2_jax/eval): retrieval with ITM re-ranking, caption metrics,
      zero-shot VQA, each stage with an HTML report (WORK/eval/stage1|stage2/report.html).
-Every finished step is kept, so re-running continues where it stopped. Results are printed and
-written to WORK/results.json.
+Every finished step is kept, so re-running continues where it stopped. Results are printed (the
+training loop's messages too: feature cache, compiling, in-training evaluation) and written to
+WORK/results.json (`retrieval_r1_i2t`, `retrieval_r1_t2i`, `itm_rerank_r1_i2t`,
+`itm_rerank_r1_t2i`, `vqa_zero_shot`: fractions; `captions_right` of `captions_total`: counts).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import sys
 import time
 
 import numpy as np
@@ -59,6 +63,17 @@ def retrieval(model, data_dir: str, qtok, image_size: int, max_length: int) -> d
             "texts": len(truth.texts), "pixels": pixels, "truth": truth}
 
 
+class _Elapsed(logging.Formatter):
+    """The demo's line format (seconds since it started) for the training loop's messages."""
+
+    def __init__(self, start: float):
+        super().__init__()
+        self.start = start
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[{time.perf_counter() - self.start:6.0f} s]     {record.getMessage()}"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m blip2_jax.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="out/demo", help="output directory (kept between runs)")
@@ -75,7 +90,22 @@ def main(argv=None) -> dict:
     os.makedirs(work, exist_ok=True)
     t_start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)  # noqa
+    # The training loop says what it does between the demo's own lines (train/loop.py's INFO).
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_Elapsed(t_start))
+    train_log = logging.getLogger("blip2_jax.train")
+    saved = train_log.level, train_log.propagate
+    train_log.addHandler(handler)
+    train_log.setLevel(logging.INFO)
+    train_log.propagate = False
+    try:
+        return _run(args, sizes, work, t_start, log)
+    finally:
+        train_log.removeHandler(handler)
+        train_log.level, train_log.propagate = saved
 
+
+def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
     data_dir = os.path.join(work, "data")
     tok_dir = build_cli.synthetic_tokenizer_dir(data_dir)
     if not os.path.isdir(tok_dir):
@@ -99,7 +129,8 @@ def main(argv=None) -> dict:
                                        vision_steps=sizes["vision_steps"],
                                        vision_pool=sizes["vision_pool"],
                                        llm_steps=sizes["llm_steps"], seed=0, log=log)
-        log(f"    {stats}")
+        log(f"    image encoder: {stats['vision_cell_accuracy']:.1%} of grid cells parsed right; "
+            f"language model: {stats['llm_token_accuracy']:.1%} of next tokens right")
     for name, c in (("stage1", s1), ("stage2", s2)):
         if not os.path.isdir(os.path.join(work, name, "final")):
             log(f"{3 if name == 'stage1' else 4}/5 {name} ({c.total_steps} steps)")
@@ -110,19 +141,21 @@ def main(argv=None) -> dict:
 
     log("5/5 evaluating on the held-out test split")
     stage1 = blip2_jax.load(os.path.join(work, "stage1", "final"), qformer_tokenizer=qtok)
+    log("    retrieval by ITC (stage 1)")
     r = retrieval(stage1, data_dir, qtok, stage1.config.vision.image_size,
                   int(s1.text.max_length))
     stage2 = blip2_jax.load(os.path.join(work, "stage2", "final"), tokenizer=opt_tok)
     n = min(args.captions, r["images"])
+    log(f"    captioning {n} held-out images (stage 2, beam search)")
     generated = stage2.caption(r["pixels"][:n], num_beams=3, max_new_tokens=48)
     refs = [[processing.pre_caption(r["truth"].texts[t]) for t in r["truth"].image_to_texts[i]]
             for i in range(n)]
     scenes = [synthetic.parse_caption(ref[0]) for ref in refs]
     right = [synthetic.parse_caption(g) == scene for g, scene in zip(generated, scenes)]
-    results = {"image_to_text_R@1": r["i2t_r1"], "text_to_image_R@1": r["t2i_r1"],
-               "chance_i2t": 1 / r["images"], "chance_t2i": 1 / r["images"],
+    results = {"retrieval_r1_i2t": r["i2t_r1"], "retrieval_r1_t2i": r["t2i_r1"],
+               "retrieval_chance": 1 / r["images"],
                "test_images": r["images"], "test_texts": r["texts"],
-               "captions_right": float(np.mean(right)), "captioned_images": n,
+               "captions_right": int(np.sum(right)), "captions_total": n,
                # The first few right captions and the first few wrong ones.
                "examples": [{"image_id": r["truth"].image_ids[i], "generated": generated[i],
                              "right": right[i], "reference": refs[i][0]}
@@ -134,24 +167,28 @@ def main(argv=None) -> dict:
     results["evaluators"], reports = {}, []
     for name, c, model in (("stage1", s1, stage1), ("stage2", s2, stage2)):
         evs, toks = run_config.evaluators(c)
+        log(f"    {name}'s evaluators: {', '.join(ev.name for ev in evs)}")
         out = os.path.join(work, "eval", name)
         done = runner.run(model, evs, mesh=run_config.make_mesh(c), tokenizers=toks,
                           out_dir=out, info={"model": os.path.join(work, name, "final"), "demo": name},
-                          metrics_jsonl=os.path.join(work, name, "metrics.jsonl"),
-                          progress=False)
+                          metrics_jsonl=os.path.join(work, name, "metrics.jsonl"))
         results["evaluators"].update({r.name: r.numeric_metrics() for r in done})
         reports.append(os.path.join(out, "report.html"))
+    ev = results["evaluators"]
+    # The evaluators report percentages; results.json keeps fractions, as R@1 above.
+    results.update(itm_rerank_r1_i2t=ev["retrieval_test"]["txt_r1"] / 100,
+                   itm_rerank_r1_t2i=ev["retrieval_test"]["img_r1"] / 100,
+                   vqa_zero_shot=ev["vqa_test"]["overall"] / 100)
     results["reports"] = reports
     results["seconds"] = time.perf_counter() - t_start
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    log(f"held-out retrieval R@1: image→text {r['i2t_r1']:.3f}, text→image {r['t2i_r1']:.3f} "
-        f"(chance {1 / r['images']:.3f})")
-    log(f"captions right: {np.mean(right):.2f} of {n} test images; e.g.")
+    log(f"held-out retrieval R@1 by ITC: image→text {r['i2t_r1']:.1%}, text→image "
+        f"{r['t2i_r1']:.1%} (chance {1 / r['images']:.1%})")
+    log(f"captions fully right: {int(np.sum(right))} of {n} held-out images; e.g.")
     for e in results["examples"]:
         log(f"    {'✓' if e['right'] else '✗'} {e['generated']!r}   (reference: "
             f"{e['reference']!r})")
-    ev = results["evaluators"]
     log(f"retrieval with ITM re-ranking: R@1 image→text {ev['retrieval_test']['txt_r1']:.1f}%, "
         f"text→image {ev['retrieval_test']['img_r1']:.1f}%; captions CIDEr "
         f"{ev['caption_test']['CIDEr']:.3f}, BLEU-4 {ev['caption_test']['Bleu_4']:.3f}; "

@@ -28,16 +28,24 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
     for stage in ("stage1", "stage2"):
         with open(os.path.join(work, stage, "config.json")) as f:
             assert json.load(f)["config"]["data"]["features"] == os.path.join(work, "features")
-    assert results["test_images"] == 10 and results["chance_i2t"] == 1 / 10
-    assert 0 <= results["image_to_text_R@1"] <= 1 and 0 <= results["captions_right"] <= 1
-    assert results["captioned_images"] == 8
-    n_right = round(results["captions_right"] * 8)       # examples: up to 4 right, 2 wrong
+    assert results["test_images"] == 10 and results["retrieval_chance"] == 1 / 10
+    # The issue's figures, as fractions, and the captions as counts.
+    for k in ("retrieval_r1_i2t", "retrieval_r1_t2i", "itm_rerank_r1_i2t", "vqa_zero_shot"):
+        assert 0 <= results[k] <= 1, k
+    assert results["captions_total"] == 8 and 0 <= results["captions_right"] <= 8
+    n_right = results["captions_right"]       # examples: up to 4 right, 2 wrong
     assert [e["right"] for e in results["examples"]] == ([True] * min(4, n_right)
                                                          + [False] * min(2, 8 - n_right))
     with open(os.path.join(work, "results.json")) as f:
-        assert json.load(f)["text_to_image_R@1"] == results["text_to_image_R@1"]
+        assert json.load(f)["retrieval_r1_t2i"] == results["retrieval_r1_t2i"]
     out = capsys.readouterr().out
-    assert "held-out retrieval R@1" in out and "captions right" in out
+    assert "held-out retrieval R@1 by ITC" in out
+    assert f"captions fully right: {n_right} of 8 held-out images" in out
+    assert "{'" not in out                    # every figure labelled, no dict printed as is
+    # The silent phases say what they do; stage 2 names the stage-1 model it starts from.
+    for words in ("building the frozen-feature cache", "compiling the training step",
+                  f"<- stage-1 model {work}/stage1/final"):
+        assert words in out, words
     # The configs' evaluators ran and wrote a report per stage.
     assert {"retrieval_test", "caption_test", "vqa_test"} <= set(results["evaluators"])
     assert results["evaluators"]["retrieval_test"]["images"] == 10
@@ -45,5 +53,5 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
         assert os.path.isfile(report) and report in out
     # A re-run finds every stage done and only evaluates again, to the same figures.
     again = demo.main(["--work", work, "--quick", "--captions", "8"])
-    assert again["image_to_text_R@1"] == results["image_to_text_R@1"]
+    assert again["retrieval_r1_i2t"] == results["retrieval_r1_i2t"]
     assert "1/5" not in capsys.readouterr().out

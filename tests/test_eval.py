@@ -6,6 +6,7 @@ from __future__ import annotations
 import html.parser
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -78,15 +79,38 @@ def _jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+class _Said(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+STAGE2_LOG = _Said()      # what the stage-2 run below logged
+
+
 @pytest.fixture(scope="module")
 def stage2_run(data_dir, tmp_path_factory):
     """tiny_stage2 (OPT), 4 steps, the config's evaluators every 2 steps."""
     workdir = str(tmp_path_factory.mktemp("stage2_eval"))
-    loop.run(_config("tiny_stage2", f"opt,{data_dir}", **{"eval.every_steps": 2}), workdir)
+    logger = logging.getLogger("blip2_jax.train.loop")
+    level = logger.level
+    logger.addHandler(STAGE2_LOG)
+    logger.setLevel(logging.INFO)
+    try:
+        loop.run(_config("tiny_stage2", f"opt,{data_dir}", **{"eval.every_steps": 2}), workdir)
+    finally:
+        logger.removeHandler(STAGE2_LOG)
+        logger.setLevel(level)
     return workdir
 
 
 def test_in_training_evaluation_is_logged(stage2_run):
+    # Said as it starts (the progress bar stops meanwhile).
+    for step in (2, 4):
+        assert f"step {step}: evaluating caption_test, vqa_test" in STAGE2_LOG.lines
     rows = [r for r in _jsonl(os.path.join(stage2_run, "metrics.jsonl"))
             if any(k.startswith("eval/") for k in r)]
     assert [r["step"] for r in rows] == [2, 4]

@@ -250,6 +250,17 @@ def test_plot_training_curves_groups_and_skips(tmp_path):
     assert os.path.isabs(pngs[0]) and os.path.isfile(pngs[0])
 
 
+def test_eval_curves_plot_metrics_not_split_sizes():
+    """An in-training evaluation logs its split's size beside its metrics (train/loop.py): the
+    eval figure plots the metrics only."""
+    from blip2_jax.eval import report as report_lib
+    keys = ["loss", "eval/caption_test/CIDEr", "eval/caption_test/images",
+            "eval/vqa_test/overall", "eval/vqa_test/questions", "eval/retrieval_test/txt_r1",
+            "eval/retrieval_test/texts", "eval/retrieval_test/images"]
+    assert report_lib._groups(keys)["eval"] == ["eval/caption_test/CIDEr", "eval/vqa_test/overall",
+                                                "eval/retrieval_test/txt_r1"]
+
+
 @pytest.mark.parametrize("bad", ['{"step": 2, "loss": 1.0', "[1, 2]", '{"loss": 1.0}'])
 def test_plot_training_curves_malformed(tmp_path, bad):
     path = tmp_path / "metrics.jsonl"

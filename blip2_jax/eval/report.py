@@ -364,6 +364,8 @@ def _curves_section(metrics_jsonl: str, out_dir: str, files_dir: str) -> str:
 
 _LOSS_KEYS = ("loss", "itc", "itm", "itg", "lm")
 _THROUGHPUT_KEYS = ("samples_per_s", "steps_per_s", "tflops_per_device", "mfu")
+# What an evaluator logs beside its metrics: the size of its split, not a curve to plot.
+_COUNT_KEYS = ("images", "texts", "questions")
 
 
 def _read_metrics(path: str) -> dict[str, list[tuple[float, float]]]:
@@ -396,7 +398,8 @@ def _read_metrics(path: str) -> dict[str, list[tuple[float, float]]]:
 def _groups(keys) -> dict[str, list[str]]:
     """Group name -> keys with data, in a stable order (named keys first, then file order)."""
     keys = list(keys)
-    evals = [k for k in keys if k.startswith("eval/")]
+    evals = [k for k in keys
+             if k.startswith("eval/") and k.rsplit("/", 1)[-1] not in _COUNT_KEYS]
     train = [k for k in keys if not k.startswith("eval/")]
     losses = [k for k in _LOSS_KEYS if k in train]
     losses += [k for k in train if k.endswith("_loss") and k not in losses]
@@ -411,7 +414,8 @@ def plot_training_curves(metrics_jsonl: str, out_dir: str) -> list[str]:
     """PNG files (absolute paths) written into out_dir: one figure per group that has data —
     'losses' (keys: loss, itc, itm, itg, lm, and any key ending in '_loss'), 'learning_rate'
     (key: lr), 'throughput' (samples_per_s, steps_per_s, tflops_per_device, mfu — subplots as
-    needed), 'eval' (every key starting with 'eval/'). x axis = 'step'. Rows are JSON objects
+    needed), 'eval' (every key starting with 'eval/' but the evaluators' split sizes:
+    eval/NAME/images, texts, questions). x axis = 'step'. Rows are JSON objects
     one per line; values may be numbers or strings like 'nan'/'inf' (skip non-numeric); a key
     missing from some rows is fine; malformed lines raise ValueError naming the file and line."""
     series = _read_metrics(metrics_jsonl)     # parse first: a bad file fails before any import

@@ -139,6 +139,9 @@ def build_with(config, cfg, vision, vision_sha: str, vision_source: Optional[str
         t0 = time.perf_counter()
         first = _first_records(src)
         n = len(first)
+        if pid == 0:
+            log(f"building the frozen-feature cache {final}: the frozen ViT's outputs for {n} "
+                f"images (once; later runs with this ViT reuse it)")
         lo, hi = pid * n // nproc, (pid + 1) * n // nproc
         partial = final + ".partial"
         if pid == 0:

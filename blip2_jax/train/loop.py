@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from blip2_jax import (api, checkpoint as ckpt_lib, config as config_lib, processing,
                        run_config, sharding as sharding_lib)
@@ -208,9 +209,20 @@ def _run(config, workdir: str, checkpointer: ckpt_lib.Checkpointer) -> dict:
         checkpoint taken after this batch's step resumes from."""
         host = pad_rows(batch_lib.select(next(it), fields), local_rows)
         return trainer.place(host), it.get_state()
+    # Log lines (compiling, evaluating) go above the progress bar, not into it: the console
+    # handlers of this module's logger and of those it propagates to write through tqdm.
+    chain, logger = [], log
+    while logger is not None:
+        chain.append(logger)
+        logger = logger.parent if logger.propagate else None
+    redirect = logging_redirect_tqdm(chain)
+    redirect.__enter__()
     try:
         batch, drawn = next_batch()
+        log.info("compiling the training step")
+        t_compile = time.perf_counter()
         compiled = trainer.compile(state, frozen, batch)
+        log.info("compiled in %.0f s", time.perf_counter() - t_compile)
         # The model's FLOPs for the real rows (padding is not useful work).
         flops = trainer.model_flops(batch) * int(config.batch_size) / step_batch
         bar = _progress(step, stop_at)
@@ -254,6 +266,7 @@ def _run(config, workdir: str, checkpointer: ckpt_lib.Checkpointer) -> dict:
             if save_now:
                 checkpointer.save(step, state, _IteratorState(consumed), meta, force=done)
             if eval_now:
+                log.info("step %d: evaluating %s", step, ", ".join(ev.name for ev in evs))
                 eval_model = _evaluate(evs, eval_tokenizers, cfg, state, frozen, mesh, workdir,
                                        step, writer, eval_model)
                 t_window, n_window = time.perf_counter(), 0     # eval time is not step time
@@ -263,6 +276,7 @@ def _run(config, workdir: str, checkpointer: ckpt_lib.Checkpointer) -> dict:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         writer.close()
+        redirect.__exit__(None, None, None)
     if step == total:
         _export(os.path.join(workdir, "final"), cfg,
                 state_lib.merge(state.params, frozen), frozen_dtype, set(frozen_tops),
