@@ -653,6 +653,9 @@ TINY_T5 = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=2, nu
                    num_heads=4, relative_attention_num_buckets=8,
                    relative_attention_max_distance=20, scale_decoder_outputs=False)
 
+# BLIP-2 with a LLaMA-3 LLM (no released checkpoint: configs/stage2.py:llama3-8b trains one).
+PRESETS["blip2-llama-3-8b"] = _gen(LLAMA_3_8B)
+
 PRESETS.update({
     "tiny-stage1": Blip2Config(vision=TINY_VISION, qformer=TINY_QFORMER, num_query_tokens=4,
                                embed_dim=16, itc=True, itm=True, itg=True),

@@ -8,8 +8,8 @@ losses, differences from LAVIS's `pretrain_stage2.yaml` noted inline.
         --config.init.llm=/models/blip2-opt-2.7b \\
         --config.text.llm_tokenizer=/models/blip2-opt-2.7b
 
-Arg: the LLM, `opt-2.7b` (default), `opt-6.7b`, `flant5-xl` or `flant5-xxl`, all with the ViT-g
-stage-1 model; `opt-2.7b,vit_l` and `flant5-xl,vit_l` give the paper's two ViT-L rows (Table 2)
+Arg: the LLM, `opt-2.7b` (default), `opt-6.7b`, `flant5-xl`, `flant5-xxl` or `llama3-8b`, all
+with the ViT-g stage-1 model; `opt-2.7b,vit_l` and `flant5-xl,vit_l` give the paper's two ViT-L rows (Table 2)
 from a `stage1.py:vit_l` run. A last `,POD` (e.g. `opt-2.7b,v5p-128`) sets the mesh, remat and
 microbatching found for that TPU pod (`defaults.POD_SETTINGS`, README "Pods"). Every
 "/path/to/..." below is a placeholder: set it with `--config.KEY=...` as above.
@@ -20,12 +20,15 @@ Parameter sources (blip2_jax/train/init.py):
 - `init.llm`: a BLIP-2 checkpoint directory whose LLM is the frozen tower (`llm/`): the released
   `Salesforce/blip2-opt-2.7b`, `-opt-6.7b`, `-flan-t5-xl`, `-flan-t5-xxl` hold the unchanged
   facebook/opt-* / google/flan-t5-* weights (OPT's embedding padded to 50304 rows). A bare facebook/opt-* or google/flan-t5-* directory is not readable by
-  `blip2_jax.load` yet.
+  `blip2_jax.load` yet. `llama3-8b` (not in the paper: the same recipe with a LLaMA-3 LLM) takes
+  the plain HF `meta-llama/Meta-Llama-3-8B` directory (`LlamaForCausalLM` save_pretrained),
+  which is also its tokenizer's directory.
 - `init.random`: `llm_proj`, the FC layer LAVIS creates fresh (opt_proj / t5_proj).
 The LLM tokenizer is read from the same BLIP-2 directory.
 
 Data: the stage-1 mixture (same 129M images; see configs/stage1.py for the weights and
-the dataset builds). Prompt "". FlanT5 trains as a prefix LM: the pipeline splits
+the dataset builds). Prompt "". LLaMA reads `<|begin_of_text|> caption <|end_of_text|>`, the
+caption and its EOS the targets. FlanT5 trains as a prefix LM: the pipeline splits
 each caption into an encoder prefix and a decoder target (the paper gives no split rule; ours is
 in `blip2_jax.data.pipeline._split_prefix`).
 """
@@ -38,6 +41,8 @@ LLMS = {
     "opt-6.7b": ("blip2-opt-6.7b", None, "blip2-opt-6.7b", 1920),
     "flant5-xl": ("blip2-flan-t5-xl", "blip2-pretrain-vit-l-flan-t5-xl", "blip2-flan-t5-xl", 1520),
     "flant5-xxl": ("blip2-flan-t5-xxl", None, "blip2-flan-t5-xxl", 1520),
+    # No paper row: OPT's batch.
+    "llama3-8b": ("blip2-llama-3-8b", None, "Meta-Llama-3-8B", 1920),
 }
 
 

@@ -43,7 +43,7 @@ CASES = [
     ("stage1", "vit_g"), ("stage1", "vit_l"),
     ("stage2", "opt-2.7b"), ("stage2", "opt-6.7b"), ("stage2", "flant5-xl"),
     ("stage2", "flant5-xxl"), ("stage2", "opt-2.7b,vit_l"), ("stage2", "flant5-xl,vit_l"),
-    ("caption_coco_ft", None),
+    ("stage2", "llama3-8b"), ("caption_coco_ft", None),
     ("retrieval_coco_ft", "vit_g"), ("retrieval_coco_ft", "vit_l"),
     ("vqa_ft", "opt-2.7b"), ("vqa_ft", "opt-6.7b"), ("vqa_ft", "flant5-xl"),
 ]
@@ -96,7 +96,8 @@ def test_loads_and_resolves(name, arg):
     if stage1:
         assert cfg.itc and cfg.itm and cfg.itg
     else:
-        assert cfg.llm_kind == ("t5" if "flant5" in (arg or "") else "opt")
+        assert cfg.llm_kind == ("t5" if "flant5" in (arg or "") else
+                                "llama" if "llama" in (arg or "") else "opt")
     assert cfg.vision.variant == ("clip" if "vit_l" in (arg or "") else "eva")
     assert cfg.vision.image_size == {"vqa_ft": 490}.get(name, 364 if name.endswith("_ft")
                                                         else 224)
@@ -237,6 +238,7 @@ PAPER = {
     ("stage2", "flant5-xxl"): (1520, 80_000, 1e-4, 5e-5, 2000, 0.98, None),
     ("stage2", "opt-2.7b,vit_l"): (1920, 80_000, 1e-4, 5e-5, 2000, 0.98, None),
     ("stage2", "flant5-xl,vit_l"): (1520, 80_000, 1e-4, 5e-5, 2000, 0.98, None),
+    ("stage2", "llama3-8b"): (1920, 80_000, 1e-4, 5e-5, 2000, 0.98, None),     # OPT's recipe
     # 5 epochs of the 566,747 Karpathy-train captions: 5 * (566747 // 256), 5 * (566747 // 224).
     ("caption_coco_ft", None): (256, 11_065, 1e-5, 0.0, 1000, 0.999, 0.95),
     ("retrieval_coco_ft", "vit_g"): (224, 12_650, 1e-5, 0.0, 1000, 0.999, 0.95),

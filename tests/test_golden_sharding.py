@@ -1,5 +1,5 @@
 """Golden sharding files (MaxText style): the named sharding of every parameter and batch field
-of the paper's configs on a v5p-128 mesh (their pod settings), so that a change of sharding is a
+of the paper's configs (and stage 2 with LLaMA-3-8B) on a v5p-128 mesh (their pod settings), so that a change of sharding is a
 visible diff. Regenerate after an intended change with
 
     UPDATE_GOLDEN=1 python -m pytest tests/test_golden_sharding.py
@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden", "sharding")
 POD = "v5p-128"
 PAPER = [("stage1", "vit_g"), ("stage1", "vit_l"), ("stage2", "opt-2.7b"),
-         ("stage2", "opt-6.7b"), ("stage2", "flant5-xl"), ("stage2", "flant5-xxl")]
+         ("stage2", "opt-6.7b"), ("stage2", "flant5-xl"), ("stage2", "flant5-xxl"),
+         ("stage2", "llama3-8b")]
 
 
 def _config(name, arg):
