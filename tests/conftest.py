@@ -54,6 +54,7 @@ LONGEST_FILES = ["test_demo.py",            # 130 s
                  "test_features.py",        # 115
                  "test_resume.py",          # 80
                  "test_blip2.py",           # 77
+                 "test_vqa_ft.py",          # 65
                  "test_sharding.py",        # 50
                  "test_qformer.py",         # 44
                  "test_convert.py",         # 42
