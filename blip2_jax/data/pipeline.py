@@ -24,7 +24,7 @@ count and the first few keys; both are part of the checkpointed state).
 
 Batch fields: those a training step takes, as `data.batch` defines them (`image` or, with a
 frozen-feature cache, `vision_features`; `valid`; the indices; `NAME_ids` / `NAME_mask` per
-tokenizer spec NAME), and the host-only ones:
+tokenizer spec NAME, and `NAME_targets` for one with a `target_field`), and the host-only ones:
 - `text`: the caption, or the question for VQA; LAVIS-cleaned, prompt applied. With
   `prefix_lm` it is the caption's prefix, and `target` holds the suffix; captions also have
   `prompt` (config.data.prompt) and `caption` (the cleaned caption) apart;
