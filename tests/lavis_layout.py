@@ -340,6 +340,15 @@ def _convert_rename_keys(n_blocks: int, itm: bool) -> list[tuple[str, str]]:
     return r
 
 
+def _fuse_qv_bias(out: dict, n_blocks: int) -> None:
+    """The HF conversion scripts' EVA q/v biases -> one qkv bias with a zero key part."""
+    for i in range(n_blocks):
+        q = out.pop(f"visual_encoder.blocks.{i}.attn.q_bias")
+        v = out.pop(f"visual_encoder.blocks.{i}.attn.v_bias")
+        out[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = np.concatenate(
+            [q, np.zeros_like(v), v])
+
+
 def lavis_to_hf(lavis_sd: Mapping[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
     """§7.3 forward (HF convert script logic); returns the HF state dict of `kind`'s HF model."""
     _check_kind(kind)
@@ -369,11 +378,7 @@ def lavis_to_hf(lavis_sd: Mapping[str, np.ndarray], kind: str) -> dict[str, np.n
             key = key.replace("t5", "language")
         out[key] = val
     # 3. q/v bias -> one qkv bias with a zero key part
-    for i in range(n_blocks):
-        q = out.pop(f"visual_encoder.blocks.{i}.attn.q_bias")
-        v = out.pop(f"visual_encoder.blocks.{i}.attn.v_bias")
-        out[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = np.concatenate(
-            [q, np.zeros_like(v), v])
+    _fuse_qv_bias(out, n_blocks)
     # 4. what convert's load_state_dict(strict=False) reports as unexpected (and asserts)
     out.pop("qformer.embeddings.position_ids", None)
     if kind == "stage1":
@@ -645,11 +650,7 @@ def instruct_lavis_to_hf(lavis_sd: Mapping[str, np.ndarray]) -> dict[str, np.nda
         if key.startswith("t5"):
             key = key.replace("t5", "language")
         out[key] = val
-    for i in range(n_blocks):
-        q = out.pop(f"visual_encoder.blocks.{i}.attn.q_bias")
-        v = out.pop(f"visual_encoder.blocks.{i}.attn.v_bias")
-        out[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = np.concatenate(
-            [q, np.zeros_like(v), v])
+    _fuse_qv_bias(out, n_blocks)
     out.pop("qformer.embeddings.position_ids", None)
     for k in [k for k in out if k.endswith(".rotary_emb.inv_freq")]:
         del out[k]
