@@ -249,7 +249,7 @@ class TextSetup:
     loss: LossConfig
     prefix_lm: bool       # T5: the caption is split into an encoder prefix and a decoder target
     max_length: int
-    targets: tuple = ()   # names of the specs whose rows carry a per-row target mask (VQA)
+    targets: tuple = ()   # names of the specs whose rows carry a per-row target mask
 
     @property
     def fields(self) -> tuple:
@@ -263,10 +263,16 @@ def _tokenizer(path: Optional[str], kind: str, required: bool):
     return processing.load_tokenizer(path, kind)
 
 
-def trains_on_vqa(config) -> bool:
-    """The run's training sources (config.data.train) are VQA datasets (blip2_vqa/...): the
-    stage-2 step then learns to generate each question's answer (VQA fine-tuning)."""
-    raw = section(config, "data").get("train") or []
+def trains_on_answers(config) -> bool:
+    """The run's training rows are prompt → response, the stage-2 step learning to generate the
+    response: every training source is a VQA dataset (blip2_vqa/..., VQA fine-tuning: the
+    question template filled with each question, then its answer), or config.data.templates
+    gives instruction templates (InstructBLIP's instruction tuning: captions and VQA mixed, an
+    instruction drawn per example, then its caption or answer)."""
+    data = section(config, "data")
+    if data.get("templates"):
+        return True
+    raw = data.get("train") or []
     raw = [raw] if isinstance(raw, Mapping) else list(raw)
     return bool(raw) and all(builders.kind_of(str(s.get("name", ""))) == builders.VQA
                              for s in raw)
@@ -281,10 +287,12 @@ def text_setup(config, cfg: config_lib.Blip2Config, *, tokenizers: bool = True) 
     config as LAVIS lays it out — [DEC] is the Q-Former's last id (BERT's vocabulary + 1), the OPT
     prompt is not masked. Neither changes the compiled program's shapes.
 
-    VQA fine-tuning (`trains_on_vqa`; the pipeline fills config.data.question_template with each
-    question): OPT / LLaMA read `[BOS] prompt answer END` (`llm_ids`, with `llm_targets` on the
-    answer and END: "\\n" for OPT, EOS for LLaMA), T5's encoder reads the prompt (`llm_ids`)
-    and its decoder the answer (`target_ids`). A question-aware Q-Former
+    VQA fine-tuning and instruction tuning (`trains_on_answers`; the pipeline's `text` is the
+    prompt, config.data.question_template filled with the question, or the instruction drawn
+    from config.data.templates, and its `answer` the response: the answer, or the caption):
+    OPT / LLaMA read `[BOS] prompt answer END` (`llm_ids`, with `llm_targets` on the answer and
+    END: "\\n" for OPT, EOS for LLaMA), T5's encoder reads the prompt (`llm_ids`) and its
+    decoder the answer (`target_ids`). A question-aware Q-Former
     (`Blip2Config.qformer_text_input`) also reads the filled prompt (`qformer_ids`, BERT, cut
     at max_length on the right): the same text its LLM sees, as `Blip2.answer` gives it."""
     text = section(config, "text")
@@ -297,11 +305,12 @@ def text_setup(config, cfg: config_lib.Blip2Config, *, tokenizers: bool = True) 
         specs = (TextSpec("qformer", paths["qformer"], "qformer", max_length),)
         return TextSetup(specs, LossConfig(dec_token_id=dec, **weights), False, max_length)
     tok_dir = paths["llm"]
-    if trains_on_vqa(config):
-        return _vqa_text_setup(cfg, tok_dir, paths["qformer"], max_length, weights)
+    if trains_on_answers(config):
+        return _answer_text_setup(cfg, tok_dir, paths["qformer"], max_length, weights)
     if cfg.qformer_text_input:
         raise RunConfigError("a question-aware Q-Former (model qformer_text_input) trains on VQA "
-                             "data: name blip2_vqa/... datasets in config.data.train")
+                             "data or instructions: name blip2_vqa/... datasets in "
+                             "config.data.train, or set config.data.templates")
     if cfg.llm_kind == "llama":
         # `[BOS] prompt caption EOS`, the caption and EOS the targets: the answer-generation row
         # (InstructBLIP's caption tasks) with config.data.prompt as the prompt.
@@ -323,9 +332,9 @@ def text_setup(config, cfg: config_lib.Blip2Config, *, tokenizers: bool = True) 
     return TextSetup(specs, LossConfig(**weights), True, max_length)
 
 
-def _vqa_text_setup(cfg: config_lib.Blip2Config, tok_dir: Optional[str],
-                    qformer_dir: Optional[str], max_length: int, weights: dict) -> TextSetup:
-    """`text_setup` of a VQA fine-tune (see there)."""
+def _answer_text_setup(cfg: config_lib.Blip2Config, tok_dir: Optional[str],
+                       qformer_dir: Optional[str], max_length: int, weights: dict) -> TextSetup:
+    """`text_setup` of a VQA fine-tune or instruction tuning (see there)."""
     if cfg.decoder_only:
         suffix = "\n" if cfg.llm_kind == "opt" else ""       # BLIP-2 OPT's EOS (with_caption_eos)
         specs = (TextSpec("llm", tok_dir, cfg.llm_kind, max_length, suffix=suffix,
@@ -343,7 +352,7 @@ def _vqa_text_setup(cfg: config_lib.Blip2Config, tok_dir: Optional[str],
         if max_length > positions:
             raise RunConfigError(f"config.text.max_length {max_length} exceeds the Q-Former's "
                                  f"{positions} text positions (max_position_embeddings): the "
-                                 f"question's BERT ids would not fit; use max_length <= "
+                                 f"prompt's BERT ids would not fit; use max_length <= "
                                  f"{positions}")
         specs += (TextSpec("qformer", qformer_dir, "qformer", max_length),)
     return TextSetup(specs, LossConfig(**weights), False, max_length, targets)

@@ -46,6 +46,8 @@ CASES = [
     ("stage2", "llama3-8b"), ("caption_coco_ft", None),
     ("retrieval_coco_ft", "vit_g"), ("retrieval_coco_ft", "vit_l"),
     ("vqa_ft", "opt-2.7b"), ("vqa_ft", "opt-6.7b"), ("vqa_ft", "flant5-xl"),
+    ("instruct", "vicuna-7b"), ("instruct", "vicuna-13b"), ("instruct", "flant5-xl"),
+    ("instruct", "flant5-xxl"),
 ]
 IDS = [f"{n}:{a}" if a else n for n, a in CASES]
 
@@ -97,11 +99,12 @@ def test_loads_and_resolves(name, arg):
         assert cfg.itc and cfg.itm and cfg.itg
     else:
         assert cfg.llm_kind == ("t5" if "flant5" in (arg or "") else
-                                "llama" if "llama" in (arg or "") else "opt")
+                                "llama" if "llama" in (arg or "") or "vicuna" in (arg or "")
+                                else "opt")
     assert cfg.vision.variant == ("clip" if "vit_l" in (arg or "") else "eva")
     assert cfg.vision.image_size == {"vqa_ft": 490}.get(name, 364 if name.endswith("_ft")
                                                         else 224)
-    assert cfg.qformer_text_input == (name == "vqa_ft")
+    assert cfg.qformer_text_input == (name in ("vqa_ft", "instruct"))
     # Placeholders only: no real path of anyone's machine in the committed configs.
     paths = [v for k, v in run_config.plain(c.init).items() if k != "random"]
     paths += [c.data.data_dir] + [v for k, v in c.text.items() if k.endswith("_tokenizer")]
@@ -112,6 +115,9 @@ def test_loads_and_resolves(name, arg):
         assert (ev.needs()[0] == "generate") == (not stage1), ev
     if name.endswith("_ft"):
         assert evs and c.eval.every_steps == c.total_steps // 5     # once per epoch
+    if name == "instruct":                  # held-out tasks, every 3K steps (paper §2.6)
+        assert {ev.name for ev in evs} == {"nocaps", "flickr30k", "gqa", "vizwiz", "textvqa"}
+        assert c.eval.every_steps == 3000
 
 
 @pytest.mark.parametrize("name,arg", CASES, ids=IDS)
@@ -121,7 +127,8 @@ def test_frozen_patterns_match(name, arg):
     state_lib.check_patterns(paths, c.frozen)
     frozen = state_lib.frozen_paths(paths, c.frozen)
     expected = {"stage1": {"vision"}, "stage2": {"vision", "llm"}, "caption_coco_ft": {"llm"},
-                "retrieval_coco_ft": set(), "vqa_ft": {"llm"}}[name]
+                "retrieval_coco_ft": set(), "vqa_ft": {"llm"},
+                "instruct": {"vision", "llm"}}[name]
     assert _tops(frozen) == expected
     # Whole towers: nothing of a frozen tower is left trainable.
     assert all(p in frozen for p in paths if p.split("/")[0] in expected)
@@ -182,8 +189,9 @@ def test_data_config_builds_a_pipeline(name, arg, monkeypatch, tmp_path):
     cfg = _model(name, arg)
     data = run_config.plain(c.data)
     raw = data["train"] if isinstance(data["train"], list) else [data["train"]]
-    kind = builders.VQA if name == "vqa_ft" else builders.CAPTIONS
-    assert run_config.trains_on_vqa(c) == (name == "vqa_ft")
+    kind = {"vqa_ft": builders.VQA, "instruct": "(?:blip2_captions|blip2_vqa)"}.get(
+        name, builders.CAPTIONS)
+    assert run_config.trains_on_answers(c) == (name in ("vqa_ft", "instruct"))
     for s in raw:
         assert re.fullmatch(kind + r"/[A-Za-z0-9_-]+", s["name"]), s["name"]
         with pytest.raises(FileNotFoundError, match="not found"):   # a well-formed name
@@ -193,7 +201,8 @@ def test_data_config_builds_a_pipeline(name, arg, monkeypatch, tmp_path):
     monkeypatch.setattr(pipeline.builders, "open_split",
                         lambda d, n, s: opened.append((d, n, s)) or [])
     data.setdefault("image_size", cfg.vision.image_size)
-    prefix_lm = cfg.llm_kind == "t5" and name != "vqa_ft"      # VQA: the prompt, then the answer
+    # VQA, instructions: the prompt, then the answer.
+    prefix_lm = cfg.llm_kind == "t5" and name not in ("vqa_ft", "instruct")
     if prefix_lm:
         data["prefix_lm"] = True
     p = pipeline.from_config(data, batch_size=int(c.batch_size), seed=int(c.seed),
@@ -248,6 +257,12 @@ PAPER = {
     ("vqa_ft", "opt-2.7b"): (128, 5 * (2_098_111 // 128), 1e-5, 0.0, 1000, 0.999, 0.95),
     ("vqa_ft", "opt-6.7b"): (128, 5 * (2_098_111 // 128), 1e-5, 0.0, 1000, 0.999, 0.9),
     ("vqa_ft", "flant5-xl"): (128, 5 * (2_098_111 // 128), 1e-5, 0.0, 1000, 0.999, 0.95),
+    # InstructBLIP §2.6: batch 128 (7B) / 64 (13B, 11B) / 192 (3B), at most 60K steps, warm-up
+    # 1e-8 -> 1e-5 over 1,000 steps, cosine to 0, AdamW (0.9, 0.999).
+    ("instruct", "vicuna-7b"): (128, 60_000, 1e-5, 0.0, 1000, 0.999, None),
+    ("instruct", "vicuna-13b"): (64, 60_000, 1e-5, 0.0, 1000, 0.999, None),
+    ("instruct", "flant5-xl"): (192, 60_000, 1e-5, 0.0, 1000, 0.999, None),
+    ("instruct", "flant5-xxl"): (64, 60_000, 1e-5, 0.0, 1000, 0.999, None),
 }
 
 
@@ -261,9 +276,23 @@ def test_headline_values(name, arg):
         lr, min_lr, warmup, 0.9, b2, 0.05)
     assert o.get("vit_layer_decay") == llrd
     assert o.warmup_lr == (1e-6 if name.startswith("stage") else 1e-8)     # LAVIS
-    assert c.text.max_length == (48 if name == "vqa_ft" else 32)
+    assert c.text.max_length == {"vqa_ft": 48, "instruct": 128}.get(name, 32)
     assert c.data.prompt == ("a photo of " if name == "caption_coco_ft" else "")
-    if name == "vqa_ft":
+    if name == "instruct":
+        # Table 5's pools; the held-in sets, each ∝ √(its records) (no weight given).
+        templates = c.data.templates
+        assert len(templates.caption) == 13 and len(templates.vqa) == 10
+        assert templates.caption[0] == "A short image caption:"
+        assert "Question: {} Short answer:" in templates.vqa
+        assert {s["name"] for s in c.data.train} == {
+            "blip2_captions/coco_karpathy", "blip2_captions/capfilt14m",
+            "blip2_captions/textcaps", "blip2_vqa/vqav2", "blip2_vqa/okvqa", "blip2_vqa/aokvqa",
+            "blip2_vqa/ocrvqa"}
+        assert all("weight" not in s for s in c.data.train)
+        assert c.text.qformer_tokenizer and c.init.qformer_text
+        assert c.eval.evaluators.nocaps.prompt == "A short image caption:"
+        assert c.eval.evaluators.gqa.template == "Question: {} Short answer:"
+    elif name == "vqa_ft":
         assert c.data.question_template == "Question: {} Answer:"          # Table 8
         assert {(s["name"], s["split"]) for s in c.data.train} == {
             ("blip2_vqa/vqav2", "train"), ("blip2_vqa/vqav2", "val"), ("blip2_vqa/vg_qa", "train")}
@@ -294,7 +323,8 @@ def test_models_and_defaults():
     for name, bad in [("stage1", "vit_h"), ("stage2", "opt-13b"), ("stage2", "opt-6.7b,vit_l"),
                       ("stage2", "opt-2.7b,vit_h"), ("caption_coco_ft", "flant5-xl"),
                       ("retrieval_coco_ft", "vit_b"), ("vqa_ft", "flant5-xxl"),
-                      ("vqa_ft", "opt-2.7b,v5p-128")]:
+                      ("vqa_ft", "opt-2.7b,v5p-128"), ("instruct", "vicuna-33b"),
+                      ("instruct", "flant5-xl,v5p-128")]:
         with pytest.raises(ValueError):
             _config(name, bad)
 

@@ -9,8 +9,20 @@ Order of operations (all lazy, per global example position `i`):
   (one chain per dataset)                                          ├ mix(weights) ─ process(i)
   ─ this process's rows ─ read threads / worker processes ─ drop bad records
   ─ batch(global_batch / process_count)
-`process(i)` draws its randomness (crop, flip, caption choice) from (seed, i), so an example's
-content depends neither on the number of workers nor on the number of hosts. Process p of P takes
+`process(i)` draws its randomness (crop, flip, caption choice, answer, instruction template) from
+(seed, i), so an example's content depends neither on the number of workers nor on the number of
+hosts. Mixture weights are the sources' `weight`s, or ∝ √(the split's records) for a source that
+gives none (InstructBLIP's balanced sampling, `balanced_weights`).
+
+Instruction tuning (`templates`, InstructBLIP): sources of different kinds (captions and VQA) mix
+in one run, and every example becomes an instruction → response pair. Each kind has a pool of
+instruction templates ({"caption": [...], "vqa": [...]}); one template per example is drawn from
+(seed, i) (`draw_template`). A caption example's instruction is its template ("A short image
+caption:") and its response the caption drawn; a VQA example's instruction is its template filled
+with the question ("Question: {} Short answer:") and its response the answer drawn. Every row then
+has the same fields: `text` (the instruction), `answer` (the response), `answers` (all the
+references: captions or answers), `question_id` ("" for captions) and `template` (the drawn
+template's index in its pool). Process p of P takes
 rows [p·b, (p+1)·b) of every global batch (b = B / P): `jax.make_array_from_process_local_data`
 (`sharding.shard_batch`) then assembles exactly the batch one process would have read. The element-level
 work (decode, augment, tokenize) runs in grain's read threads, or in `num_workers` processes.
@@ -58,10 +70,11 @@ _LOAD_LOCK = threading.Lock()
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """One dataset of a mixture: "blip2_captions/NAME" or "blip2_vqa/NAME", a split, a weight."""
+    """One dataset of a mixture: "blip2_captions/NAME" or "blip2_vqa/NAME", a split, a weight
+    (None: √(the split's records), `balanced_weights`)."""
     name: str
     split: str = "train"
-    weight: float = 1.0
+    weight: Optional[float] = None
     image_processor: Optional[str] = None   # default: the pipeline's
 
 
@@ -86,6 +99,45 @@ class TextSpec:
     target_field: str = ""
 
 
+# Instruction-template pools by task (config.data.templates): the dataset kind each one is for.
+TASKS = {"caption": builders.CAPTIONS, "vqa": builders.VQA}
+
+
+def balanced_weights(sizes: Sequence[int]) -> list[float]:
+    """InstructBLIP's balanced sampling: the weight of a dataset of S records is √S, so it is
+    drawn with probability √S_d / Σ √S_i: small datasets are not drowned by large ones, nor
+    repeated as often as a uniform draw over datasets would. A weight given beside these is on
+    the same scale (InstructBLIP's manual tweaks: 2 * √S raises a dataset)."""
+    return [float(np.sqrt(n)) for n in sizes]
+
+
+def check_templates(templates: Mapping[str, Sequence[str]]) -> dict[str, tuple]:
+    """{kind: pool} of config.data.templates ({"caption": [...], "vqa": [...]}), validated: a
+    VQA template holds exactly one `{}` for the question (`processing.fill_template`'s
+    ValueError), a caption template none (there is nothing to fill in), no pool is empty."""
+    pools = {}
+    for task, pool in dict(templates).items():
+        if task not in TASKS:
+            raise ValueError(f"templates for unknown task {task!r} (known: {sorted(TASKS)})")
+        pool = tuple(str(t) for t in pool)
+        if not pool:
+            raise ValueError(f"the {task} template pool is empty")
+        for t in pool:
+            if task == "vqa":
+                processing.fill_template(t, "")
+            elif "{" in t or "}" in t:
+                raise ValueError(f"the caption template {t!r} has a {{}}: a caption instruction "
+                                 "has no question to fill in")
+        pools[TASKS[task]] = pool
+    return pools
+
+
+def draw_template(pool: Sequence[str], rng: np.random.Generator) -> int:
+    """The index of an example's instruction template: uniform over its task's pool, from the
+    example's rng, i.e. from (seed, the example's global position) only."""
+    return int(rng.integers(len(pool)))
+
+
 def _object(x) -> np.ndarray:
     a = np.empty((), object)
     a[()] = x
@@ -102,8 +154,10 @@ class _Process(grain.transforms.RandomMap):
     def __init__(self, kinds: Sequence[str], processors: Sequence[str], *, image_size: int,
                  flip: bool, max_words: int, prompt: str, question_template: str,
                  texts: Sequence[TextSpec], train: bool, prefix_lm: bool = False,
-                 caches: Sequence[Optional[features.FeatureCache]] = ()):
+                 caches: Sequence[Optional[features.FeatureCache]] = (),
+                 templates: Optional[Mapping[str, tuple]] = None):
         self.kinds = list(kinds)
+        self.templates = dict(templates or {})     # dataset kind → pool (instruction tuning)
         self.caches = list(caches) or [None] * len(self.kinds)
         self.image_fns = [ops.image_processor(p, image_size, flip) for p in processors]
         self.max_words, self.prompt = max_words, prompt
@@ -152,12 +206,18 @@ class _Process(grain.transforms.RandomMap):
             captions = [_text(c) for c in record["captions"]]
             caption = captions[rng.integers(len(captions))] if self.train else captions[0]
             text = ops.pre_caption(caption, self.max_words)
-            if self.prefix_lm:
-                text, out["target"] = _split_prefix(text, rng if self.train else None)
-            out["text"] = self.prompt + text
-            # The prompt and the caption apart: a LLaMA caption row's prompt is no target.
-            out["prompt"], out["caption"] = self.prompt.rstrip(), text
-            out["captions"] = _object(captions)
+            if self.templates:
+                # Instruction tuning: the instruction, then the caption as the response.
+                t = draw_template(self.templates[kind], rng)
+                out.update(text=self.templates[kind][t], answer=text, answers=_object(captions),
+                           question_id="", template=np.int32(t))
+            else:
+                if self.prefix_lm:
+                    text, out["target"] = _split_prefix(text, rng if self.train else None)
+                out["text"] = self.prompt + text
+                # The prompt and the caption apart: a LLaMA caption row's prompt is no target.
+                out["prompt"], out["caption"] = self.prompt.rstrip(), text
+                out["captions"] = _object(captions)
         else:
             question = ops.pre_question(_text(record["question"]), self.max_words)
             out["text"] = processing.fill_template(self.question_template, question)
@@ -165,6 +225,11 @@ class _Process(grain.transforms.RandomMap):
             out["answer"] = draw_answer(answers, rng if self.train else None)
             out["answers"] = _object(answers)
             out["question_id"] = _text(record["question_id"])
+            if self.templates:
+                # Drawn after the answer: the answer draw is the VQA fine-tune's.
+                t = draw_template(self.templates[kind], rng)
+                out["text"] = processing.fill_template(self.templates[kind][t], question)
+                out["template"] = np.int32(t)
             if not answers and bad is None:
                 # Nothing to train on or to score against: a bad record like an unreadable
                 # image (dropped and counted in training, an invalid row in evaluation).
@@ -341,6 +406,7 @@ class Pipeline:
                  image_processor: Optional[str] = None, flip: bool = True,
                  max_words: int = 50, prompt: str = "",
                  question_template: str = "{}", texts: Sequence[TextSpec] = (),
+                 templates: Optional[Mapping[str, Sequence[str]]] = None,
                  prefix_lm: bool = False, features_dir: Optional[str] = None,
                  process_index: int = 0, process_count: int = 1, num_workers: int = 0,
                  num_threads: int = 8, prefetch: int = 64):
@@ -352,13 +418,21 @@ class Pipeline:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} outside [0, {process_count})")
         kinds = [builders.kind_of(s.name) for s in sources]
-        if len(set(kinds)) > 1:
-            raise ValueError(f"a mixture must be of one dataset kind; got {dict(zip(kinds, sources))}")
+        pools = check_templates(templates or {})
+        if pools:
+            missing = sorted({k for k in kinds if k not in pools})
+            if missing:
+                raise ValueError(f"instruction tuning: no template pool for the {missing} "
+                                 f"sources (data.templates has {sorted(templates)}; tasks: "
+                                 f"{ {v: k for k, v in TASKS.items()} })")
+        elif len(set(kinds)) > 1:
+            raise ValueError(f"a mixture must be of one dataset kind, unless it is instruction "
+                             f"tuning (data.templates); got {[s.name for s in sources]}")
         if not train and len(sources) > 1:
             raise ValueError("evaluation reads one dataset at a time")
-        weights = [float(s.weight) for s in sources]
-        if any(w <= 0 for w in weights):
-            raise ValueError(f"mixture weights must be positive, got {weights}")
+        given = [s.weight for s in sources if s.weight is not None]
+        if any(float(w) <= 0 for w in given):
+            raise ValueError(f"mixture weights must be positive, got {given}")
         processing.fill_template(question_template, "")      # one {} for the question
         default = image_processor or ("blip2_image_train" if train else "blip_image_eval")
         processors = [s.image_processor or default for s in sources]
@@ -368,6 +442,9 @@ class Pipeline:
         self.process_index, self.process_count = process_index, process_count
         self.num_workers, self.num_threads, self.prefetch = num_workers, num_threads, prefetch
         self.splits = [builders.open_split(data_dir, s.name, s.split) for s in sources]
+        balanced = balanced_weights([len(split) for split in self.splits])
+        weights = [float(s.weight) if s.weight is not None else b
+                   for s, b in zip(sources, balanced)]
         # Frozen-feature cache (training): ViT tokens read instead of images (data/features.py).
         self.caches: list = []
         if features_dir and train:
@@ -380,7 +457,7 @@ class Pipeline:
         self._process = _Process(kinds, processors, image_size=image_size, flip=flip,
                                  max_words=max_words, prompt=prompt,
                                  question_template=question_template, texts=texts, train=train,
-                                 prefix_lm=prefix_lm, caches=self.caches)
+                                 prefix_lm=prefix_lm, caches=self.caches, templates=pools)
         self._weights = weights
 
     @property
@@ -443,7 +520,8 @@ def from_config(data, *, batch_size: int, seed: int = 0, train: bool = True,
 
         data.data_dir, data.train (one source dict or a list: name, split, weight,
         image_processor), data.image_size, data.image_processor, data.flip, data.max_words,
-        data.prompt, data.question_template, data.texts (list of TextSpec dicts),
+        data.prompt, data.question_template, data.templates (instruction tuning: {"caption":
+        [...], "vqa": [...]} template pools), data.texts (list of TextSpec dicts),
         data.num_workers, data.num_threads, data.prefetch, data.features (a frozen-feature
         cache directory, data/features.py: training reads ViT tokens instead of images)
 
@@ -460,7 +538,7 @@ def from_config(data, *, batch_size: int, seed: int = 0, train: bool = True,
     texts = [TextSpec(**dict(t)) for t in data.get("texts", ())]
     known = {"data_dir", "image_size", "image_processor", "flip", "max_words", "prompt",
              "question_template", "num_workers", "num_threads", "prefetch", "prefix_lm",
-             "features"}
+             "features", "templates"}
     extra = set(data) - known - {"texts", split_key, "train", "eval"}
     if extra:
         raise KeyError(f"unknown data config keys {sorted(extra)} (known: {sorted(known)})")
