@@ -56,6 +56,7 @@ LONGEST_FILES = ["test_demo.py",            # 130 s
                  "test_blip2.py",           # 77
                  "test_vqa_ft.py",          # 65
                  "test_sharding.py",        # 50
+                 "test_instruct.py",        # 45
                  "test_qformer.py",         # 44
                  "test_convert.py",         # 42
                  "test_inference.py",       # 30

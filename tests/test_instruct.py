@@ -165,9 +165,15 @@ def test_bad_templates_and_lengths_are_refused_by_name(data_dir):
 @pytest.mark.parametrize("llm", ["llama", "t5"])
 def test_train_then_eval(data_dir, llm, tmp_path, capsys):
     work = str(tmp_path / "run")
-    # The whole training mixture's size in every batch: the loss falls step by step.
+    # The whole training mixture's size in every batch: the loss falls step by step. Evaluation
+    # greedy and short, without METEOR (a JVM: ~10 s), one batch per evaluator.
+    evaluators = {"eval.evaluators.caption_test.meteor": False,
+                  "eval.evaluators.caption_test.num_beams": 1,
+                  "eval.evaluators.caption_test.max_new_tokens": 4,
+                  "eval.evaluators.vqa_test.num_beams": 1,
+                  "eval.evaluators.vqa_test.max_new_tokens": 2, "eval.batch_size": 16}
     loop.run(runs.config("tiny_instruct", f"{llm},{data_dir}", total_steps=4, batch_size=32,
-                         checkpoint_every_steps=100), work)
+                         checkpoint_every_steps=100, **evaluators), work)
     with open(os.path.join(work, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -178,12 +184,7 @@ def test_train_then_eval(data_dir, llm, tmp_path, capsys):
     finally:
         sys.path.remove(ROOT)
     out = os.path.join(work, "eval_out")
-    code = eval_cli.main(["eval.py", "--workdir", work, "--output", out, "--no-report",
-                          "--config.eval.evaluators.caption_test.num_beams=1",
-                          "--config.eval.evaluators.vqa_test.num_beams=1",
-                          "--config.eval.evaluators.caption_test.max_new_tokens=4",
-                          "--config.eval.evaluators.vqa_test.max_new_tokens=2",
-                          "--config.eval.batch_size=8"])
+    code = eval_cli.main(["eval.py", "--workdir", work, "--output", out, "--no-report"])
     assert code == 0, capsys.readouterr()
     with open(os.path.join(out, "results.json")) as f:
         metrics = json.load(f)["metrics"]
