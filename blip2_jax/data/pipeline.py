@@ -42,6 +42,8 @@ tokenizer spec NAME, and `NAME_targets` for one with a `target_field`), and the 
   `prompt` (config.data.prompt) and `caption` (the cleaned caption) apart;
 - VQA also has `answer` (one of the answers, drawn by frequency) and `answers` (all of them, as
   an object array);
+- instruction tuning (`templates`): `text` is the instruction, `answer` the response (caption or
+  answer), `answers` the references, `question_id` ("" for captions) and `template` int32;
 - `image_id` (and `question_id`) strings; evaluation batches also have `position` int32, the
   record's position in the split's data source (`builders.open_split(...)[position]`).
 `batch.numeric(batch)` keeps the arrays a device can take.
