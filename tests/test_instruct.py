@@ -108,9 +108,15 @@ def _tokenizer(data_dir, kind):
     return processing.load_tokenizer(f"{data_dir}/tokenizers/synthetic/{kind}", kind)
 
 
-@pytest.mark.parametrize("llm", ["llama", "t5"])
+@pytest.mark.parametrize("llm", ["llama", "opt", "t5"])
 def test_the_targets_are_exactly_the_response_and_end(data_dir, llm):
-    c = runs.config("tiny_instruct", f"{llm},{data_dir}", total_steps=4)
+    c = runs.config("tiny_instruct", f"{'llama' if llm == 'opt' else llm},{data_dir}",
+                    total_steps=4)
+    if llm == "opt":          # the same recipe with BLIP-2's OPT (END "\n")
+        c.model = "tiny-opt"
+        c.model_overrides = dict(llm=dict(vocab_size=384), qformer=dict(has_text_input=True),
+                                 qformer_text_input=True)
+        c.text.llm_tokenizer = "{data_dir}/tokenizers/synthetic/opt"
     cfg = run_config.model_config(c)
     text = run_config.text_setup(c, cfg)
     data = run_config.data_config(c, cfg, text)
@@ -128,12 +134,14 @@ def test_the_targets_are_exactly_the_response_and_end(data_dir, llm):
         assert processing.decode(tok, b["llm_ids"], eos_token_id=1) == list(b["text"])
         assert processing.decode(tok, b["target_ids"], eos_token_id=1) == list(b["answer"])
         return
-    # [BOS] instruction response EOS: the targets are the response's tokens and EOS, after an
-    # instruction of the row's own length.
+    # [BOS] instruction response END: the targets are the response's tokens and END (LLaMA
+    # EOS, OPT "\n"), after an instruction of the row's own length.
+    end = tok("\n", add_special_tokens=False)["input_ids"] if llm == "opt" else [tok.eos_token_id]
     targets = np.zeros_like(b["llm_ids"])
     for i, (prompt, answer) in enumerate(zip(b["text"], b["answer"])):
         p = 1 + len(tok(prompt, add_special_tokens=False)["input_ids"])
-        a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        a = tok((" " if llm == "opt" else "") + answer, add_special_tokens=False)["input_ids"]
+        a += end
         assert b["llm_ids"][i, p:p + len(a)].tolist() == a
         targets[i, p:p + len(a)] = 1
     np.testing.assert_array_equal(b["llm_targets"], targets)
