@@ -9,8 +9,8 @@ no BLIP-2 VQA fine-tuning config).
         --config.text.qformer_tokenizer=/models/bert-base-uncased
 
 Arg: the LLM, `opt-2.7b` (default), `opt-6.7b` or `flant5-xl` (Table 8's three models); a last
-`,POD` picks mesh / remat / microbatches from `defaults.POD_SETTINGS` (none are recorded for
-this recipe yet: `python -m blip2_jax.aot` finds them). Every "/path/to/..." below is a
+`,POD` picks mesh / remat / microbatches from `defaults.POD_SETTINGS` (v5p-128 and v5p-64: data
+parallel, memory compiled; README "Pods"). Every "/path/to/..." below is a
 placeholder: set it with `--config.KEY=...` as above.
 
 - Model: the stage-2 model at 490 px (Table 8), its Q-Former made question-aware (Fig. 7: the

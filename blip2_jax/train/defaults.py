@@ -60,6 +60,14 @@ POD_SETTINGS: dict = {
     # The 8B frozen LLaMA replicated (16.8 GiB in bf16) beside 30 rows per chip: 34.5 GiB,
     # estimated 245 ms (MFU 64.5 %).
     ("stage2:llama3-8b", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
+    # VQA fine-tuning (Table 8: batch 128, 490 px, the ViT trained with full remat): data
+    # parallel, 2 rows per chip (memory compiled, README "Pods").
+    ("vqa_ft:opt-2.7b", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
+    ("vqa_ft:opt-6.7b", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
+    ("vqa_ft:flant5-xl", "v5p-128"): dict(mesh=dict(data=64, fsdp=1, tensor=1)),
+    ("vqa_ft:opt-2.7b", "v5p-64"): dict(mesh=dict(data=32, fsdp=1, tensor=1)),
+    ("vqa_ft:opt-6.7b", "v5p-64"): dict(mesh=dict(data=32, fsdp=1, tensor=1)),
+    ("vqa_ft:flant5-xl", "v5p-64"): dict(mesh=dict(data=32, fsdp=1, tensor=1)),
     # 1680 padded to 1696 rows: 225 ms against 259 ms for 16 x 2-way tensor.
     ("stage1:vit_g", "v5p-64"): dict(mesh=dict(data=32, fsdp=1, tensor=1), pad_batch=True),
     # 2320 padded to 2336 rows: 28.3 GiB, 186 ms.
