@@ -15,8 +15,9 @@ from jax.sharding import Mesh
 
 import blip2_jax
 import hf_ref
-from blip2_jax import api, config, losses, sharding
+from blip2_jax import api, config, losses, run_config, sharding
 from blip2_jax.convert.mapping import flatten
+from blip2_jax.data.batch import FEATURES
 from blip2_jax.train import state as state_lib
 from blip2_jax.losses import LossConfig
 from blip2_jax.train.step import loss_fn
@@ -342,3 +343,19 @@ def test_microbatches_accumulate_to_the_full_batch_step():
     assert all(np.isfinite(v) for v in m1[0].values())
     with pytest.raises(ValueError, match="not divisible by 3 microbatches"):
         _run(cfg, lc, params, batch, mesh, steps=1, frozen=frozen, microbatches=3)
+
+
+def test_lr_mult_scales_the_matching_leaves():
+    cfg = config.get_preset("tiny-stage1")
+    _, t_shapes = state_lib.trainable_abstract(cfg, set())
+    scales = flatten(state_lib.layer_lr_scales(
+        cfg, t_shapes, 0.9, (("qformer/.*", 5.0), ("itm_head/.*", 2.0), ("vision/.*", 3.0))))
+    assert scales["qformer/layers/layer_0/self_attn/query/kernel"] == pytest.approx(5.0)
+    assert scales["itm_head/kernel"] == pytest.approx(2.0)
+    assert scales["query_tokens"] == 1.0 and scales["text_proj/kernel"] == 1.0
+    n = cfg.vision.num_layers                    # times the ViT's layer-wise decay
+    np.testing.assert_allclose(scales["vision/layers/mlp/fc1/kernel"].ravel(),
+                               [3 * 0.9 ** (n - i) for i in range(n)], rtol=1e-6)
+    with pytest.raises(run_config.RunConfigError, match="lr_mult"):
+        state_lib.layer_lr_scales(cfg, t_shapes, None, (("itm_hed/.*", 5.0),))
+

@@ -15,6 +15,7 @@ Optimizer: LAVIS `runner_base.py` and `common/optims.py`.
 - Optional global-norm clipping.
 - Optional layer-wise LR decay for a trainable ViT: block i scaled by decay^(L - i), the
   patch / class / position embeddings by decay^(L + 1).
+- Optional per-parameter LR multipliers (`lr_mult`: (regex, factor) pairs over the paths).
 """
 from __future__ import annotations
 
@@ -104,21 +105,27 @@ def decay_mask(trainable_specs: Mapping, trainable_shapes: Mapping) -> dict:
 
 
 def layer_lr_scales(cfg: config_lib.Blip2Config, trainable_shapes: Mapping,
-                    decay: Optional[float]) -> Optional[dict]:
-    """Per-leaf LR multipliers for a trainable ViT (None when there is nothing to scale)."""
+                    decay: Optional[float], lr_mult: Sequence = ()) -> Optional[dict]:
+    """Per-leaf LR multipliers (None when every one is 1): layer-wise decay for a trainable ViT
+    (`decay`), times `lr_mult`'s factor for the leaves whose "/"-joined path a regex of it
+    fully matches ((regex, factor) pairs; the first match counts)."""
     flat = flatten(trainable_shapes)
-    if decay is None or not any(p.startswith("vision/") for p in flat):
+    mult = [(re.compile(p), float(f)) for p, f in lr_mult]
+    check_patterns(list(flat), [p for p, _ in lr_mult], "optimizer.lr_mult")
+    has_vit = decay is not None and any(p.startswith("vision/") for p in flat)
+    if not has_vit and not mult:
         return None
     n = cfg.vision.num_layers
     out = {}
     for path, shape in flat.items():
-        if path.startswith("vision/layers/"):
+        scale = np.float32(1.0)
+        if has_vit and path.startswith("vision/layers/"):
             scale = decay ** (n - np.arange(n, dtype=np.float64))      # block i → decay^(L-i)
-            out[path] = scale.astype(np.float32).reshape((n,) + (1,) * (len(shape.shape) - 1))
-        elif path.startswith("vision/"):
-            out[path] = np.float32(decay ** (n + 1))                  # embeddings: layer id 0
-        else:
-            out[path] = np.float32(1.0)
+            scale = scale.astype(np.float32).reshape((n,) + (1,) * (len(shape.shape) - 1))
+        elif has_vit and path.startswith("vision/"):
+            scale = np.float32(decay ** (n + 1))                      # embeddings: layer id 0
+        factor = next((f for c, f in mult if c.fullmatch(path)), 1.0)
+        out[path] = (scale * np.float32(factor)).astype(np.float32)
     return unflatten(out)
 
 
@@ -126,7 +133,7 @@ def optimizer(opt_cfg: Mapping, total_steps: int, mask, lr_scales=None
               ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     o = dict(opt_cfg)
     known = {"lr", "min_lr", "warmup_lr", "warmup_steps", "b1", "b2", "eps", "weight_decay",
-             "clip_norm", "vit_layer_decay"}
+             "clip_norm", "vit_layer_decay", "lr_mult"}
     unknown = set(o) - known
     if unknown:
         raise KeyError(f"unknown config.optimizer keys {sorted(unknown)} (known {sorted(known)})")

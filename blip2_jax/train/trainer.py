@@ -52,7 +52,9 @@ class Trainer:
         t_specs, t_shapes = state_lib.trainable_abstract(cfg, self.frozen_paths)
         self.trainable_shapes = t_shapes
         mask = state_lib.decay_mask(t_specs, t_shapes)
-        scales = state_lib.layer_lr_scales(cfg, t_shapes, dict(opt_cfg).get("vit_layer_decay"))
+        opt = dict(opt_cfg)
+        scales = state_lib.layer_lr_scales(cfg, t_shapes, opt.get("vit_layer_decay"),
+                                           tuple(opt.get("lr_mult", ())))
         self.tx, self.schedule = state_lib.optimizer(opt_cfg, total_steps, mask, scales)
 
         replicated = NamedSharding(mesh, P())
