@@ -10,8 +10,8 @@ rendered as instructions.
         --config.text.qformer_tokenizer=/models/bert-base-uncased
 
 Arg: the LLM, `vicuna-7b`, `vicuna-13b`, `flant5-xl` (default) or `flant5-xxl` (the paper's four);
-a last `,POD` picks mesh / remat / microbatches from `defaults.POD_SETTINGS` (none are recorded
-for this recipe yet). Every "/path/to/..." below is a placeholder: set it with
+a last `,POD` picks mesh / remat / microbatches from `defaults.POD_SETTINGS` (v5p-128 and
+v5p-64: data parallel, memory compiled; README "Pods"). Every "/path/to/..." below is a placeholder: set it with
 `--config.KEY=...` as above.
 
 - Model: the InstructBLIP architecture (`instructblip-*` presets: the Q-Former keeps its text

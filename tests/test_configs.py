@@ -321,11 +321,12 @@ def test_models_and_defaults():
     assert _config("stage2", "flant5-xxl").model == "blip2-flan-t5-xxl"
     assert _config("stage2", "opt-2.7b,vit_l").init.stage1 == "/path/to/stage1_vit_l/final"
     assert _config("vqa_ft", "opt-6.7b,v5p-64").mesh.data == 32
+    assert _config("instruct", "vicuna-13b,v5p-128").mesh.data == 64
     for name, bad in [("stage1", "vit_h"), ("stage2", "opt-13b"), ("stage2", "opt-6.7b,vit_l"),
                       ("stage2", "opt-2.7b,vit_h"), ("caption_coco_ft", "flant5-xl"),
                       ("retrieval_coco_ft", "vit_b"), ("vqa_ft", "flant5-xxl"),
                       ("vqa_ft", "opt-2.7b,v4-128"), ("instruct", "vicuna-33b"),
-                      ("instruct", "flant5-xl,v5p-128")]:
+                      ("instruct", "flant5-xl,v5e-256")]:
         with pytest.raises(ValueError):
             _config(name, bad)
 

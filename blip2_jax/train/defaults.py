@@ -68,6 +68,11 @@ POD_SETTINGS: dict = {
     ("vqa_ft:opt-2.7b", "v5p-64"): dict(mesh=dict(data=32, fsdp=1, tensor=1)),
     ("vqa_ft:opt-6.7b", "v5p-64"): dict(mesh=dict(data=32, fsdp=1, tensor=1)),
     ("vqa_ft:flant5-xl", "v5p-64"): dict(mesh=dict(data=32, fsdp=1, tensor=1)),
+    # Instruction tuning (InstructBLIP: batch 128 / 64 / 192 / 64, 224 px, the ViT and LLM
+    # frozen): data parallel, 1-6 rows per chip (memory compiled, README "Pods").
+    **{(f"instruct:{llm}", pod): dict(mesh=dict(data=chips, fsdp=1, tensor=1))
+       for llm in ("vicuna-7b", "vicuna-13b", "flant5-xl", "flant5-xxl")
+       for pod, chips in (("v5p-128", 64), ("v5p-64", 32))},
     # 1680 padded to 1696 rows: 225 ms against 259 ms for 16 x 2-way tensor.
     ("stage1:vit_g", "v5p-64"): dict(mesh=dict(data=32, fsdp=1, tensor=1), pad_batch=True),
     # 2320 padded to 2336 rows: 28.3 GiB, 186 ms.
