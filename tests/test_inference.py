@@ -368,8 +368,11 @@ def test_tokenizers_lazy_explicit_and_missing(pair, retrieval, tmp_path):
         bare.caption(PHOTOS)
     bare.tokenizer = pair.tok
     assert bare.tokenizer is pair.tok
+    # a model that holds its tokenizer saves it beside the weights (as HF's save_pretrained)
+    model.save(tmp_path / "with_tok")
+    assert P.tokenizer_kind(blip2_jax.load(tmp_path / "with_tok").tokenizer) == pair.llm
     # a checkpoint without tokenizer files loads; the tokenizer fails on first use, saying why
-    model.save(tmp_path / "no_tok")
+    blip2_jax.Blip2(model.config, model.params).save(tmp_path / "no_tok")
     weights_only = blip2_jax.load(tmp_path / "no_tok")
     with pytest.raises(FileNotFoundError, match="Missing"):
         weights_only.tokenizer
