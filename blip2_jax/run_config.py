@@ -249,11 +249,15 @@ class TextSetup:
     loss: LossConfig
     prefix_lm: bool       # T5: the caption is split into an encoder prefix and a decoder target
     max_length: int
-    targets: tuple = ()   # names of the specs whose rows carry a per-row target mask
 
     @property
     def fields(self) -> tuple:
         return tuple(s.name for s in self.specs)
+
+    @property
+    def targets(self) -> tuple:
+        """Names of the specs whose rows carry a per-row target mask (a prompt → target row)."""
+        return tuple(s.name for s in self.specs if s.target_field)
 
 
 def _tokenizer(path: Optional[str], kind: str, required: bool):
@@ -316,7 +320,7 @@ def text_setup(config, cfg: config_lib.Blip2Config, *, tokenizers: bool = True) 
         # (InstructBLIP's caption tasks) with config.data.prompt as the prompt.
         specs = (TextSpec("llm", tok_dir, "llama", max_length, field="prompt",
                           target_field="caption"),)
-        return TextSetup(specs, LossConfig(**weights), False, max_length, targets=("llm",))
+        return TextSetup(specs, LossConfig(**weights), False, max_length)
     if cfg.llm_kind == "opt":
         prompt = section(config, "data").get("prompt", "")
         tok = _tokenizer(tok_dir, "opt", tokenizers) if prompt else None
@@ -339,11 +343,9 @@ def _answer_text_setup(cfg: config_lib.Blip2Config, tok_dir: Optional[str],
         suffix = "\n" if cfg.llm_kind == "opt" else ""       # BLIP-2 OPT's EOS (with_caption_eos)
         specs = (TextSpec("llm", tok_dir, cfg.llm_kind, max_length, suffix=suffix,
                           target_field="answer"),)
-        targets = ("llm",)
     else:
         specs = (TextSpec("llm", tok_dir, "t5", max_length),
                  TextSpec("target", tok_dir, "t5", max_length, field="answer"))
-        targets = ()
     if cfg.qformer_text_input:
         if not qformer_dir:
             raise RunConfigError("the model's Q-Former reads the question "
@@ -355,7 +357,7 @@ def _answer_text_setup(cfg: config_lib.Blip2Config, tok_dir: Optional[str],
                                  f"prompt's BERT ids would not fit; use max_length <= "
                                  f"{positions}")
         specs += (TextSpec("qformer", qformer_dir, "qformer", max_length),)
-    return TextSetup(specs, LossConfig(**weights), False, max_length, targets)
+    return TextSetup(specs, LossConfig(**weights), False, max_length)
 
 
 def with_caption_eos(config, cfg: config_lib.Blip2Config) -> config_lib.Blip2Config:

@@ -15,13 +15,7 @@ def get_config(arg=None):
     # The synthetic language's tokenizers (blip2_jax.data.build synthetic) set the vocabularies.
     c.model_overrides = dict(llm=dict(vocab_size=256 if llm == "t5" else 384))
     c.init = dict(random=("*",))
-    c.frozen = ("vision/.*", "llm/.*")
-    c.loss = dict(lm=1.0)
-    c.optimizer.update(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5)
-    c.total_steps = 40
-    c.batch_size = 16
-    c.log_every_steps = 10
-    c.checkpoint_every_steps = 20
+    defaults.tiny_stage2_training(c)
     c.data = defaults.synthetic_data(data_dir or "data")
     c.text = dict(llm_tokenizer="{data_dir}/tokenizers/synthetic/" + llm, max_length=32)
     c.eval.evaluators = defaults.synthetic_evaluators("caption", "vqa", num_beams=3,

@@ -28,13 +28,7 @@ def get_config(arg=None):
     c.model_overrides = dict(llm=dict(vocab_size=VOCAB[llm]), qformer=dict(has_text_input=True),
                              qformer_text_input=True)
     c.init = dict(checkpoint="", qformer_text="", random=("*",))
-    c.frozen = ("vision/.*", "llm/.*")
-    c.loss = dict(lm=1.0)
-    c.optimizer.update(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5)
-    c.total_steps = 40
-    c.batch_size = 16
-    c.log_every_steps = 10
-    c.checkpoint_every_steps = 20
+    defaults.tiny_stage2_training(c)
     c.data = defaults.synthetic_data(data_dir or "data", question_template="{}")
     c.data.train = dict(name="blip2_vqa/synthetic", split="train")
     tokenizers = "{data_dir}/tokenizers/synthetic/"

@@ -2,12 +2,22 @@
 configs loaded with test-sized overrides."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from blip2_jax import run_config
 from blip2_jax.data import build as build_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script(name: str):
+    """The repository's `NAME.py` entry point (train, eval) as a module, to call its main()."""
+    spec = importlib.util.spec_from_file_location(f"_script_{name}",
+                                                  os.path.join(ROOT, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def synthetic_data(directory: str, *, train: int, test: int, val: int = 0) -> str:

@@ -6,7 +6,6 @@ past the parser: tests/test_user_errors.py."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import subprocess
@@ -14,6 +13,7 @@ import sys
 
 import pytest
 
+import runs
 from blip2_jax import aot, cli, predict
 from blip2_jax.convert import __main__ as convert_cli
 from blip2_jax.data import build as build_cli
@@ -25,15 +25,7 @@ STAGE1 = f"{ROOT}/configs/tiny_stage1.py:/nowhere"
 STAGE2 = f"{ROOT}/configs/tiny_stage2.py:opt,/nowhere"
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_cli_test_{name}",
-                                                  os.path.join(ROOT, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_py, eval_py = _script("train"), _script("eval")
+train_py, eval_py = runs.script("train"), runs.script("eval")
 
 # Entry point → how to call its main with the arguments after the program name.
 MAINS = {

@@ -4,10 +4,8 @@ weights, each row's targets exactly its response and END, bad templates and leng
 name, and train.py + eval.py end to end."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,6 @@ from blip2_jax import processing, run_config
 from blip2_jax.data import builders, pipeline
 from blip2_jax.train import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATES = {"caption": ("a picture of", "an image with", "there is"),
              "vqa": ("{}", "a picture of {}", "{} is")}
 MIX = [pipeline.Source("blip2_captions/synthetic", "train"),
@@ -186,11 +183,7 @@ def test_train_then_eval(data_dir, llm, tmp_path, capsys):
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(r["lm"]) for r in rows) and rows[-1]["lm"] < rows[0]["lm"]
-    sys.path.insert(0, ROOT)
-    try:
-        eval_cli = importlib.import_module("eval")
-    finally:
-        sys.path.remove(ROOT)
+    eval_cli = runs.script("eval")
     out = os.path.join(work, "eval_out")
     code = eval_cli.main(["eval.py", "--workdir", work, "--output", out, "--no-report"])
     assert code == 0, capsys.readouterr()

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import random
-import sys
 
 import jax
 import numpy as np
@@ -327,12 +326,7 @@ def test_train_then_eval_gives_vqa_accuracy(data_dir, trained, llm, capsys):
     model = blip2_jax.load(os.path.join(work, "final"), dtype=None)
     assert model.config.qformer_text_input and model.config.llm_kind == llm
     assert {str(x.dtype) for x in jax.tree.leaves(model.params["llm"])} == {"bfloat16"}
-    sys.path.insert(0, ROOT)
-    try:
-        import importlib
-        eval_cli = importlib.import_module("eval")
-    finally:
-        sys.path.remove(ROOT)
+    eval_cli = runs.script("eval")
     out = os.path.join(work, "eval_out")
     code = eval_cli.main(["eval.py", "--config",
                           f"{os.path.join(ROOT, 'configs', 'tiny_vqa.py')}:{llm},{data_dir}",

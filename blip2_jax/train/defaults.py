@@ -126,6 +126,18 @@ def apply_pod(c: ml_collections.ConfigDict, key: str, pod: str) -> None:
     c.model_overrides = overrides
 
 
+def tiny_stage2_training(c: ml_collections.ConfigDict) -> None:
+    """The training knobs the tiny runs with an LLM share (configs/tiny_stage2.py, tiny_vqa.py,
+    tiny_instruct.py): the ViT and the LLM frozen, the LM loss, 40 steps of 16 at LR 1e-3."""
+    c.frozen = ("vision/.*", "llm/.*")
+    c.loss = dict(lm=1.0)
+    c.optimizer.update(lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=5)
+    c.total_steps = 40
+    c.batch_size = 16
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 20
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
