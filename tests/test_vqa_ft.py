@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import signal
 
 import jax
 import numpy as np
@@ -339,14 +340,25 @@ def test_train_then_eval_gives_vqa_accuracy(data_dir, trained, llm, capsys):
     assert metrics["questions"] == 12 and 0.0 <= metrics["overall"] <= 100.0
 
 
-def test_a_preempted_run_resumes_to_the_same_run(data_dir, trained, tmp_path):
-    """stop_after_steps ends the run at step 2 as a preemption would (a checkpoint, no final/);
-    the same command then continues to step 4: the same losses and parameters as the
-    uninterrupted run."""
+def test_a_sigterm_run_resumes_to_the_same_run(data_dir, trained, tmp_path, monkeypatch):
+    """SIGTERM at the second logged step (a preemption): the loop finishes the steps in flight,
+    saves a checkpoint and returns before the last step, without final/; the same command then continues to step 4 with the
+    same losses and parameters as the uninterrupted run."""
     work = str(tmp_path / "parts")
-    first = loop.run(_config(data_dir, "opt", stop_after_steps=2, checkpoint_every_steps=100),
+    logged = []
+    throughput = loop._throughput
+
+    def preempt_at_step_2(*a, **k):          # called at each logged step (log_every_steps=1)
+        logged.append(True)
+        if len(logged) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return throughput(*a, **k)
+    monkeypatch.setattr(loop, "_throughput", preempt_at_step_2)
+    first = loop.run(_config(data_dir, "opt", log_every_steps=1, checkpoint_every_steps=100),
                      work)
-    assert first["step"] == 2 and not os.path.exists(os.path.join(work, "final"))
+    assert first["preempted"] and 2 <= first["step"] < 4
+    assert not os.path.exists(os.path.join(work, "final"))
+    monkeypatch.setattr(loop, "_throughput", throughput)
     assert loop.run(_config(data_dir, "opt", checkpoint_every_steps=100), work)["step"] == 4
     whole = {r["step"]: r for r in _rows(trained["opt"])}
     for r in _rows(work):
