@@ -22,6 +22,7 @@ Q-Former text on every surface that takes an image: `qformer_input_ids=`,
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -411,6 +412,19 @@ class Blip2:
             raise ValueError(f"this model has no {attr} and no checkpoint directory to load one "
                              f"from; pass Blip2(..., {attr}=...) or set model.{attr}")
         return processing.load_tokenizer(self.checkpoint_dir, kind)
+
+    def without_image(self) -> "Blip2":
+        """The same model with no soft visual prompt (zero query tokens): its LLM reads the text
+        alone, e.g. `model.without_image().answer(images, questions)` is the LLM's answer prior
+        for those questions, the blind baseline of a VQA figure (images are taken and not
+        read)."""
+        self._need(self.config.llm is not None, "without_image", "language model")
+        cfg = dataclasses.replace(self.config, num_query_tokens=0)
+        # The towers the text-only pass never reads stay in the pytree, unchecked.
+        out = Blip2(cfg, dict(self.params, query_tokens=self.params["query_tokens"][:, :0]),
+                    check=False)
+        out._copy_text_side(self)
+        return out
 
     def _copy_text_side(self, other: "Blip2") -> None:
         self._tokenizer = other._tokenizer

@@ -10,16 +10,24 @@
    - captions generated for the test images, and the share that are right: that name every
      object with its size, colour, shape and position and nothing else, in any of the
      paraphrases the dataset uses (`synthetic.parse_caption`);
+   - zero-shot VQA: stage 2 asked "Question: ... Answer:" about each test image. Its LM was
+     pre-trained on text alone (descriptions followed by questions and answers) and stage 2
+     trained on captions alone; the same LM asked without the image (the answer prior) and a
+     uniform guess among the answers of each question's kind (chance) are its baselines;
    - the configs' evaluators (blip2_jax/eval): retrieval with ITM re-ranking, caption metrics,
      zero-shot VQA, each stage with an HTML report (WORK/eval/stage1|stage2/report.html).
+`--ablation` also trains stage 2 from a fresh Q-Former (no stage 1; configs/demo.py:stage2_fresh)
+for the same steps and scores it the same way (the paper's Fig. 5).
 Every finished step is kept, so re-running continues where it stopped. Results are printed (the
 training loop's messages too: feature cache, compiling, in-training evaluation) and written to
 WORK/results.json (`retrieval_r1_i2t`, `retrieval_r1_t2i`, `itm_rerank_r1_i2t`,
-`itm_rerank_r1_t2i`, `vqa_zero_shot`: fractions; `captions_right` of `captions_total`: counts).
+`itm_rerank_r1_t2i`, `vqa_zero_shot`, `vqa_answer_prior`, `vqa_chance`: fractions;
+`captions_right` of `captions_total`: counts; `vqa_by_kind`; `ablation` with --ablation).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -63,6 +71,33 @@ def retrieval(model, data_dir: str, qtok, image_size: int, max_length: int) -> d
             "texts": len(truth.texts), "pixels": pixels, "truth": truth}
 
 
+def captions_right(model, r: dict, n: int) -> tuple[list[str], list[bool], list[list[str]]]:
+    """(generated captions, whether each is right, references) for the first `n` test images."""
+    generated = model.caption(r["pixels"][:n], num_beams=3, max_new_tokens=48)
+    refs = [[processing.pre_caption(r["truth"].texts[t]) for t in r["truth"].image_to_texts[i]]
+            for i in range(n)]
+    scenes = [synthetic.parse_caption(ref[0]) for ref in refs]
+    return generated, [synthetic.parse_caption(g) == sc for g, sc in zip(generated, scenes)], refs
+
+
+def vqa_breakdown(result) -> dict:
+    """Per question kind (count, color, ...): accuracy, the answer prior's, and chance (a uniform
+    guess among the answers that kind has in the test split); `result` a VQA EvalResult."""
+    answers, scores = collections.defaultdict(set), collections.defaultdict(list)
+    for p in result.predictions:
+        kind = synthetic.question_kind(p["question"])
+        answers[kind].update(p["answers"])
+        scores[kind].append(p["score"])
+    return {k: {"questions": len(scores[k]), "accuracy": float(np.mean(scores[k])),
+                "chance": 1 / len(answers[k])} for k in sorted(scores)}
+
+
+def vqa_chance(result) -> float:
+    by_kind = vqa_breakdown(result)
+    return float(sum(v["chance"] * v["questions"] for v in by_kind.values())
+                 / sum(v["questions"] for v in by_kind.values()))
+
+
 class _Elapsed(logging.Formatter):
     """The demo's line format (seconds since it started) for the training loop's messages."""
 
@@ -78,6 +113,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m blip2_jax.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="out/demo", help="output directory (kept between runs)")
     ap.add_argument("--captions", type=int, default=100, help="test images to caption")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also train stage 2 from a fresh Q-Former (no stage 1) and compare")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run (tests): a small dataset and a few dozen steps per stage; "
                          "its figures mean nothing")
@@ -85,7 +122,7 @@ def main(argv=None) -> dict:
     sizes = (dict(train=256, test=10, vision_steps=30, vision_pool=256, llm_steps=10, steps=40)
              if args.quick else
              dict(train=5000, test=TEST_IMAGES, vision_steps=400, vision_pool=4000,
-                  llm_steps=600, steps=None))
+                  llm_steps=800, steps=None))
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
     t_start = time.perf_counter()
@@ -118,9 +155,12 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
 
     quick = (dict(total_steps=sizes["steps"], checkpoint_every_steps=20, log_every_steps=5)
              if args.quick else {})
-    s1, s2 = _demo_config("stage1", work, **quick), _demo_config("stage2", work, **quick)
+    stages = ["stage1", "stage2"] + (["stage2_fresh"] if args.ablation else [])
+    configs = {name: _demo_config(name, work, **quick) for name in stages}
+    s1, s2 = configs["stage1"], configs["stage2"]
     if args.quick:
-        s1.eval.every_steps = s2.eval.every_steps = 0   # the reports below evaluate once
+        for c in configs.values():
+            c.eval.every_steps = 0      # the reports below evaluate once
     stage2_cfg = run_config.model_config(s2)
     unimodal_dir = os.path.join(work, "unimodal")
     if not os.path.isdir(unimodal_dir):
@@ -130,10 +170,16 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
                                        vision_pool=sizes["vision_pool"],
                                        llm_steps=sizes["llm_steps"], seed=0, log=log)
         log(f"    image encoder: {stats['vision_cell_accuracy']:.1%} of grid cells parsed right; "
-            f"language model: {stats['llm_token_accuracy']:.1%} of next tokens right")
-    for name, c in (("stage1", s1), ("stage2", s2)):
+            f"language model: {stats['llm_token_accuracy']:.1%} of next tokens right, "
+            f"{stats['llm_answers_described']:.1%} of answers right after a text description "
+            f"of the scene, {stats['llm_answers_prior']:.1%} without one")
+        with open(os.path.join(unimodal_dir, "pretraining.json"), "w") as f:
+            json.dump(stats, f, indent=2)
+    for i, name in enumerate(stages):
+        c = configs[name]
         if not os.path.isdir(os.path.join(work, name, "final")):
-            log(f"{3 if name == 'stage1' else 4}/5 {name} ({c.total_steps} steps)")
+            what = {"stage2_fresh": "stage 2 from a fresh Q-Former (ablation)"}.get(name, name)
+            log(f"{min(i + 3, 4)}/5 {what} ({c.total_steps} steps)")
             out = loop.run(c, os.path.join(work, name))
             log(f"    {name} done: " + ", ".join(f"{k} {out[k]:.3f}" for k in
                                                     ("loss", "itc", "itm", "itg", "lm")
@@ -147,11 +193,7 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
     stage2 = blip2_jax.load(os.path.join(work, "stage2", "final"), tokenizer=opt_tok)
     n = min(args.captions, r["images"])
     log(f"    captioning {n} held-out images (stage 2, beam search)")
-    generated = stage2.caption(r["pixels"][:n], num_beams=3, max_new_tokens=48)
-    refs = [[processing.pre_caption(r["truth"].texts[t]) for t in r["truth"].image_to_texts[i]]
-            for i in range(n)]
-    scenes = [synthetic.parse_caption(ref[0]) for ref in refs]
-    right = [synthetic.parse_caption(g) == scene for g, scene in zip(generated, scenes)]
+    generated, right, refs = captions_right(stage2, r, n)
     results = {"retrieval_r1_i2t": r["i2t_r1"], "retrieval_r1_t2i": r["t2i_r1"],
                "retrieval_chance": 1 / r["images"],
                "test_images": r["images"], "test_texts": r["texts"],
@@ -160,42 +202,88 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
                "examples": [{"image_id": r["truth"].image_ids[i], "generated": generated[i],
                              "right": right[i], "reference": refs[i][0]}
                             for i in ([i for i in range(n) if right[i]][:4]
-                                      + [i for i in range(n) if not right[i]][:2])],
-               "seconds": time.perf_counter() - t_start}
+                                      + [i for i in range(n) if not right[i]][:2])]}
     # The configs' evaluators (retrieval with ITM re-ranking; captioning and zero-shot VQA
     # metrics), with an HTML report per stage.
-    results["evaluators"], reports = {}, []
-    for name, c, model in (("stage1", s1, stage1), ("stage2", s2, stage2)):
-        evs, toks = run_config.evaluators(c)
+    results["evaluators"], reports, vqa = {}, [], {}
+
+    def evaluate(name, c, model, evs=None, toks=None):
+        if evs is None:
+            evs, toks = run_config.evaluators(c)
         log(f"    {name}'s evaluators: {', '.join(ev.name for ev in evs)}")
         out = os.path.join(work, "eval", name)
+        metrics = os.path.join(work, name, "metrics.jsonl")
         done = runner.run(model, evs, mesh=run_config.make_mesh(c), tokenizers=toks,
-                          out_dir=out, info={"model": os.path.join(work, name, "final"), "demo": name},
-                          metrics_jsonl=os.path.join(work, name, "metrics.jsonl"))
-        results["evaluators"].update({r.name: r.numeric_metrics() for r in done})
+                          out_dir=out, info={"model": os.path.join(work, name, "final"),
+                                             "demo": name},
+                          metrics_jsonl=metrics if os.path.isfile(metrics) else None)
         reports.append(os.path.join(out, "report.html"))
+        return {d.name: d for d in done}
+
+    for name, c, model in (("stage1", s1, stage1), ("stage2", s2, stage2)):
+        done = evaluate(name, c, model)
+        results["evaluators"].update({k: d.numeric_metrics() for k, d in done.items()})
+        if "vqa_test" in done:
+            vqa[name] = done["vqa_test"]
+    # The answer prior: the same LM and prompt, no image.
+    evs, toks = run_config.evaluators(s2)
+    vqa["prior"] = evaluate("answer_prior", s2, stage2.without_image(),
+                            [ev for ev in evs if ev.kind == "vqa"], toks)["vqa_test"]
     ev = results["evaluators"]
     # The evaluators report percentages; results.json keeps fractions, as R@1 above.
     results.update(itm_rerank_r1_i2t=ev["retrieval_test"]["txt_r1"] / 100,
                    itm_rerank_r1_t2i=ev["retrieval_test"]["img_r1"] / 100,
-                   vqa_zero_shot=ev["vqa_test"]["overall"] / 100)
+                   vqa_zero_shot=ev["vqa_test"]["overall"] / 100,
+                   vqa_answer_prior=vqa["prior"].metrics["overall"] / 100,
+                   vqa_chance=vqa_chance(vqa["stage2"]),
+                   vqa_by_kind={k: {**v, "answer_prior": prior["accuracy"]} for (k, v), prior in
+                                zip(vqa_breakdown(vqa["stage2"]).items(),
+                                    vqa_breakdown(vqa["prior"]).values())})
+    if args.ablation:
+        fresh = blip2_jax.load(os.path.join(work, "stage2_fresh", "final"), tokenizer=opt_tok)
+        log(f"    ablation: captioning {n} held-out images from the fresh-Q-Former stage 2")
+        _, fresh_right, _ = captions_right(fresh, r, n)
+        done = evaluate("stage2_fresh", configs["stage2_fresh"], fresh)
+        fresh_ev = {k: d.numeric_metrics() for k, d in done.items()}
+        results["ablation"] = {
+            arm: {"vqa_zero_shot": e["vqa_test"]["overall"] / 100,
+                  "captions_right": int(np.sum(ok)), "captions_total": n,
+                  "caption_cider": e["caption_test"]["CIDEr"]}
+            for arm, e, ok in (("stage1_qformer", ev, right), ("fresh_qformer", fresh_ev,
+                                                               fresh_right))}
     results["reports"] = reports
     results["seconds"] = time.perf_counter() - t_start
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    log(f"held-out retrieval R@1 by ITC: image→text {r['i2t_r1']:.1%}, text→image "
-        f"{r['t2i_r1']:.1%} (chance {1 / r['images']:.1%})")
-    log(f"captions fully right: {int(np.sum(right))} of {n} held-out images; e.g.")
+    _print(results, ev, log)
+    return results
+
+
+def _print(results: dict, ev: dict, log) -> None:
+    log(f"held-out retrieval R@1 by ITC: image→text {results['retrieval_r1_i2t']:.1%}, "
+        f"text→image {results['retrieval_r1_t2i']:.1%} (chance {results['retrieval_chance']:.1%});"
+        f" with ITM re-ranking {results['itm_rerank_r1_i2t']:.1%} / "
+        f"{results['itm_rerank_r1_t2i']:.1%}")
+    log(f"captions fully right: {results['captions_right']} of {results['captions_total']} "
+        f"held-out images (CIDEr {ev['caption_test']['CIDEr']:.3f}, BLEU-4 "
+        f"{ev['caption_test']['Bleu_4']:.3f}); e.g.")
     for e in results["examples"]:
         log(f"    {'✓' if e['right'] else '✗'} {e['generated']!r}   (reference: "
             f"{e['reference']!r})")
-    log(f"retrieval with ITM re-ranking: R@1 image→text {ev['retrieval_test']['txt_r1']:.1f}%, "
-        f"text→image {ev['retrieval_test']['img_r1']:.1f}%; captions CIDEr "
-        f"{ev['caption_test']['CIDEr']:.3f}, BLEU-4 {ev['caption_test']['Bleu_4']:.3f}; "
-        f"zero-shot VQA accuracy {ev['vqa_test']['overall']:.1f}%")
-    for r in reports:
+    log(f"zero-shot VQA accuracy {results['vqa_zero_shot']:.1%}; the same LM without the image "
+        f"{results['vqa_answer_prior']:.1%}; chance {results['vqa_chance']:.1%}. By kind "
+        "(accuracy / without the image / chance):")
+    for kind, v in results["vqa_by_kind"].items():
+        log(f"    {kind:7s} {v['accuracy']:6.1%} / {v['answer_prior']:6.1%} / {v['chance']:6.1%}"
+            f"   ({v['questions']} questions)")
+    if "ablation" in results:
+        a = results["ablation"]
+        log("stage 2 from the stage-1 Q-Former vs from a fresh one (same steps): zero-shot VQA "
+            f"{a['stage1_qformer']['vqa_zero_shot']:.1%} vs {a['fresh_qformer']['vqa_zero_shot']:.1%}"
+            f"; captions right {a['stage1_qformer']['captions_right']} vs "
+            f"{a['fresh_qformer']['captions_right']} of {a['fresh_qformer']['captions_total']}")
+    for r in results["reports"]:
         log(f"report: {r}")
-    return results
 
 
 if __name__ == "__main__":

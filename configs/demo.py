@@ -3,6 +3,8 @@
     configs/demo.py:stage1,WORK   stage 1 (ITC + ITM + ITG), frozen image encoder from WORK/unimodal
     configs/demo.py:stage2,WORK   stage 2 (OPT LM), Q-Former from WORK/stage1/final, frozen LM from
                                   WORK/unimodal
+    configs/demo.py:stage2_fresh,WORK   the same stage 2 from a fresh Q-Former (no stage 1): the
+                                  paper's Fig. 5 ablation (`python -m blip2_jax.demo --ablation`)
 
 WORK defaults to out/demo, but stage 2 starts from a stage-1 model only when it is named: by WORK
 (`stage2,WORK`: the stage-1 run of that work directory, where the demo trains it) or by
@@ -11,6 +13,7 @@ WORK defaults to out/demo, but stage 2 starts from a stage-1 model only when it 
 WORK/data holds the synthetic dataset and its tokenizers; WORK/unimodal the pre-trained image
 encoder and language model (blip2_jax/train/unimodal.py).
 """
+from blip2_jax.data import synthetic
 from blip2_jax.train import defaults
 
 # A 72 px image is a 6x6 grid of 12 px patches: each cell of the 3x3 scene grid is 2x2 patches.
@@ -30,8 +33,9 @@ def get_config(arg="stage1,out/demo"):
     stage, _, work = arg.partition(",")
     stage1 = f"{work}/stage1/final" if work else "/path/to/stage1_run/final"
     work = work or "out/demo"
-    if stage not in ("stage1", "stage2"):
-        raise ValueError(f"demo config takes 'stage1,WORK' or 'stage2,WORK', got {arg!r}")
+    if stage not in ("stage1", "stage2", "stage2_fresh"):
+        raise ValueError(f"demo config takes 'stage1,WORK', 'stage2,WORK' or 'stage2_fresh,WORK', "
+                         f"got {arg!r}")
     c = defaults.base_config()
     if stage == "stage1":
         c.model = "tiny-stage1"
@@ -60,15 +64,20 @@ def get_config(arg="stage1,out/demo"):
         c.model = "tiny-opt"
         c.model_overrides = dict(vision=VISION, qformer=QFORMER, llm=LLM,
                                  num_query_tokens=NUM_QUERIES)
-        c.init = dict(stage1=stage1, llm=f"{work}/unimodal",
-                      random=("llm_proj",))
+        if stage == "stage2":
+            c.init = dict(stage1=stage1, llm=f"{work}/unimodal", random=("llm_proj",))
+        else:   # the image encoder and its LayerNorm as stage 1 started them; the rest fresh
+            c.init = dict(vision=f"{work}/unimodal", llm=f"{work}/unimodal",
+                          random=("qformer", "query_tokens", "llm_proj"))
         c.frozen = ("vision/.*", "llm/.*")
         c.loss = dict(lm=1.0)
         c.total_steps = 1000
         c.optimizer.update(lr=1e-3, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=20)
         c.text = dict(llm_tokenizer="{data_dir}/tokenizers/synthetic/opt", max_length=48)
-        # Stage 2 trains on captions only: its VQA is zero-shot, as the paper's.
+        # Stage 2 trains on captions only: its VQA is zero-shot, as the paper's, asked in the
+        # paper's prompt, which the frozen LM read in its text-only pre-training.
         c.eval.evaluators = defaults.synthetic_evaluators("caption", "vqa", num_beams=3)
+        c.eval.evaluators.vqa_test.template = synthetic.VQA_PROMPT
         c.eval.evaluators.caption_test.max_new_tokens = 48
         c.eval.every_steps = 250
     c.frozen_dtype = "float32"      # tiny towers: keep full precision

@@ -15,8 +15,9 @@ def _rows(path):
 
 def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
     work = str(tmp_path / "demo")
-    results = demo.main(["--work", work, "--quick", "--captions", "8"])
-    for stage, terms in (("stage1", ("itc", "itg")), ("stage2", ("lm",))):
+    results = demo.main(["--work", work, "--quick", "--captions", "8", "--ablation"])
+    for stage, terms in (("stage1", ("itc", "itg")), ("stage2", ("lm",)),
+                         ("stage2_fresh", ("lm",))):
         rows = _rows(os.path.join(work, stage, "metrics.jsonl"))
         assert rows[-1]["step"] == 40
         for k in terms:              # the mean of the last 3 logs is below the first log
@@ -30,8 +31,24 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
             assert json.load(f)["config"]["data"]["features"] == os.path.join(work, "features")
     assert results["test_images"] == 10 and results["retrieval_chance"] == 1 / 10
     # The figures, as fractions, and the captions as counts.
-    for k in ("retrieval_r1_i2t", "retrieval_r1_t2i", "itm_rerank_r1_i2t", "vqa_zero_shot"):
+    for k in ("retrieval_r1_i2t", "retrieval_r1_t2i", "itm_rerank_r1_i2t", "vqa_zero_shot",
+              "vqa_answer_prior", "vqa_chance"):
         assert 0 <= results[k] <= 1, k
+    # Chance: a uniform guess among each kind's test answers, weighted by the kind's questions.
+    kinds = results["vqa_by_kind"]
+    assert set(kinds) <= {"count", "color", "shape", "size", "where", "exists"}
+    assert sum(v["questions"] for v in kinds.values()) == 30        # 10 scenes x 3
+    assert abs(results["vqa_chance"] - sum(v["chance"] * v["questions"] for v in kinds.values())
+               / 30) < 1e-9
+    assert abs(results["vqa_zero_shot"] - sum(v["accuracy"] * v["questions"]
+                                              for v in kinds.values()) / 30) < 1e-6
+    # The ablation's two arms: stage 2 from the stage-1 Q-Former, and from a fresh one.
+    arms = results["ablation"]
+    assert set(arms) == {"stage1_qformer", "fresh_qformer"}
+    assert arms["stage1_qformer"]["vqa_zero_shot"] == results["vqa_zero_shot"]
+    for arm in arms.values():
+        assert 0 <= arm["vqa_zero_shot"] <= 1 and 0 <= arm["captions_right"] <= 8
+        assert np.isfinite(arm["caption_cider"])
     assert results["captions_total"] == 8 and 0 <= results["captions_right"] <= 8
     n_right = results["captions_right"]       # examples: up to 4 right, 2 wrong
     assert [e["right"] for e in results["examples"]] == ([True] * min(4, n_right)

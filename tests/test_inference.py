@@ -237,6 +237,25 @@ def test_answer_matches_hf_with_lavis_defaults(pair):
     assert model.answer(PHOTOS, prompts, template=None) == answers      # no template: as is
 
 
+def test_without_image_answers_as_the_llm_alone(pair):
+    """`without_image()`: no queries, so the answers are HF's language model's own `generate`
+    on the prompt (the answer prior), token for token; the model itself is unchanged."""
+    model = pair.model
+    blind = model.without_image()
+    answers = blind.answer(PHOTOS, QUESTIONS)
+    prompts = [f"Question: {q} Short answer:" for q in QUESTIONS]
+    for prompt, answer in zip(prompts, answers):
+        ids, mask = P.tokenize_prompts(pair.tok, [prompt], kind=pair.llm)
+        with torch.no_grad(), hf_ref.one_torch_thread():
+            out = pair.hf.language_model.generate(
+                input_ids=torch.from_numpy(np.asarray(ids)),
+                attention_mask=torch.from_numpy(np.asarray(mask)), eos_token_id=pair.eos,
+                pad_token_id=pair.pad, **VQA_KW).numpy()
+        start = 1 if pair.llm == "t5" else ids.shape[1]
+        assert answer == pair.tok.batch_decode(out[:, start:], skip_special_tokens=True)[0].strip()
+    assert model.config.num_query_tokens > 0 and model.answer(PHOTOS, QUESTIONS) != answers
+
+
 # ------------------------------------------------------------------------------------------------
 # match / similarity / features (stage 1)
 # ------------------------------------------------------------------------------------------------

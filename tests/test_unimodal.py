@@ -8,24 +8,57 @@ from blip2_jax.data import synthetic
 from blip2_jax.train import unimodal
 
 
-def test_document_ids_put_bos_before_each_caption(tmp_path):
-    docs = unimodal.caption_corpus(20, seed=0, per_document=2)
-    assert all(len(d) == 2 and synthetic.parse_caption(d[0]) == synthetic.parse_caption(d[1])
-               for d in docs)                               # paraphrases of one scene
-    tok_dir = synthetic.write_tokenizers([c for d in docs for c in d], str(tmp_path))["opt"]
+def test_text_corpus_documents_and_their_ids(tmp_path):
+    """Each document is about one scene: a caption first, then a paraphrase and question-answer
+    lines in the VQA prompt, in some order; each line becomes `[BOS] line "\\n"`."""
+    docs = unimodal.text_corpus(20, seed=0, questions=3)
+    for d in docs:
+        scene = synthetic.parse_caption(d[0])
+        assert scene is not None and len(d) == 5
+        captions = [line for line in d if not line.startswith("Question: ")]
+        assert len(captions) == 2 and {synthetic.parse_caption(c) for c in captions} == {scene}
+        for line in d[1:]:
+            if line.startswith("Question: "):
+                q, a = line[len("Question: "):].split(" Answer: ")
+                assert synthetic.question_kind(q) and a
+    assert len({tuple(d[1:]) for d in docs}) == 20
+    tok_dir = synthetic.write_tokenizers([line for d in docs for line in d], str(tmp_path))["opt"]
     tok = processing.load_tokenizer(tok_dir, "opt")
-    ids, mask = unimodal.document_ids(tok, docs, max_length=96)
+    ids, mask = unimodal.document_ids(tok, docs, max_length=128)
     newline = tok("\n", add_special_tokens=False)["input_ids"]
     for row, doc in enumerate(docs):
         n = int(mask[row].sum())
         assert mask[row, :n].all() and not mask[row, n:].any()
         expected = []
-        for cap in doc:
-            expected += [tok.bos_token_id] + tok(cap, add_special_tokens=False)["input_ids"]
+        for line in doc:
+            expected += [tok.bos_token_id] + tok(line, add_special_tokens=False)["input_ids"]
             expected += newline
-        assert ids[row, :n].tolist() == expected[:96]
+        assert ids[row, :n].tolist() == expected[:128]
     short_ids, _ = unimodal.document_ids(tok, docs, max_length=10)
     assert short_ids.shape == (20, 10) and (short_ids[:, 0] == tok.bos_token_id).all()
+
+
+def test_answer_accuracy_scores_exactly_the_answer_tokens(tmp_path):
+    """An LM that always predicts the next token of the reference row scores 1; one wrong
+    token anywhere in an answer (or its "\\n") makes that answer wrong; tokens outside the
+    answers do not count."""
+    docs = unimodal.text_corpus(30, seed=0)
+    tok_dir = synthetic.write_tokenizers([line for d in docs for line in d], str(tmp_path))["opt"]
+    tok = processing.load_tokenizer(tok_dir, "opt")
+    rows, spans = unimodal.answer_rows(tok, n_scenes=5, seed=1, described=True)
+    assert len(rows) == len(spans) and all(s < e for s, e in spans)
+    for (s, e), row in zip(spans, rows):
+        assert tok.decode(row[s:e]).strip() in synthetic.SHAPES + synthetic.SIZES + tuple(
+            synthetic.COLORS) + ("yes", "no", "1", "2", "3") + tuple(
+            p for r in synthetic.POSITIONS for p in r)
+        assert tok.decode(row[e - 1:e]) == "\n"
+    perfect = np.roll(rows, -1, axis=1)                  # the prediction at t is token t + 1
+    assert unimodal.score_answers(perfect, rows, spans) == 1.0
+    wrong = perfect.copy()
+    s, e = spans[0]
+    wrong[0, e - 2] += 1                                 # the answer's "\\n"
+    wrong[1, :spans[1][0] - 1] += 1                      # everything before the answer
+    assert unimodal.score_answers(wrong, rows, spans) == 1.0 - 1 / len(rows)
 
 
 def test_scene_parser_heads_and_labels():

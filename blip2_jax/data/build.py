@@ -153,7 +153,8 @@ def build(args) -> None:
                                      overwrite=args.overwrite)
             _print_reports(kind, args.name, args.data_dir, reports)
         texts = [t for ex in scenes.get("train", next(iter(scenes.values())))
-                 for t in ex["captions"] + [x for qa in ex["qa"] for x in qa]]
+                 for t in ex["captions"] + [x for q, a in ex["qa"]
+                                            for x in (synthetic.VQA_PROMPT.format(q), a)]]
         dirs = synthetic.write_tokenizers(texts, synthetic_tokenizer_dir(args.data_dir,
                                                                          args.name))
         print(f"wrote tokenizers for the synthetic language: {', '.join(dirs.values())}")

@@ -35,6 +35,9 @@ POSITIONS = (("top left", "top", "top right"),
              ("bottom left", "bottom", "bottom right"))
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+# The synthetic language's question prompt (the paper's VQA prompt); its words are in the
+# tokenizers, and the demo's language model reads questions in it.
+VQA_PROMPT = "Question: {} Answer:"
 
 # Radius as a fraction of a grid cell; jitter keeps every object inside its own cell.
 _RADIUS = {"small": 0.2, "large": 0.34}
@@ -195,11 +198,13 @@ def parse_caption(text: str) -> str | None:
 
 
 def questions(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[str, str]]:
-    """Up to `n` (question, answer) pairs of different kinds, each answerable from the image."""
+    """Up to `n` (question, answer) pairs of different kinds, each answerable from the image
+    (`question_kind` names the kind)."""
     unique = [o for o in scene if sum((p.color, p.shape) == (o.color, o.shape) for p in scene) == 1]
     by_shape = [o for o in scene if sum(p.shape == o.shape for p in scene) == 1]
     makers = {
-        "count": lambda: ("how many shapes are there?", NUMBERS[len(scene)]),
+        # Digits, as VQAv2's answers: the official scoring maps a predicted "two" to "2".
+        "count": lambda: ("how many shapes are there?", str(len(scene))),
         "color": lambda: (lambda o: (f"what color is the {o.shape}?", o.color))(
             by_shape[rng.integers(len(by_shape))]) if by_shape else None,
         "shape": lambda: (lambda o: (f"what shape is {_place(o, rng)}?", o.shape))(
@@ -218,6 +223,18 @@ def questions(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[
         if len(out) == n:
             break
     return out
+
+
+_QUESTION_KINDS = (("how many", "count"), ("what color", "color"), ("what shape", "shape"),
+                   ("is the", "size"), ("where is", "where"), ("is there", "exists"))
+
+
+def question_kind(question: str) -> str:
+    """The kind of a synthetic question: count, color, shape, size, where or exists."""
+    for start, kind in _QUESTION_KINDS:
+        if question.startswith(start):
+            return kind
+    raise ValueError(f"not a synthetic question: {question!r}")
 
 
 def _exists_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:

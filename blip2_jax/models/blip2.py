@@ -173,7 +173,11 @@ class Blip2Module(nn.Module):
 
     def llm_inputs(self, pixel_values, input_ids, attention_mask, qformer_input_ids=None,
                    qformer_attention_mask=None):
-        """LLM input embeddings [queries; text] and their mask [ones; attention_mask]."""
+        """LLM input embeddings [queries; text] and their mask [ones; attention_mask]. With no
+        query tokens (`Blip2.without_image`) the text alone: the image is not read."""
+        if not self.config.num_query_tokens:
+            dt = bnn.dtype_of(self.config.llm.dtype)
+            return self.llm.embed(input_ids).astype(dt), attention_mask
         prefix = self.llm_prefix(self.query_embeds(pixel_values, qformer_input_ids,
                                                    qformer_attention_mask))
         embeds = jnp.concatenate([prefix, self.llm.embed(input_ids).astype(prefix.dtype)], 1)

@@ -7,10 +7,15 @@
   query outputs then finds an object's cell at chance, and captions cannot say where. The scenes are rendered fresh from the synthetic generator under a seed of
   their own, so the evaluation images are never seen. This stands in for EVA-CLIP's
   pre-training.
-- **Language model.** Our OPT is pre-trained as a causal LM on documents of synthetic captions
-  (generated text only, again under a seed of its own): paraphrases of one scene, each as
-  `[BOS] caption "\\n"` (`document_ids`). The tokenizer is the synthetic language's byte-level
-  BPE, and every caption ends with "\\n", as BLIP-2's OPT captions do.
+- **Language model.** Our OPT is pre-trained as a causal LM on text only (`text_corpus`, generated
+  under a seed of its own): each document is about one scene, a description (a caption) first,
+  then in a random order a paraphrase and questions about the scene with their answers, in the
+  paper's prompt (`Question: ... Answer: ...`), each line as `[BOS] line "\\n"` (`document_ids`).
+  This is the toy's analogue of an LLM's knowledge: it learns to answer from a description
+  that precedes the question, so a soft visual prompt that stands where the description stood
+  can be asked about (zero-shot VQA), though the model never saw an image. The tokenizer is the
+  synthetic language's byte-level BPE, and every line ends with "\\n", as BLIP-2's OPT captions
+  do.
 
 `make_unimodal(cfg, out_dir, ...)` trains both and writes a native BLIP-2 checkpoint whose
 `vision/` and `llm/` hold them; the rest is random init and is not meant to be loaded. Stage-1
@@ -134,31 +139,41 @@ def pretrain_vision(vision: VisionConfig, *, steps: int, batch_size: int, pool: 
     return params["vision"], acc
 
 
-def caption_corpus(n_scenes: int, seed: int, per_document: int = 2) -> list[list[str]]:
-    """Documents: `per_document` paraphrases of one scene each."""
+def text_corpus(n_scenes: int, seed: int, questions: int = 4) -> list[list[str]]:
+    """Documents (lists of lines), one scene each: a caption, then a paraphrase and up to
+    `questions` question-answer lines (`qa_line`) in a random order."""
     rng = np.random.default_rng([seed, _PRETRAIN_SPLIT_SEED + 1])
-    return [synthetic.captions(synthetic.sample_scene(rng), rng, per_document)
-            for _ in range(n_scenes)]
+    docs = []
+    for _ in range(n_scenes):
+        scene = synthetic.sample_scene(rng)
+        first, second = synthetic.captions(scene, rng, 2)
+        rest = [second] + [qa_line(q, a) for q, a in synthetic.questions(scene, rng, questions)]
+        docs.append([first] + [rest[i] for i in rng.permutation(len(rest))])
+    return docs
+
+
+def qa_line(question: str, answer: str) -> str:
+    return f"{synthetic.VQA_PROMPT.format(question)} {answer}"
 
 
 def document_ids(tokenizer, documents: list[list[str]], max_length: int):
-    """(ids, mask) (N, max_length), right padded: each caption as `[BOS] caption "\\n"`, a
-    document's captions back to back — as OPT's pre-training joins texts with its BOS (</s>).
+    """(ids, mask) (N, max_length), right padded: each line as `[BOS] line "\\n"`, a
+    document's lines back to back — as OPT's pre-training joins texts with its BOS (</s>).
     Within a document the text before a BOS describes the scene after it, so the LM learns to
     use what precedes BOS: exactly where BLIP-2 puts its soft visual prompt."""
     bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
     ids = np.full((len(documents), max_length), pad, np.int32)
     for row, doc in enumerate(documents):
-        toks = [t for c in doc for t in
-                [bos] + tokenizer(c + "\n", add_special_tokens=False)["input_ids"]][:max_length]
+        toks = [t for line in doc for t in
+                [bos] + tokenizer(line + "\n", add_special_tokens=False)["input_ids"]][:max_length]
         ids[row, :len(toks)] = toks
     return ids, (ids != pad).astype(np.int32)
 
 
 def pretrain_llm(llm: OPTConfig, tokenizer, *, steps: int, batch_size: int,
-                 corpus: list[list[str]], max_length: int = 96, seed: int = 0, lr: float = 2e-3,
+                 corpus: list[list[str]], max_length: int = 128, seed: int = 0, lr: float = 2e-3,
                  log=print) -> tuple[dict, float]:
-    """(llm params, last batch's next-token accuracy). `corpus`: documents (`caption_corpus`)."""
+    """(llm params, last batch's next-token accuracy). `corpus`: documents (`text_corpus`)."""
     ids, mask = document_ids(tokenizer, corpus, max_length)
     model = OPT(llm)
     init = lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4, llm.hidden_size)),  # noqa
@@ -183,6 +198,51 @@ def pretrain_llm(llm: OPTConfig, tokenizer, *, steps: int, batch_size: int,
     return params, acc
 
 
+def answer_rows(tokenizer, *, n_scenes: int, seed: int, described: bool,
+                max_length: int = 128) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Rows (N, max_length) of one question each about fresh scenes (every kind there is), as
+    documents: the scene's description first (`described`), then the question-answer line; and
+    per row the span [start, end) of the answer's tokens and its "\\n"."""
+    rng = np.random.default_rng([seed, _PRETRAIN_SPLIT_SEED + 2])
+    rows, spans = [], []
+    for _ in range(n_scenes):
+        scene = synthetic.sample_scene(rng)
+        context = [synthetic.captions(scene, rng, 1)[0]] if described else []
+        for q, a in synthetic.questions(scene, rng, 6):
+            [prompt], [prompt_mask] = document_ids(
+                tokenizer, [context + [synthetic.VQA_PROMPT.format(q)]], max_length)
+            [full], [full_mask] = document_ids(tokenizer, [context + [qa_line(q, a)]],
+                                               max_length)
+            rows.append(full)       # the prompt's tokens less its "\n" start the row
+            spans.append((int(prompt_mask.sum()) - 1, int(full_mask.sum())))
+    return np.stack(rows), spans
+
+
+def score_answers(predicted: np.ndarray, rows: np.ndarray, spans) -> float:
+    """The share of rows whose answer span the next-token predictions (`predicted[:, t]` for
+    token t + 1) get entirely right."""
+    return float(np.mean([np.array_equal(predicted[i, s - 1:e - 1], rows[i, s:e])
+                          for i, (s, e) in enumerate(spans)]))
+
+
+def answer_accuracy(llm: OPTConfig, params, tokenizer, *, n_scenes: int = 200, seed: int = 1,
+                    described: bool = True) -> float:
+    """The share of questions about fresh scenes whose whole answer (and its "\\n") the
+    language model predicts token by token (teacher-forced argmax), given the scene's
+    description before the question (`described`) or the question alone: what the LM knows
+    from text, and its answer prior."""
+    rows, spans = answer_rows(tokenizer, n_scenes=n_scenes, seed=seed, described=described)
+    model = OPT(llm)
+
+    @jax.jit
+    def predict(p, ids, mask):
+        logits, _ = model.apply({"params": p}, model.apply({"params": p}, ids, method=OPT.embed),
+                                mask)
+        return jnp.argmax(logits, -1)
+    mask = (rows != tokenizer.pad_token_id).astype(np.int32)
+    return score_answers(np.asarray(predict(params, rows, mask)), rows, spans)
+
+
 def make_unimodal(cfg: Blip2Config, out_dir: str, tokenizer, *, vision_steps: int,
                   llm_steps: int, batch_size: int = 64, vision_pool: int = 4000, seed: int = 0,
                   log=print) -> dict:
@@ -192,14 +252,17 @@ def make_unimodal(cfg: Blip2Config, out_dir: str, tokenizer, *, vision_steps: in
     log("pre-training the image encoder (scene parsing on fresh synthetic scenes)")
     vision, vision_acc = pretrain_vision(cfg.vision, steps=vision_steps, batch_size=batch_size,
                                          pool=vision_pool, seed=seed, log=log)
-    log("pre-training the language model (causal LM on synthetic captions)")
+    log("pre-training the language model (causal LM on text: descriptions, questions, answers)")
     llm, llm_acc = pretrain_llm(cfg.llm, tokenizer, steps=llm_steps, batch_size=batch_size,
-                                corpus=caption_corpus(3000, seed), seed=seed, log=log)
+                                corpus=text_corpus(4000, seed), seed=seed, log=log)
     params = jax.tree.map(np.asarray, blip2_model.init_params(cfg, seed))
     params["vision"] = jax.tree.map(np.asarray, vision)
     params["llm"] = jax.tree.map(np.asarray, llm)
     api.Blip2(cfg, params).save(out_dir, format="native")
-    return {"vision_cell_accuracy": vision_acc, "llm_token_accuracy": llm_acc}
+    return {"vision_cell_accuracy": vision_acc, "llm_token_accuracy": llm_acc,
+            "llm_answers_described": answer_accuracy(cfg.llm, llm, tokenizer),
+            "llm_answers_prior": answer_accuracy(cfg.llm, llm, tokenizer, described=False)}
 
 
-__all__ = ["make_unimodal", "pretrain_vision", "pretrain_llm", "scene_images", "cell_labels"]
+__all__ = ["make_unimodal", "pretrain_vision", "pretrain_llm", "scene_images", "cell_labels",
+           "text_corpus", "document_ids", "answer_rows", "score_answers", "answer_accuracy"]
