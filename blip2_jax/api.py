@@ -36,8 +36,8 @@ from blip2_jax import generate as gen, processing, sharding
 from blip2_jax.config import Blip2Config, get_preset
 from blip2_jax.convert import hf, lavis, native, sources, stream
 from blip2_jax.convert.mapping import check_params
-from blip2_jax.models.blip2 import (Blip2Module, InstructionInputError, cast_params,
-                                    expand_decode_consts, init_params)
+from blip2_jax.models.blip2 import (Blip2Module, InstructionInputError, abstract_params,
+                                    cast_params, expand_decode_consts, init_params)
 
 PROMPT_BUCKET = 8   # generate() pads prompts to a multiple of this (one program per bucket)
 
@@ -420,9 +420,10 @@ class Blip2:
         read)."""
         self._need(self.config.llm is not None, "without_image", "language model")
         cfg = dataclasses.replace(self.config, num_query_tokens=0)
-        # The towers the text-only pass never reads stay in the pytree, unchecked.
-        out = Blip2(cfg, dict(self.params, query_tokens=self.params["query_tokens"][:, :0]),
-                    check=False)
+        # Only what the text-only module declares (no Q-Former, no projection).
+        params = {k: self.params[k] for k in abstract_params(cfg)}
+        params["query_tokens"] = params["query_tokens"][:, :0]
+        out = Blip2(cfg, params)
         out._copy_text_side(self)
         return out
 

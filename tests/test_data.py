@@ -73,18 +73,22 @@ def test_synthetic_captions_and_answers_are_determined_by_the_scene():
             kind = synthetic.question_kind(q)
             if kind == "count":
                 assert a == str(len(scene))     # digits, as VQAv2 (scored as "2", never "two")
-            elif q.startswith("what color is the "):
+            elif kind == "color":
                 shape = q[len("what color is the "):-1]
                 assert [o.color for o in scene if o.shape == shape] == [a]
-            elif q.startswith("is there a "):
+            elif kind == "exists":
                 color, shape = q[len("is there a "):-1].split(" ")
                 assert a == ("yes" if any((o.color, o.shape) == (color, shape) for o in scene)
                              else "no")
-            elif q.startswith("where is the "):
+            elif kind == "where":
                 color, shape = q[len("where is the "):-1].split(" ")
                 assert [o.position for o in scene if (o.color, o.shape) == (color, shape)] == [a]
+            elif kind == "shape":
+                assert q.startswith("what shape is ") and a in synthetic.SHAPES
             else:
-                assert kind in ("shape", "size") and a in synthetic.SHAPES + synthetic.SIZES
+                assert kind == "size" and q.startswith("is the ") and a in synthetic.SIZES
+        assert {synthetic.question_kind(q) for q, _ in synthetic.questions(scene, rng, 6)} >= {
+            "count", "shape", "exists"}                  # the kinds every scene can be asked
 
 
 def test_synthetic_captions_parse_back_to_their_scene():

@@ -226,7 +226,7 @@ def questions(scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[
 
 
 _QUESTION_KINDS = (("how many", "count"), ("what color", "color"), ("what shape", "shape"),
-                   ("is the", "size"), ("where is", "where"), ("is there", "exists"))
+                   ("is there", "exists"), ("is the", "size"), ("where is", "where"))
 
 
 def question_kind(question: str) -> str:
