@@ -17,7 +17,8 @@
    - the configs' evaluators (blip2_jax/eval): retrieval with ITM re-ranking, caption metrics,
      zero-shot VQA, each stage with an HTML report (WORK/eval/stage1|stage2/report.html).
 `--ablation` also trains stage 2 from a fresh Q-Former (no stage 1; configs/demo.py:stage2_fresh)
-for the same steps and scores it the same way (the paper's Fig. 5).
+for the same steps and scores it the same way (the paper's Fig. 5); its report
+(WORK/eval/stage2_fresh/report.html) plots both arms' curves together.
 Every finished step is kept, so re-running continues where it stopped. Results are printed (the
 training loop's messages too: feature cache, compiling, in-training evaluation) and written to
 WORK/results.json (`retrieval_r1_i2t`, `retrieval_r1_t2i`, `itm_rerank_r1_i2t`,
@@ -207,16 +208,19 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
     # metrics), with an HTML report per stage.
     results["evaluators"], reports, vqa = {}, [], {}
 
-    def evaluate(name, c, model, evs=None, toks=None):
+    def metrics(name):
+        return os.path.join(work, name, "metrics.jsonl")
+
+    def evaluate(name, c, model, evs=None, toks=None, curves=None):
         if evs is None:
             evs, toks = run_config.evaluators(c)
         log(f"    {name}'s evaluators: {', '.join(ev.name for ev in evs)}")
         out = os.path.join(work, "eval", name)
-        metrics = os.path.join(work, name, "metrics.jsonl")
+        if curves is None and os.path.isfile(metrics(name)):
+            curves = metrics(name)
         done = runner.run(model, evs, mesh=run_config.make_mesh(c), tokenizers=toks,
                           out_dir=out, info={"model": os.path.join(work, name, "final"),
-                                             "demo": name},
-                          metrics_jsonl=metrics if os.path.isfile(metrics) else None)
+                                             "demo": name}, metrics_jsonl=curves)
         reports.append(os.path.join(out, "report.html"))
         return {d.name: d for d in done}
 
@@ -243,7 +247,10 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
         fresh = blip2_jax.load(os.path.join(work, "stage2_fresh", "final"), tokenizer=opt_tok)
         log(f"    ablation: captioning {n} held-out images from the fresh-Q-Former stage 2")
         _, fresh_right, _ = captions_right(fresh, r, n)
-        done = evaluate("stage2_fresh", configs["stage2_fresh"], fresh)
+        # Its report plots both arms' training curves and in-training evaluations together.
+        done = evaluate("stage2_fresh", configs["stage2_fresh"], fresh, curves={
+            "from the stage-1 Q-Former": metrics("stage2"),
+            "from a fresh Q-Former": metrics("stage2_fresh")})
         fresh_ev = {k: d.numeric_metrics() for k, d in done.items()}
         results["ablation"] = {
             arm: {"vqa_zero_shot": e["vqa_test"]["overall"] / 100,

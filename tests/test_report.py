@@ -250,6 +250,29 @@ def test_plot_training_curves_groups_and_skips(tmp_path):
     assert os.path.isabs(pngs[0]) and os.path.isfile(pngs[0])
 
 
+def test_runs_compared_in_one_plot(tmp_path, monkeypatch):
+    """{label: metrics.jsonl}: each key drawn once per run that logged it, labelled by run, in
+    the same figures (the demo's ablation: both arms of stage 2 side by side)."""
+    from matplotlib.axes import Axes
+    drawn = []
+    plot = Axes.plot
+
+    def record(self, x, y, *a, **k):
+        drawn.append((k["label"], tuple(x), tuple(y)))
+        return plot(self, x, y, *a, **k)
+    monkeypatch.setattr(Axes, "plot", record)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"step": 1, "lm": 2.0, "itg": 3.0}\n'
+                 '{"step": 2, "lm": 1.5, "eval/vqa_test/overall": 40}\n')
+    b.write_text('{"step": 1, "lm": 2.5}\n{"step": 2, "lm": 2.0, "eval/vqa_test/overall": 30,'
+                 ' "eval/vqa_test/questions": 300}\n')
+    pngs = plot_training_curves({"stage 1": str(a), "fresh": str(b)}, str(tmp_path / "out"))
+    assert [os.path.basename(p) for p in pngs] == ["losses.png", "eval.png"]
+    assert drawn == [("stage 1: itg", (1.0,), (3.0,)),        # several keys: run and key
+                     ("stage 1: lm", (1.0, 2.0), (2.0, 1.5)), ("fresh: lm", (1.0, 2.0), (2.5, 2.0)),
+                     ("stage 1", (2.0,), (40.0,)), ("fresh", (2.0,), (30.0,))]    # one: run
+
+
 def test_eval_curves_plot_metrics_not_split_sizes():
     """An in-training evaluation logs its split's size beside its metrics (train/loop.py): the
     eval figure plots the metrics only."""

@@ -27,6 +27,7 @@ import math
 import numbers
 import os
 import re
+from typing import Mapping
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -287,7 +288,7 @@ _RENDERERS = {"caption": _caption_examples, "vqa": _vqa_examples,
 # ----------------------------------------------------------------------------- report
 
 def write_report(out_dir: str, results: list[dict], *, title: str = "blip2-jax evaluation",
-                 metrics_jsonl: str | None = None, info: dict | None = None,
+                 metrics_jsonl: str | Mapping[str, str] | None = None, info: dict | None = None,
                  thumbnail: int = 160) -> str:
     """Writes out_dir/report.html, images under out_dir/report_files/; returns the html path."""
     out_dir = os.path.abspath(out_dir)
@@ -342,9 +343,11 @@ def write_report(out_dir: str, results: list[dict], *, title: str = "blip2-jax e
     return html_path
 
 
-def _curves_section(metrics_jsonl: str, out_dir: str, files_dir: str) -> str:
-    if not os.path.exists(metrics_jsonl):
-        return f'<p class="muted">metrics file not found: {_esc(metrics_jsonl)}</p>'
+def _curves_section(metrics_jsonl, out_dir: str, files_dir: str) -> str:
+    paths = list(metrics_jsonl.values()) if isinstance(metrics_jsonl, Mapping) else [metrics_jsonl]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        return f'<p class="muted">metrics file not found: {_esc(", ".join(missing))}</p>'
     try:
         pngs = plot_training_curves(metrics_jsonl, files_dir)
     except (ValueError, ImportError) as e:
@@ -410,15 +413,20 @@ def _groups(keys) -> dict[str, list[str]]:
     return {g: ks for g, ks in groups.items() if ks}
 
 
-def plot_training_curves(metrics_jsonl: str, out_dir: str) -> list[str]:
+def plot_training_curves(metrics_jsonl: str | Mapping[str, str], out_dir: str) -> list[str]:
     """PNG files (absolute paths) written into out_dir: one figure per group that has data —
     'losses' (keys: loss, itc, itm, itg, lm, and any key ending in '_loss'), 'learning_rate'
     (key: lr), 'throughput' (samples_per_s, steps_per_s, tflops_per_device, mfu — subplots as
     needed), 'eval' (every key starting with 'eval/' but the evaluators' split sizes:
     eval/NAME/images, texts, questions). x axis = 'step'. Rows are JSON objects
     one per line; values may be numbers or strings like 'nan'/'inf' (skip non-numeric); a key
-    missing from some rows is fine; malformed lines raise ValueError naming the file and line."""
-    series = _read_metrics(metrics_jsonl)     # parse first: a bad file fails before any import
+    missing from some rows is fine; malformed lines raise ValueError naming the file and line.
+    Several runs ({label: metrics.jsonl}) share the figures: each key one line per run, labelled
+    by run, so two arms of an experiment are compared in one plot."""
+    paths = metrics_jsonl if isinstance(metrics_jsonl, Mapping) else {"": metrics_jsonl}
+    # parse first: a bad file fails before any import
+    runs = {label: _read_metrics(path) for label, path in paths.items()}
+    series = {k: None for r in runs.values() for k in r}       # every key, in file order
     groups = _groups(series)
     if not groups:
         return []
@@ -444,16 +452,19 @@ def plot_training_curves(metrics_jsonl: str, out_dir: str) -> list[str]:
         fig.suptitle(group.replace("_", " "))
         for i, panel in enumerate(panels):
             ax = fig.add_subplot(nrows, ncols, i + 1)
-            for key in panel:
-                steps, values = zip(*series[key])
+            lines = [(key, label, run[key]) for key in panel
+                     for label, run in runs.items() if key in run]
+            for key, label, points in lines:
+                steps, values = zip(*points)
                 # eval rows are sparse: markers keep a 2-point curve readable.
                 marker = "o" if group == "eval" or len(steps) < 20 else None
-                ax.plot(steps, values, label=key, marker=marker, markersize=3, linewidth=1.2)
+                name = key if len(runs) == 1 else label if len(panel) == 1 else f"{label}: {key}"
+                ax.plot(steps, values, label=name, marker=marker, markersize=3, linewidth=1.2)
             ax.set_xlabel("step")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # no "step 1.5" ticks
-            if len(panel) > 1:
+            if len(lines) > 1:
                 ax.legend(fontsize="small")
-            else:
+            if len(panel) == 1:
                 ax.set_title(panel[0], fontsize="medium")
             ax.grid(True, alpha=0.3)
         path = os.path.join(out_dir, f"{group}.png")

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -35,10 +35,11 @@ def _jsonable(x):
 
 def run(model, evaluators: Sequence[Evaluator], *, mesh=None,
         tokenizers: Tokenizers = Tokenizers(), out_dir: Optional[str] = None,
-        info: Optional[dict] = None, metrics_jsonl: Optional[str] = None, report: bool = True,
+        info: Optional[dict] = None, metrics_jsonl: Union[str, Mapping[str, str], None] = None, report: bool = True,
         progress: bool = True) -> list[EvalResult]:
     """Every evaluator in turn; with `out_dir`, results.json, predictions.jsonl and (`report`)
-    report.html (with training curves from `metrics_jsonl` when given)."""
+    report.html (with training curves from `metrics_jsonl` when given: a path, or {label: path}
+    to compare runs in the same plots)."""
     results, seconds = [], {}
     for ev in evaluators:
         t0 = time.perf_counter()
@@ -54,7 +55,7 @@ def run(model, evaluators: Sequence[Evaluator], *, mesh=None,
 
 
 def write(out_dir: str, results: Sequence[EvalResult], *, info: Optional[dict] = None,
-          seconds: Optional[dict] = None, metrics_jsonl: Optional[str] = None,
+          seconds: Optional[dict] = None, metrics_jsonl: Union[str, Mapping[str, str], None] = None,
           report: bool = True) -> None:
     os.makedirs(out_dir, exist_ok=True)
     summary = {"info": info or {}, "metrics": {r.name: r.metrics for r in results},
