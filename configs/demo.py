@@ -80,6 +80,10 @@ def get_config(arg="stage1,out/demo"):
         c.eval.evaluators.vqa_test.template = synthetic.VQA_PROMPT
         c.eval.evaluators.caption_test.max_new_tokens = 48
         c.eval.every_steps = 250
+    # Stage 1 from scratch on the toy scenes depends much on the seed (Q-Former init and batch
+    # order): held-out R@1 by ITC after 600 steps 0.19 / 0.73 / 0.65 / 0.63 for seeds 0-3 (one
+    # of four collapsed). The demo runs seed 2, near the median (README "The demo").
+    c.seed = 2
     c.frozen_dtype = "float32"      # tiny towers: keep full precision
     c.batch_size = 32
     c.log_every_steps = 50
