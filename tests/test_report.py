@@ -278,7 +278,8 @@ def test_eval_curves_plot_metrics_not_split_sizes():
     eval figure plots the metrics only."""
     from blip2_jax.eval import report as report_lib
     keys = ["loss", "eval/caption_test/CIDEr", "eval/caption_test/images",
-            "eval/vqa_test/overall", "eval/vqa_test/questions", "eval/retrieval_test/txt_r1",
+            "eval/vqa_test/overall", "eval/vqa_test/questions", "eval/vqa_test/num_questions",
+            "eval/retrieval_test/txt_r1",
             "eval/retrieval_test/texts", "eval/retrieval_test/images"]
     assert report_lib._groups(keys)["eval"] == ["eval/caption_test/CIDEr", "eval/vqa_test/overall",
                                                 "eval/retrieval_test/txt_r1"]

@@ -368,7 +368,7 @@ def _curves_section(metrics_jsonl, out_dir: str, files_dir: str) -> str:
 _LOSS_KEYS = ("loss", "itc", "itm", "itg", "lm")
 _THROUGHPUT_KEYS = ("samples_per_s", "steps_per_s", "tflops_per_device", "mfu")
 # What an evaluator logs beside its metrics: the size of its split, not a curve to plot.
-_COUNT_KEYS = ("images", "texts", "questions")
+_COUNT_KEYS = ("images", "texts", "questions", "num_questions")
 
 
 def _read_metrics(path: str) -> dict[str, list[tuple[float, float]]]:
@@ -418,7 +418,7 @@ def plot_training_curves(metrics_jsonl: str | Mapping[str, str], out_dir: str) -
     'losses' (keys: loss, itc, itm, itg, lm, and any key ending in '_loss'), 'learning_rate'
     (key: lr), 'throughput' (samples_per_s, steps_per_s, tflops_per_device, mfu — subplots as
     needed), 'eval' (every key starting with 'eval/' but the evaluators' split sizes:
-    eval/NAME/images, texts, questions). x axis = 'step'. Rows are JSON objects
+    eval/NAME/images, texts, questions, num_questions). x axis = 'step'. Rows are JSON objects
     one per line; values may be numbers or strings like 'nan'/'inf' (skip non-numeric); a key
     missing from some rows is fine; malformed lines raise ValueError naming the file and line.
     Several runs ({label: metrics.jsonl}) share the figures: each key one line per run, labelled
