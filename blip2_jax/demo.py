@@ -93,8 +93,8 @@ def vqa_breakdown(result) -> dict:
                 "chance": 1 / len(answers[k])} for k in sorted(scores)}
 
 
-def vqa_chance(result) -> float:
-    by_kind = vqa_breakdown(result)
+def vqa_chance(by_kind: dict) -> float:
+    """Chance over all questions, from `vqa_breakdown`'s per-kind figures."""
     return float(sum(v["chance"] * v["questions"] for v in by_kind.values())
                  / sum(v["questions"] for v in by_kind.values()))
 
@@ -234,15 +234,15 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
     vqa["prior"] = evaluate("answer_prior", s2, stage2.without_image(),
                             [ev for ev in evs if ev.kind == "vqa"], toks)["vqa_test"]
     ev = results["evaluators"]
+    by_kind, prior = vqa_breakdown(vqa["stage2"]), vqa_breakdown(vqa["prior"])
     # The evaluators report percentages; results.json keeps fractions, as R@1 above.
     results.update(itm_rerank_r1_i2t=ev["retrieval_test"]["txt_r1"] / 100,
                    itm_rerank_r1_t2i=ev["retrieval_test"]["img_r1"] / 100,
                    vqa_zero_shot=ev["vqa_test"]["overall"] / 100,
                    vqa_answer_prior=vqa["prior"].metrics["overall"] / 100,
-                   vqa_chance=vqa_chance(vqa["stage2"]),
-                   vqa_by_kind={k: {**v, "answer_prior": prior["accuracy"]} for (k, v), prior in
-                                zip(vqa_breakdown(vqa["stage2"]).items(),
-                                    vqa_breakdown(vqa["prior"]).values())})
+                   vqa_chance=vqa_chance(by_kind),
+                   vqa_by_kind={k: {**v, "answer_prior": prior[k]["accuracy"]}
+                                for k, v in by_kind.items()})
     if args.ablation:
         fresh = blip2_jax.load(os.path.join(work, "stage2_fresh", "final"), tokenizer=opt_tok)
         log(f"    ablation: captioning {n} held-out images from the fresh-Q-Former stage 2")
