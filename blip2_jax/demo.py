@@ -16,6 +16,18 @@
      uniform guess among the answers of each question's kind (chance) are its baselines;
    - the configs' evaluators (blip2_jax/eval): retrieval with ITM re-ranking, caption metrics,
      zero-shot VQA, each stage with an HTML report (WORK/eval/stage1|stage2/report.html).
+Your own data (LAVIS JSON annotations with "train" and "test" splits; the test split one record
+per image with all its captions, as a retrieval split):
+
+    python -m blip2_jax.demo --annotations train=TRAIN.json test=TEST.json \
+        [--vqa train=VQA_TRAIN.json test=VQA_TEST.json] --image-root DIR [--work out/demo_own]
+
+builds blip2_captions/NAME (and blip2_vqa/NAME) and tokenizers fitted to its training split's text
+(`python -m blip2_jax.data.build tokenizers`), pre-trains the unimodal towers on its training
+images and text with objectives that need no labels (`unimodal.make_unimodal_from_dataset`),
+and runs the same stages and evaluation: a caption is right when it equals one of the image's
+references (lower-cased, punctuation dropped), and VQA's kinds are the questions' first two
+words.
 `--ablation` also trains stage 2 from a fresh Q-Former (no stage 1; configs/demo.py:stage2_fresh)
 for the same steps and scores it the same way (the paper's Fig. 5); its report
 (WORK/eval/stage2_fresh/report.html) plots both arms' curves together.
@@ -23,7 +35,11 @@ Every finished step is kept, so re-running continues where it stopped. Results a
 training loop's messages too: feature cache, compiling, in-training evaluation) and written to
 WORK/results.json (`retrieval_r1_i2t`, `retrieval_r1_t2i`, `itm_rerank_r1_i2t`,
 `itm_rerank_r1_t2i`, `vqa_zero_shot`, `vqa_answer_prior`, `vqa_chance`: fractions;
-`captions_right` of `captions_total`: counts; `vqa_by_kind`; `ablation` with --ablation).
+`captions_right` of `captions_total`: counts; `vqa_by_kind`; `ablation` with --ablation;
+`vqa_finetuned` with --vqa-finetune).
+`--vqa-finetune` then fine-tunes stage 2 for VQA on the training split's questions
+(configs/demo.py:vqa_ft: the paper's question-aware Q-Former and answer loss) and scores it on
+the same held-out questions.
 """
 from __future__ import annotations
 
@@ -46,13 +62,14 @@ from blip2_jax.train import loop, unimodal
 TEST_IMAGES = 100
 
 
-def _demo_config(stage: str, work: str, **overrides):
-    return run_config.load(f"demo.py:{stage},{work}", overrides)
+def _demo_config(stage: str, work: str, dataset: str, **overrides):
+    return run_config.load(f"demo.py:{stage},{work},{dataset}", overrides)
 
 
-def retrieval(model, data_dir: str, qtok, image_size: int, max_length: int) -> dict:
-    truth = builders.retrieval_truth(data_dir, "blip2_captions/synthetic", "test")
-    ev = pipeline.Pipeline([pipeline.Source("blip2_captions/synthetic", "test")],
+def retrieval(model, data_dir: str, dataset: str, qtok, image_size: int, max_length: int) -> dict:
+    name = f"{builders.CAPTIONS}/{dataset}"
+    truth = builders.retrieval_truth(data_dir, name, "test")
+    ev = pipeline.Pipeline([pipeline.Source(name, "test")],
                            data_dir=data_dir, batch_size=100, train=False, image_size=image_size,
                            image_processor="blip_image_eval")
     by_index = {}
@@ -72,21 +89,36 @@ def retrieval(model, data_dir: str, qtok, image_size: int, max_length: int) -> d
             "texts": len(truth.texts), "pixels": pixels, "truth": truth}
 
 
-def captions_right(model, r: dict, n: int) -> tuple[list[str], list[bool], list[list[str]]]:
-    """(generated captions, whether each is right, references) for the first `n` test images."""
+def captions_right(model, r: dict, n: int, scenes: bool = True
+                   ) -> tuple[list[str], list[bool], list[list[str]]]:
+    """(generated captions, whether each is right, references) for the first `n` test images.
+    Right: `scenes` (the synthetic set) when it describes the same scene as the references
+    (`synthetic.parse_caption`: any paraphrase); else when it equals one of them (both as
+    `processing.pre_caption` normalises them)."""
     generated = model.caption(r["pixels"][:n], num_beams=3, max_new_tokens=48)
     refs = [[processing.pre_caption(r["truth"].texts[t]) for t in r["truth"].image_to_texts[i]]
             for i in range(n)]
-    scenes = [synthetic.parse_caption(ref[0]) for ref in refs]
-    return generated, [synthetic.parse_caption(g) == sc for g, sc in zip(generated, scenes)], refs
+    if scenes:
+        right = [synthetic.parse_caption(g) == synthetic.parse_caption(ref[0])
+                 for g, ref in zip(generated, refs)]
+    else:
+        right = [processing.pre_caption(g) in ref for g, ref in zip(generated, refs)]
+    return generated, right, refs
 
 
-def vqa_breakdown(result) -> dict:
-    """Per question kind (count, color, ...): accuracy, the answer prior's, and chance (a uniform
-    guess among the answers that kind has in the test split); `result` a VQA EvalResult."""
+def question_start(question: str) -> str:
+    """A question's kind on data of one's own: its first two words ("what color", "how many",
+    "is there"), as VQAv2's question types begin."""
+    return " ".join(question.lower().split()[:2])
+
+
+def vqa_breakdown(result, kind_of=synthetic.question_kind) -> dict:
+    """Per question kind (`kind_of(question)`: count, color, ...): accuracy, the answer
+    prior's, and chance (a uniform guess among the answers that kind has in the test split);
+    `result` a VQA EvalResult."""
     answers, scores = collections.defaultdict(set), collections.defaultdict(list)
     for p in result.predictions:
-        kind = synthetic.question_kind(p["question"])
+        kind = kind_of(p["question"])
         answers[kind].update(p["answers"])
         scores[kind].append(p["score"])
     return {k: {"questions": len(scores[k]), "accuracy": float(np.mean(scores[k])),
@@ -116,10 +148,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--captions", type=int, default=100, help="test images to caption")
     ap.add_argument("--ablation", action="store_true",
                     help="also train stage 2 from a fresh Q-Former (no stage 1) and compare")
+    ap.add_argument("--vqa-finetune", action="store_true",
+                    help="also fine-tune stage 2 on the training split's questions (question-"
+                         "aware Q-Former, answer loss; configs/demo.py:vqa_ft) and score it")
+    ap.add_argument("--annotations", nargs="+", metavar="SPLIT=FILE",
+                    help="your own caption data instead of the synthetic scenes: LAVIS JSON "
+                         "files for the train and test splits (test: one record per image with "
+                         "all its captions)")
+    ap.add_argument("--vqa", nargs="+", metavar="SPLIT=FILE",
+                    help="with --annotations: LAVIS VQA JSON for the train and test splits of "
+                         "the same images (zero-shot VQA is then evaluated)")
+    ap.add_argument("--image-root", help="with --annotations: the directory their image paths "
+                                         "are relative to")
+    ap.add_argument("--name", default="own",
+                    help="with --annotations: the dataset's name (blip2_captions/NAME)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run (tests): a small dataset and a few dozen steps per stage; "
                          "its figures mean nothing")
     args = ap.parse_args(argv)
+    _check_own_data(ap, args)
     sizes = (dict(train=256, test=10, vision_steps=30, vision_pool=256, llm_steps=10, steps=40)
              if args.quick else
              dict(train=5000, test=TEST_IMAGES, vision_steps=400, vision_pool=4000,
@@ -143,21 +190,83 @@ def main(argv=None) -> dict:
         train_log.level, train_log.propagate = saved
 
 
+def _check_own_data(ap, args) -> None:
+    """--annotations' companions are there, and it and --vqa name a train and a test split."""
+    if not args.annotations:
+        if args.vqa or args.image_root:
+            ap.error("--vqa and --image-root go with --annotations (your own data)")
+        return
+    if not args.image_root:
+        ap.error("--annotations needs --image-root DIR (where its image paths start)")
+    for flag, items in (("--annotations", args.annotations), ("--vqa", args.vqa)):
+        if not items:
+            continue
+        try:
+            splits = build_cli.annotation_splits(items, "train")
+        except ValueError as e:
+            ap.error(str(e))
+        if not {"train", "test"} <= set(splits):
+            ap.error(f"{flag} needs a train and a test split (train=FILE test=FILE), got "
+                     f"{sorted(splits)}")
+
+
+def _build_data(args, sizes: dict, data_dir: str, dataset: str, log) -> None:
+    """The dataset (blip2_captions/ and blip2_vqa/DATASET) and its tokenizers, built once."""
+    if os.path.isdir(build_cli.tokenizer_dir(data_dir, dataset)):
+        return
+    if not args.annotations:
+        log("1/5 building the synthetic dataset")
+        commands = [["synthetic", "--data-dir", data_dir, "--train", str(sizes["train"]),
+                     "--test", str(sizes["test"]), "--overwrite"]]
+    else:
+        log(f"1/5 building your dataset ({dataset}) and tokenizers fitted to its training text")
+        commands = [[kind, "--annotations", *files, "--image-root", args.image_root,
+                     "--data-dir", data_dir, "--name", dataset, "--overwrite"]
+                    for kind, files in (("captions", args.annotations), ("vqa", args.vqa))
+                    if files]
+        commands.append(["tokenizers", "--data-dir", data_dir, "--name", dataset])
+    for command in commands:
+        if build_cli.main(command) != 0:
+            raise SystemExit(f"building the dataset failed: python -m blip2_jax.data.build "
+                             f"{' '.join(command)}")
+
+
+def _vocabulary_overrides(config, qtok, opt_tok) -> dict:
+    """`model_overrides` sizing the towers' vocabularies to the tokenizers fitted to a dataset
+    of one's own (OPT's rounded up to a multiple of 8)."""
+    towers = config.model_overrides
+    out = {"model_overrides.qformer.vocab_size": len(qtok)}
+    if "llm" in towers:
+        out["model_overrides.llm.vocab_size"] = -(-len(opt_tok) // 8) * 8
+    return out
+
+
 def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
     data_dir = os.path.join(work, "data")
-    tok_dir = build_cli.synthetic_tokenizer_dir(data_dir)
-    if not os.path.isdir(tok_dir):
-        log("1/5 building the synthetic dataset")
-        if build_cli.main(["synthetic", "--data-dir", data_dir, "--train", str(sizes["train"]),
-                           "--test", str(sizes["test"]), "--overwrite"]) != 0:
-            raise SystemExit("building the synthetic dataset failed")
+    dataset = args.name if args.annotations else "synthetic"
+    scenes = not args.annotations          # the synthetic scenes: their captions parse
+    kind_of = synthetic.question_kind if scenes else question_start
+    _build_data(args, sizes, data_dir, dataset, log)
+    tok_dir = build_cli.tokenizer_dir(data_dir, dataset)
     opt_tok = processing.load_tokenizer(os.path.join(tok_dir, "opt"), "opt")
     qtok = processing.load_tokenizer(os.path.join(tok_dir, "qformer"), "qformer")
+    has_vqa = f"{builders.VQA}/{dataset}" in builders.available(data_dir)
 
     quick = (dict(total_steps=sizes["steps"], checkpoint_every_steps=20, log_every_steps=5)
              if args.quick else {})
-    stages = ["stage1", "stage2"] + (["stage2_fresh"] if args.ablation else [])
-    configs = {name: _demo_config(name, work, **quick) for name in stages}
+    if args.vqa_finetune and not has_vqa:
+        raise SystemExit("--vqa-finetune needs VQA annotations: give --vqa train=FILE test=FILE")
+    stages = (["stage1", "stage2"] + (["stage2_fresh"] if args.ablation else [])
+              + (["vqa_ft"] if args.vqa_finetune else []))
+    configs = {}
+    for name in stages:
+        c = _demo_config(name, work, dataset, **quick)
+        if not scenes:
+            c = _demo_config(name, work, dataset, **quick,
+                             **_vocabulary_overrides(c, qtok, opt_tok))
+        if not has_vqa:
+            c.eval.evaluators = {k: v for k, v in c.eval.evaluators.items() if v.kind != "vqa"}
+        configs[name] = c
     s1, s2 = configs["stage1"], configs["stage2"]
     if args.quick:
         for c in configs.values():
@@ -166,20 +275,27 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
     unimodal_dir = os.path.join(work, "unimodal")
     if not os.path.isdir(unimodal_dir):
         log("2/5 pre-training the unimodal models BLIP-2 freezes")
-        stats = unimodal.make_unimodal(stage2_cfg, unimodal_dir, opt_tok,
-                                       vision_steps=sizes["vision_steps"],
-                                       vision_pool=sizes["vision_pool"],
-                                       llm_steps=sizes["llm_steps"], seed=0, log=log)
-        log(f"    image encoder: {stats['vision_cell_accuracy']:.1%} of grid cells parsed right; "
-            f"language model: {stats['llm_token_accuracy']:.1%} of next tokens right, "
-            f"{stats['llm_answers_described']:.1%} of answers right after a text description "
-            f"of the scene, {stats['llm_answers_prior']:.1%} without one")
+        steps = dict(vision_steps=sizes["vision_steps"], vision_pool=sizes["vision_pool"],
+                     llm_steps=sizes["llm_steps"], seed=0, log=log)
+        if scenes:
+            stats = unimodal.make_unimodal(stage2_cfg, unimodal_dir, opt_tok, **steps)
+            log(f"    image encoder: {stats['vision_cell_accuracy']:.1%} of grid cells parsed "
+                f"right; language model: {stats['llm_token_accuracy']:.1%} of next tokens "
+                f"right, {stats['llm_answers_described']:.1%} of answers right after a text "
+                f"description of the scene, {stats['llm_answers_prior']:.1%} without one")
+        else:
+            stats = unimodal.make_unimodal_from_dataset(stage2_cfg, unimodal_dir, opt_tok,
+                                                        data_dir=data_dir, name=dataset, **steps)
+            log(f"    image encoder: R² {stats['vision_masked_r2']:.2f} on blanked patches; "
+                f"language model: {stats['llm_token_accuracy']:.1%} of next tokens right")
         with open(os.path.join(unimodal_dir, "pretraining.json"), "w") as f:
             json.dump(stats, f, indent=2)
     for i, name in enumerate(stages):
         c = configs[name]
         if not os.path.isdir(os.path.join(work, name, "final")):
-            what = {"stage2_fresh": "stage 2 from a fresh Q-Former (ablation)"}.get(name, name)
+            what = {"stage2_fresh": "stage 2 from a fresh Q-Former (ablation)",
+                    "vqa_ft": "VQA fine-tuning of stage 2 (question-aware Q-Former)"
+                    }.get(name, name)
             log(f"{min(i + 3, 4)}/5 {what} ({c.total_steps} steps)")
             out = loop.run(c, os.path.join(work, name))
             log(f"    {name} done: " + ", ".join(f"{k} {out[k]:.3f}" for k in
@@ -189,12 +305,12 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
     log("5/5 evaluating on the held-out test split")
     stage1 = blip2_jax.load(os.path.join(work, "stage1", "final"), qformer_tokenizer=qtok)
     log("    retrieval by ITC (stage 1)")
-    r = retrieval(stage1, data_dir, qtok, stage1.config.vision.image_size,
+    r = retrieval(stage1, data_dir, dataset, qtok, stage1.config.vision.image_size,
                   int(s1.text.max_length))
     stage2 = blip2_jax.load(os.path.join(work, "stage2", "final"), tokenizer=opt_tok)
     n = min(args.captions, r["images"])
     log(f"    captioning {n} held-out images (stage 2, beam search)")
-    generated, right, refs = captions_right(stage2, r, n)
+    generated, right, refs = captions_right(stage2, r, n, scenes)
     results = {"retrieval_r1_i2t": r["i2t_r1"], "retrieval_r1_t2i": r["t2i_r1"],
                "retrieval_chance": 1 / r["images"],
                "test_images": r["images"], "test_texts": r["texts"],
@@ -229,35 +345,44 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
         results["evaluators"].update({k: d.numeric_metrics() for k, d in done.items()})
         if "vqa_test" in done:
             vqa[name] = done["vqa_test"]
-    # The answer prior: the same LM and prompt, no image.
-    evs, toks = run_config.evaluators(s2)
-    vqa["prior"] = evaluate("answer_prior", s2, stage2.without_image(),
-                            [ev for ev in evs if ev.kind == "vqa"], toks)["vqa_test"]
     ev = results["evaluators"]
-    by_kind, prior = vqa_breakdown(vqa["stage2"]), vqa_breakdown(vqa["prior"])
     # The evaluators report percentages; results.json keeps fractions, as R@1 above.
     results.update(itm_rerank_r1_i2t=ev["retrieval_test"]["txt_r1"] / 100,
-                   itm_rerank_r1_t2i=ev["retrieval_test"]["img_r1"] / 100,
-                   vqa_zero_shot=ev["vqa_test"]["overall"] / 100,
-                   vqa_answer_prior=vqa["prior"].metrics["overall"] / 100,
-                   vqa_chance=vqa_chance(by_kind),
-                   vqa_by_kind={k: {**v, "answer_prior": prior[k]["accuracy"]}
-                                for k, v in by_kind.items()})
+                   itm_rerank_r1_t2i=ev["retrieval_test"]["img_r1"] / 100)
+    if has_vqa:
+        # The answer prior: the same LM and prompt, no image.
+        evs, toks = run_config.evaluators(s2)
+        vqa["prior"] = evaluate("answer_prior", s2, stage2.without_image(),
+                                [ev for ev in evs if ev.kind == "vqa"], toks)["vqa_test"]
+        by_kind = vqa_breakdown(vqa["stage2"], kind_of)
+        prior = vqa_breakdown(vqa["prior"], kind_of)
+        results.update(vqa_zero_shot=ev["vqa_test"]["overall"] / 100,
+                       vqa_answer_prior=vqa["prior"].metrics["overall"] / 100,
+                       vqa_chance=vqa_chance(by_kind),
+                       vqa_by_kind={k: {**v, "answer_prior": prior[k]["accuracy"]}
+                                    for k, v in by_kind.items()})
     if args.ablation:
         fresh = blip2_jax.load(os.path.join(work, "stage2_fresh", "final"), tokenizer=opt_tok)
         log(f"    ablation: captioning {n} held-out images from the fresh-Q-Former stage 2")
-        _, fresh_right, _ = captions_right(fresh, r, n)
+        _, fresh_right, _ = captions_right(fresh, r, n, scenes)
         # Its report plots both arms' training curves and in-training evaluations together.
         done = evaluate("stage2_fresh", configs["stage2_fresh"], fresh, curves={
             "from the stage-1 Q-Former": metrics("stage2"),
             "from a fresh Q-Former": metrics("stage2_fresh")})
         fresh_ev = {k: d.numeric_metrics() for k, d in done.items()}
         results["ablation"] = {
-            arm: {"vqa_zero_shot": e["vqa_test"]["overall"] / 100,
+            arm: {**({"vqa_zero_shot": e["vqa_test"]["overall"] / 100} if has_vqa else {}),
                   "captions_right": int(np.sum(ok)), "captions_total": n,
                   "caption_cider": e["caption_test"]["CIDEr"]}
             for arm, e, ok in (("stage1_qformer", ev, right), ("fresh_qformer", fresh_ev,
                                                                fresh_right))}
+    if args.vqa_finetune:
+        tuned = blip2_jax.load(os.path.join(work, "vqa_ft", "final"), tokenizer=opt_tok,
+                               qformer_tokenizer=qtok)
+        done = evaluate("vqa_ft", configs["vqa_ft"], tuned)["vqa_test"]
+        results["vqa_finetuned"] = done.metrics["overall"] / 100
+        for k, v in vqa_breakdown(done, kind_of).items():
+            results["vqa_by_kind"][k]["finetuned"] = v["accuracy"]
     results["reports"] = reports
     results["seconds"] = time.perf_counter() - t_start
     with open(os.path.join(work, "results.json"), "w") as f:
@@ -277,17 +402,24 @@ def _print(results: dict, ev: dict, log) -> None:
     for e in results["examples"]:
         log(f"    {'✓' if e['right'] else '✗'} {e['generated']!r}   (reference: "
             f"{e['reference']!r})")
-    log(f"zero-shot VQA accuracy {results['vqa_zero_shot']:.1%}; the same LM without the image "
-        f"{results['vqa_answer_prior']:.1%}; chance {results['vqa_chance']:.1%}. By kind "
-        "(accuracy / without the image / chance):")
-    for kind, v in results["vqa_by_kind"].items():
-        log(f"    {kind:7s} {v['accuracy']:6.1%} / {v['answer_prior']:6.1%} / {v['chance']:6.1%}"
-            f"   ({v['questions']} questions)")
+    if "vqa_zero_shot" in results:
+        tuned = "vqa_finetuned" in results
+        log(f"zero-shot VQA accuracy {results['vqa_zero_shot']:.1%}; the same LM without the "
+            f"image {results['vqa_answer_prior']:.1%}; chance {results['vqa_chance']:.1%}"
+            + (f"; after the VQA fine-tune {results['vqa_finetuned']:.1%}" if tuned else "")
+            + ". By kind (accuracy / without the image / chance"
+            + (" / fine-tuned):" if tuned else "):"))
+        for kind, v in results["vqa_by_kind"].items():
+            log(f"    {kind:12s} {v['accuracy']:6.1%} / {v['answer_prior']:6.1%} / "
+                f"{v['chance']:6.1%}" + (f" / {v['finetuned']:6.1%}" if tuned else "")
+                + f"   ({v['questions']} questions)")
     if "ablation" in results:
         a = results["ablation"]
-        log("stage 2 from the stage-1 Q-Former vs from a fresh one (same steps): zero-shot VQA "
-            f"{a['stage1_qformer']['vqa_zero_shot']:.1%} vs {a['fresh_qformer']['vqa_zero_shot']:.1%}"
-            f"; captions right {a['stage1_qformer']['captions_right']} vs "
+        vqa_line = (f"zero-shot VQA {a['stage1_qformer']['vqa_zero_shot']:.1%} vs "
+                    f"{a['fresh_qformer']['vqa_zero_shot']:.1%}; "
+                    if "vqa_zero_shot" in a["fresh_qformer"] else "")
+        log("stage 2 from the stage-1 Q-Former vs from a fresh one (same steps): " + vqa_line
+            + f"captions right {a['stage1_qformer']['captions_right']} vs "
             f"{a['fresh_qformer']['captions_right']} of {a['fresh_qformer']['captions_total']}")
     for r in results["reports"]:
         log(f"report: {r}")

@@ -267,6 +267,15 @@ def _tokenizer(path: Optional[str], kind: str, required: bool):
     return processing.load_tokenizer(path, kind)
 
 
+def training_dataset_name(config) -> Optional[str]:
+    """NAME of the run's first training source (`blip2_captions/NAME`): the dataset its
+    evaluators read when they name none. None without a training source."""
+    raw = section(config, "data").get("train") or []
+    raw = [raw] if isinstance(raw, Mapping) else list(raw)
+    name = str(raw[0].get("name", "")) if raw else ""
+    return name.split("/", 1)[1] if "/" in name else None
+
+
 def trains_on_answers(config) -> bool:
     """The run's training rows are prompt → response, the stage-2 step learning to generate the
     response: every training source is a VQA dataset (blip2_vqa/..., VQA fine-tuning: the
@@ -452,7 +461,8 @@ def evaluators(config, *, batch_size: Optional[int] = None):
     if not eval_cfg.get("evaluators"):
         return [], None
     data_dir = section(config, "data").get("data_dir")
-    evs = eval_lib.from_config(eval_cfg, data_dir=data_dir, batch_size=batch_size)
+    evs = eval_lib.from_config(eval_cfg, data_dir=data_dir, batch_size=batch_size,
+                               dataset_name=training_dataset_name(config))
     paths = tokenizer_paths(config)
     need = {ev.needs()[1] for ev in evs}
     if "llm" in need:

@@ -1,17 +1,24 @@
-"""The demo: BLIP-2's recipe at toy scale on the synthetic dataset (`python -m blip2_jax.demo`).
+"""The demo: BLIP-2's recipe at toy scale on the synthetic dataset (`python -m blip2_jax.demo`),
+or on your own (`--annotations`: the arg's third part names the dataset).
 
-    configs/demo.py:stage1,WORK   stage 1 (ITC + ITM + ITG), frozen image encoder from WORK/unimodal
+    configs/demo.py:stage1,WORK[,DATASET]   stage 1 (ITC + ITM + ITG), frozen image encoder from WORK/unimodal
     configs/demo.py:stage2,WORK   stage 2 (OPT LM), Q-Former from WORK/stage1/final, frozen LM from
                                   WORK/unimodal
     configs/demo.py:stage2_fresh,WORK   the same stage 2 from a fresh Q-Former (no stage 1): the
                                   paper's Fig. 5 ablation (`python -m blip2_jax.demo --ablation`)
+    configs/demo.py:vqa_ft,WORK   VQA fine-tuning (configs/vqa_ft.py's recipe: question-aware
+                                  Q-Former, answer loss) from WORK/stage2/final and the Q-Former
+                                  text side of WORK/stage1/final (`demo --vqa-finetune`)
 
 WORK defaults to out/demo, but stage 2 starts from a stage-1 model only when it is named: by WORK
 (`stage2,WORK`: the stage-1 run of that work directory, where the demo trains it) or by
 `--config.init.stage1=DIR`; `stage2` alone leaves a placeholder that fails naming the key.
 
-WORK/data holds the synthetic dataset and its tokenizers; WORK/unimodal the pre-trained image
-encoder and language model (blip2_jax/train/unimodal.py).
+WORK/data holds the dataset (blip2_captions/DATASET, blip2_vqa/DATASET; DATASET defaults to
+synthetic) and its tokenizers (WORK/data/tokenizers/DATASET); WORK/unimodal the pre-trained image
+encoder and language model (blip2_jax/train/unimodal.py). Training and the evaluators read
+DATASET (evaluators without a dataset follow config.data.train). The vocabulary sizes are the
+synthetic tokenizers'; the demo sets `model_overrides` to another dataset's.
 """
 from blip2_jax.data import synthetic
 from blip2_jax.train import defaults
@@ -31,10 +38,13 @@ NUM_QUERIES = 8
 
 def get_config(arg="stage1,out/demo"):
     stage, _, work = arg.partition(",")
+    work, _, dataset = work.partition(",")
+    dataset = dataset or "synthetic"
     stage1 = f"{work}/stage1/final" if work else "/path/to/stage1_run/final"
     work = work or "out/demo"
-    if stage not in ("stage1", "stage2", "stage2_fresh"):
-        raise ValueError(f"demo config takes 'stage1,WORK', 'stage2,WORK' or 'stage2_fresh,WORK', "
+    stages = ("stage1", "stage2", "stage2_fresh", "vqa_ft")
+    if stage not in stages:
+        raise ValueError(f"demo config takes 'STAGE,WORK[,DATASET]' with STAGE one of {stages}, "
                          f"got {arg!r}")
     c = defaults.base_config()
     if stage == "stage1":
@@ -57,7 +67,7 @@ def get_config(arg="stage1,out/demo"):
         # "The demo". 3x and 10x trained ITC worse.
         c.optimizer.update(lr=3e-4, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=20,
                            lr_mult=(("qformer/.*", 5.0), ("itm_head/.*", 5.0)))
-        c.text = dict(qformer_tokenizer="{data_dir}/tokenizers/synthetic/qformer", max_length=32)
+        c.text = dict(qformer_tokenizer=f"{{data_dir}}/tokenizers/{dataset}/qformer", max_length=32)
         c.eval.evaluators = defaults.synthetic_evaluators("retrieval")
         c.eval.every_steps = 200
     else:
@@ -73,13 +83,26 @@ def get_config(arg="stage1,out/demo"):
         c.loss = dict(lm=1.0)
         c.total_steps = 1000
         c.optimizer.update(lr=1e-3, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=20)
-        c.text = dict(llm_tokenizer="{data_dir}/tokenizers/synthetic/opt", max_length=48)
+        c.text = dict(llm_tokenizer=f"{{data_dir}}/tokenizers/{dataset}/opt", max_length=48)
         # Stage 2 trains on captions only: its VQA is zero-shot, as the paper's, asked in the
         # paper's prompt, which the frozen LM read in its text-only pre-training.
         c.eval.evaluators = defaults.synthetic_evaluators("caption", "vqa", num_beams=3)
         c.eval.evaluators.vqa_test.template = synthetic.VQA_PROMPT
         c.eval.evaluators.caption_test.max_new_tokens = 48
         c.eval.every_steps = 250
+    if stage == "vqa_ft":
+        # The paper's VQA fine-tune (§4.3) at toy scale: the Q-Former also reads the question,
+        # its text side from stage 1; the answer is the target; the ViT stays frozen here.
+        c.model_overrides = dict(vision=VISION, qformer=dict(QFORMER, has_text_input=True),
+                                 llm=LLM, num_query_tokens=NUM_QUERIES, qformer_text_input=True)
+        c.init = dict(checkpoint=f"{work}/stage2/final", qformer_text=f"{work}/stage1/final",
+                      random=())
+        c.total_steps = 600
+        c.optimizer.update(lr=1e-4, min_lr=5e-6, warmup_lr=1e-6, warmup_steps=20)
+        c.text.qformer_tokenizer = f"{{data_dir}}/tokenizers/{dataset}/qformer"
+        c.eval.evaluators = defaults.synthetic_evaluators("vqa", num_beams=3)
+        c.eval.evaluators.vqa_test.template = synthetic.VQA_PROMPT
+        c.eval.every_steps = 200
     # Stage 1 from scratch on the toy scenes depends much on the seed (Q-Former init and batch
     # order): held-out R@1 by ITC after 600 steps 0.19 / 0.73 / 0.65 / 0.63 for seeds 0-3 (one
     # of four collapsed). The demo runs seed 2, near the median (README "The demo").
@@ -91,5 +114,8 @@ def get_config(arg="stage1,out/demo"):
     c.keep_checkpoints = 2
     # Both stages train from the frozen ViT's cached outputs (the data is un-augmented): stage 1
     # computes them, stage 2 (the same ViT, through stage 1's export) reuses them.
-    c.data = defaults.synthetic_data(f"{work}/data", features=f"{work}/features")
+    c.data = defaults.synthetic_data(f"{work}/data", dataset, features=f"{work}/features")
+    if stage == "vqa_ft":
+        c.data.train = dict(name=f"blip2_vqa/{dataset}", split="train")
+        c.data.question_template = synthetic.VQA_PROMPT
     return c

@@ -151,7 +151,7 @@ def test_build_synthetic_writes_both_schemas(data_dir):
 
 
 def test_build_synthetic_writes_tokenizers_of_its_language(data_dir):
-    base = build_cli.synthetic_tokenizer_dir(data_dir)
+    base = build_cli.tokenizer_dir(data_dir)
     caption = synthetic.captions(synthetic.sample_scene(np.random.default_rng(9)),
                                  np.random.default_rng(9))[0]
     qtok = processing.load_tokenizer(os.path.join(base, "qformer"), "qformer")
@@ -324,6 +324,36 @@ def test_build_vqa(tmp_path, image_root, capsys):
     code, _, err = _run(["vqa", "--annotations", dup, "--image-root", image_root,
                          "--data-dir", d], capsys)
     assert code == 2 and "entry 1: question_id '1' repeats entry 0" in err
+
+
+def test_build_tokenizers_fits_a_datasets_own_text(tmp_path, image_root, capsys):
+    """`build tokenizers`: a dataset's training captions, questions and answers tokenize with
+    no unknown word, in a Q-Former vocabulary sized to them; a dataset not built is named."""
+    words = [f"zork{i} blim{i}" for i in range(150)]           # more words than synthetic's 100
+    caps = _write(tmp_path / "caps.json", [{"image": "a.jpg", "caption": words[:100]},
+                                           {"image": "b.png", "caption": words[100:]}])
+    vqa = _write(tmp_path / "vqa.json", [{"question_id": 1, "image": "a.jpg",
+                                          "question": "which quux?", "answer": "frobnic"}])
+    d = str(tmp_path / "out")
+    for kind, ann in (("captions", caps), ("vqa", vqa)):
+        code, _, err = _run([kind, "--annotations", ann, "--image-root", image_root,
+                             "--data-dir", d, "--name", "mine"], capsys)
+        assert code == 0, err
+    code, out, err = _run(["tokenizers", "--data-dir", d, "--name", "mine"], capsys)
+    assert code == 0, err
+    # 150 captions, the question in the VQA prompt, its answer
+    assert "fitted to 152 texts of mine's train split" in out
+    base = build_cli.tokenizer_dir(d, "mine")
+    qtok = processing.load_tokenizer(os.path.join(base, "qformer"), "qformer")
+    assert len(qtok) == 320 and qtok.bos_token_id == 319      # 5 specials, 307 words, [DEC]: up to 32s
+    for text in (words[7], words[140], "Question: which quux? Answer: frobnic"):
+        ids, _ = processing.tokenize_prompts(qtok, text, kind="qformer")
+        assert qtok.unk_token_id not in ids[0], text
+        opt = processing.load_tokenizer(os.path.join(base, "opt"), "opt")
+        ids, _ = processing.tokenize_prompts(opt, text, kind="opt")
+        assert processing.decode(opt, ids[:, 1:]) == [text]
+    code, _, err = _run(["tokenizers", "--data-dir", d, "--name", "theirs"], capsys)
+    assert code == 2 and "no dataset named 'theirs'" in err and "blip2_captions/mine" in err
 
 
 def _tar(path, samples, truncate=None):

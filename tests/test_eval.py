@@ -315,6 +315,22 @@ def test_bad_evaluator_settings_are_refused_by_name(data_dir):
         ev.run(model, tokenizers=eval_lib.Tokenizers(qformer=object()))
 
 
+def test_evaluators_without_a_dataset_read_the_training_set(data_dir):
+    """A config names its dataset once (config.data.train): its evaluators follow it."""
+    config = run_config.load("demo.py:stage2,/tmp/unused,shapes")
+    assert config.data.train.name == "blip2_captions/shapes"
+    assert run_config.training_dataset_name(config) == "shapes"
+    evs = eval_lib.from_config(config.eval, data_dir=data_dir,
+                               dataset_name=run_config.training_dataset_name(config))
+    assert {ev.kind: ev.opts["dataset"] for ev in evs} == {
+        "caption": "blip2_captions/shapes", "vqa": "blip2_vqa/shapes"}
+    named = eval_lib.make("v", dict(kind="vqa", dataset="blip2_vqa/other"), data_dir=data_dir,
+                          dataset_name="shapes")
+    assert named.opts["dataset"] == "blip2_vqa/other"         # a named dataset stays
+    with pytest.raises(eval_lib.EvalConfigError, match="'v': no dataset"):
+        eval_lib.make("v", dict(kind="vqa"), data_dir=data_dir)
+
+
 def test_paper_eval_config_builds_every_evaluator():
     spec = importlib.util.spec_from_file_location("eval_blip2", os.path.join(ROOT, "configs",
                                                                             "eval_blip2.py"))

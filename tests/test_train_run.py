@@ -141,7 +141,7 @@ def test_tiny_stage2_trains_and_exports(data_dir, uninterrupted, tmp_path, llm, 
     assert {str(x.dtype) for x in jax.tree.leaves(model.params["llm"])} == {"bfloat16"}
     assert {str(x.dtype) for x in jax.tree.leaves(model.params["qformer"])} == {"float32"}
     if llm == "opt":     # BLIP-2 OPT captions end with "\n": the exported model stops there
-        tok = processing.load_tokenizer(build_cli.synthetic_tokenizer_dir(data_dir) + "/opt",
+        tok = processing.load_tokenizer(build_cli.tokenizer_dir(data_dir) + "/opt",
                                         "opt")
         newline = tok("\n", add_special_tokens=False)["input_ids"]
         assert [model.config.llm.eos_token_id] == newline != [2]

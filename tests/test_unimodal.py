@@ -1,5 +1,6 @@
 """The demo's unimodal pre-training (blip2_jax/train/unimodal.py): data layouts and heads."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax import processing
@@ -72,3 +73,12 @@ def test_scene_parser_heads_and_labels():
     # Labels: 0 for an empty cell, else 1 + the object's class; 1-3 objects per scene.
     assert ((labels > 0).sum(1) >= 1).all() and ((labels > 0).sum(1) <= 3).all()
     assert labels.max() < unimodal.NUM_CELL_CLASSES
+
+
+def test_patch_targets_are_each_patchs_pooled_pixels():
+    """The masked-patch objective's targets: patch k (row-major, as the ViT orders its tokens)
+    holds its pixels 2x2-pooled, row-major within the patch."""
+    x = np.random.default_rng(0).normal(size=(2, 24, 24, 3)).astype(np.float32)
+    t = np.asarray(unimodal.patch_targets(jnp.asarray(x), 12)).reshape(2, 4, 6, 6, 3)
+    np.testing.assert_allclose(t[:, 1, 0, 0], x[:, 0:2, 12:14].mean(axis=(1, 2)), atol=1e-6)
+    np.testing.assert_allclose(t[:, 2, 5, 3], x[:, 22:24, 6:8].mean(axis=(1, 2)), atol=1e-6)

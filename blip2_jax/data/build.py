@@ -6,6 +6,13 @@
     build retrieval  --annotations [SPLIT=]FILE.json ... --image-root DIR --data-dir DIR [--name N]
     build vqa        --annotations [SPLIT=]FILE.json ... --image-root DIR --data-dir DIR [--name N]
     build webdataset --shards 'PATTERN' [--split train] --data-dir DIR --name N
+    build tokenizers --data-dir DIR --name N [--split train]
+                     small tokenizers (qformer / opt / t5 / llama) fitted to the text of a built
+                     dataset's split — blip2_captions/N's captions, and blip2_vqa/N's questions
+                     in the prompt "Question: {} Answer:" and answers where it exists — in
+                     DIR/tokenizers/N/, as `build synthetic` writes them: for toy models
+                     trained from scratch on your own data (`python -m blip2_jax.demo
+                     --annotations ...` builds them itself)
 
 An annotation file without `SPLIT=` is the "train" split ("test" for retrieval). Shard patterns
 take globs and webdataset brace ranges (`shards/{00000..00099}.tar`). Prints what it wrote per
@@ -53,12 +60,20 @@ def expand_shards(pattern: str) -> list[str]:
     return [pattern]
 
 
-def synthetic_tokenizer_dir(data_dir: str, name: str = "synthetic") -> str:
-    """Where `build synthetic` writes its small qformer / opt / t5 tokenizers."""
+def tokenizer_dir(data_dir: str, name: str = "synthetic") -> str:
+    """Where `build synthetic` and `build tokenizers` write a dataset's small tokenizers."""
     return os.path.join(data_dir, "tokenizers", name)
 
 
-def _annotation_splits(items: list[str], default_split: str) -> dict[str, str]:
+def dataset_texts(data_dir: str, name: str, split: str = "train") -> list[str]:
+    """The text of a built dataset's split: the captions of blip2_captions/NAME, and the
+    questions in the VQA prompt and the answers of blip2_vqa/NAME, those that exist."""
+    return [t for texts in builders.image_texts(data_dir, name, split).values()
+            for t in texts["captions"] + [x for q, answers in texts["qa"]
+                                          for x in [synthetic.VQA_PROMPT.format(q), *answers]]]
+
+
+def annotation_splits(items: list[str], default_split: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
         split, sep, path = item.partition("=")
@@ -125,6 +140,11 @@ def main(argv=None) -> int:
         common(p)
         p.add_argument("--annotations", nargs="+", required=True, metavar="[SPLIT=]FILE")
         p.add_argument("--image-root", required=True)
+    p = sub.add_parser("tokenizers", help="small tokenizers fitted to a built dataset's text")
+    cli.add_verbose_argument(p)
+    p.add_argument("--data-dir", required=True, help="tfds data directory holding the dataset")
+    p.add_argument("--name", required=True, help="the dataset's NAME (blip2_captions/NAME)")
+    p.add_argument("--split", default="train", help="the split whose text they are fitted to")
     p = sub.add_parser("webdataset", help="webdataset .tar shards (image + .txt/.json)")
     common(p)
     p.add_argument("--shards", required=True, nargs="+", metavar="PATTERN")
@@ -155,9 +175,16 @@ def build(args) -> None:
         texts = [t for ex in scenes.get("train", next(iter(scenes.values())))
                  for t in ex["captions"] + [x for q, a in ex["qa"]
                                             for x in (synthetic.VQA_PROMPT.format(q), a)]]
-        dirs = synthetic.write_tokenizers(texts, synthetic_tokenizer_dir(args.data_dir,
-                                                                         args.name))
+        dirs = synthetic.write_tokenizers(texts, tokenizer_dir(args.data_dir, args.name))
         print(f"wrote tokenizers for the synthetic language: {', '.join(dirs.values())}")
+        return
+    if args.kind == "tokenizers":
+        texts = dataset_texts(args.data_dir, args.name, args.split)
+        dirs = synthetic.write_tokenizers(texts, tokenizer_dir(args.data_dir, args.name),
+                                          qformer_vocab=None, opt_vocab=512, llama_vocab=512,
+                                          t5_vocab=None)
+        print(f"wrote tokenizers fitted to {len(texts)} texts of {args.name}'s {args.split} "
+              f"split: {', '.join(dirs.values())}")
         return
 
     read = dict(workers=args.workers, max_size=args.max_image_size)
@@ -171,7 +198,7 @@ def build(args) -> None:
         splits = {args.split: lambda: builders.webdataset_examples(shards, **read)}
         kind = builders.CAPTIONS
     else:
-        files = _annotation_splits(args.annotations,
+        files = annotation_splits(args.annotations,
                                    "test" if args.kind == "retrieval" else "train")
         if not os.path.isdir(args.image_root):
             raise records.AnnotationError(f"--image-root {args.image_root}: no such directory")

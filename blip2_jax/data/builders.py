@@ -346,5 +346,29 @@ def retrieval_truth(data_dir: str, name: str, split: str = "test") -> RetrievalT
                           np.array(text_to_image), image_to_texts)
 
 
+def image_texts(data_dir: str, name: str, split: str = "train") -> dict[str, dict]:
+    """The text of a dataset's split by image: {image_id: {"captions": [str], "qa": [(question,
+    [answers])]}} from blip2_captions/NAME and blip2_vqa/NAME, those that exist (in stored
+    order; a DatasetError when neither does)."""
+    have = available(data_dir)
+    if f"{CAPTIONS}/{name}" not in have and f"{VQA}/{name}" not in have:
+        raise DatasetError(f"no dataset named {name!r} in {data_dir} (have {have}): build it "
+                           "first")
+    out: dict[str, dict] = {}
+    for kind in KINDS:
+        if f"{kind}/{name}" not in have:
+            continue
+        src = open_split(data_dir, f"{kind}/{name}", split)
+        for r in range(len(src)):
+            rec = src[r]
+            entry = out.setdefault(rec["image_id"].decode(), {"captions": [], "qa": []})
+            if kind == CAPTIONS:
+                entry["captions"] += [c.decode() for c in rec["captions"]]
+            else:
+                entry["qa"].append((rec["question"].decode(),
+                                    [a.decode() for a in rec["answers"]]))
+    return out
+
+
 def kind_of(name: str) -> str:
     return name.split("/", 1)[0]

@@ -286,8 +286,12 @@ def generate(split: str, num_examples: int, *, seed: int = 0, image_size: int = 
 QFORMER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def write_tokenizers(texts: list[str], out_dir: str, *, qformer_vocab: int = 100,
-                     opt_vocab: int = 384, t5_vocab: int = 256,
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def write_tokenizers(texts: list[str], out_dir: str, *, qformer_vocab: int | None = 100,
+                     opt_vocab: int = 384, t5_vocab: int | None = 256,
                      llama_vocab: int = 384) -> dict[str, str]:
     """Small tokenizers of the four families, fitted to `texts`, under
     `out_dir/{qformer,opt,t5,llama}`:
@@ -302,13 +306,16 @@ def write_tokenizers(texts: list[str], out_dir: str, *, qformer_vocab: int = 100
     llama: a SentencePiece-style BPE `tokenizer.json` ("\u2581" word starts, byte fallback) with
         LLaMA's <unk> 0, <s> 1, </s> 2 and no pad token, at most `llama_vocab` entries; its
         alphabet adds the ASCII letters, digits and punctuation to the texts' characters.
-    Deterministic for the same texts."""
+    `qformer_vocab` / `t5_vocab` None: as many entries as the texts need, rounded up to a
+    multiple of 32. Deterministic for the same texts."""
 
     dirs = {k: os.path.join(out_dir, k) for k in ("qformer", "opt", "t5", "llama")}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
     words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
     vocab = list(QFORMER_SPECIALS) + words
+    if qformer_vocab is None:
+        qformer_vocab = _round_up(len(vocab) + 1, 32)
     if len(vocab) > qformer_vocab - 1:
         raise ValueError(f"{len(vocab)} words and specials do not fit a Q-Former vocabulary of "
                          f"{qformer_vocab} (one id is [DEC])")
@@ -331,6 +338,8 @@ def write_tokenizers(texts: list[str], out_dir: str, *, qformer_vocab: int = 100
     pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
               + [("\u2581" + w, -1.0) for w in words] + [("\u2581", -5.0)]
               + [(c, -10.0) for c in chars])
+    if t5_vocab is None:
+        t5_vocab = _round_up(len(pieces), 32)
     if len(pieces) > t5_vocab:
         raise ValueError(f"{len(pieces)} pieces do not fit a T5 vocabulary of {t5_vocab}")
     uni = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))

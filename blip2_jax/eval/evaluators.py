@@ -15,7 +15,8 @@
     retrieval: dataset ("blip2_captions/NAME", one record per image with all its captions),
                split, k (128), itm_batch_size (0: `retrieval.itm_scores`'s default),
                max_length (35)
-    every kind: limit (0 = all; else the first `limit` records of the split in stored order),
+    every kind: dataset (default: the training set's NAME, `from_config(dataset_name=...)`),
+               limit (0 = all; else the first `limit` records of the split in stored order),
                image_size (the model's), image_processor ("blip_image_eval"), max_words (50),
                data_dir (default: the config's data_dir), batch_size (default: config.eval's)
 
@@ -97,21 +98,25 @@ def _plain(x):
 
 
 def from_config(eval_cfg, *, data_dir: Optional[str] = None, batch_size: Optional[int] = None,
-                examples: Optional[int] = None) -> list["Evaluator"]:
+                examples: Optional[int] = None,
+                dataset_name: Optional[str] = None) -> list["Evaluator"]:
     """The evaluators of `config.eval` (its `evaluators` dict, in order). `data_dir`: default
-    dataset directory; `batch_size`: default global batch (else config.eval.batch_size)."""
+    dataset directory; `batch_size`: default global batch (else config.eval.batch_size);
+    `dataset_name`: the NAME an evaluator without a `dataset` reads (`blip2_captions/NAME` or
+    `blip2_vqa/NAME` by its kind): the run's training set (`run_config.evaluators`)."""
     eval_cfg = _plain(eval_cfg or {})
     named = _plain(eval_cfg.get("evaluators") or {})
     if not named:
         raise EvalConfigError("config.eval.evaluators names no evaluator")
     bs = int(batch_size or eval_cfg.get("batch_size") or 32)
     n_examples = int(examples if examples is not None else eval_cfg.get("report_examples", 16))
-    return [make(name, _plain(spec), data_dir=data_dir, batch_size=bs, examples=n_examples)
+    return [make(name, _plain(spec), data_dir=data_dir, batch_size=bs, examples=n_examples,
+                 dataset_name=dataset_name)
             for name, spec in named.items()]
 
 
 def make(name: str, spec: Mapping, *, data_dir: Optional[str] = None, batch_size: int = 32,
-         examples: int = 16) -> "Evaluator":
+         examples: int = 16, dataset_name: Optional[str] = None) -> "Evaluator":
     spec = dict(spec)
     kind = spec.pop("kind", None)
     if kind not in KINDS:
@@ -122,6 +127,8 @@ def make(name: str, spec: Mapping, *, data_dir: Optional[str] = None, batch_size
         raise EvalConfigError(f"evaluator {name!r} ({kind}): unknown setting(s) {unknown}; "
                               f"known: {sorted(allowed)}")
     opts = {**allowed, **spec}
+    if not opts["dataset"] and dataset_name:
+        opts["dataset"] = f"{_DATASET_KIND[kind]}/{dataset_name}"
     if not opts["dataset"]:
         raise EvalConfigError(f"evaluator {name!r}: no dataset (e.g. "
                               f"'{_DATASET_KIND[kind]}/NAME')")

@@ -206,23 +206,22 @@ def pretraining_data() -> dict:
     )
 
 
-def synthetic_data(data_dir: str, **overrides) -> dict:
-    """`config.data` for training on the built-in synthetic dataset."""
-    return dict(data_dir=data_dir, train=dict(name="blip2_captions/synthetic", split="train"),
+def synthetic_data(data_dir: str, name: str = "synthetic", **overrides) -> dict:
+    """`config.data` for training toy models on the built-in synthetic dataset, or on another
+    caption set of small rendered scenes (`name`: blip2_captions/NAME)."""
+    return dict(data_dir=data_dir, train=dict(name=f"blip2_captions/{name}", split="train"),
                 # No crops or flips: the captions say where each object is.
                 image_processor="blip_image_eval", flip=False, prompt="",
                 num_workers=0, num_threads=2, **{"features": "", **overrides})
 
 
 def synthetic_evaluators(*kinds: str, split: str = "test", **settings) -> dict:
-    """`config.eval.evaluators` on the synthetic dataset: "retrieval", "caption", "vqa" (named
-    KIND_SPLIT); `settings` go to each. Its VQA prompt is the bare question: the synthetic
-    language has no "Question:" words."""
-    datasets = {"retrieval": "blip2_captions/synthetic", "caption": "blip2_captions/synthetic",
-                "vqa": "blip2_vqa/synthetic"}
+    """`config.eval.evaluators` of the given kinds ("retrieval", "caption", "vqa"; named
+    KIND_SPLIT) on the run's own training set (no `dataset`: they follow config.data.train);
+    `settings` go to each. Its VQA prompt is the bare question: the synthetic language has no
+    "Question:" words."""
     out = {}
     for kind in kinds:
         extra = {"template": "{}"} if kind == "vqa" else {}
-        out[f"{kind}_{split}"] = dict(kind=kind, dataset=datasets[kind], split=split, **extra,
-                                      **settings)
+        out[f"{kind}_{split}"] = dict(kind=kind, split=split, **extra, **settings)
     return out

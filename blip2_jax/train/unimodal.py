@@ -17,12 +17,25 @@
   synthetic language's byte-level BPE, and every line ends with "\\n", as BLIP-2's OPT captions
   do.
 
-`make_unimodal(cfg, out_dir, ...)` trains both and writes a native BLIP-2 checkpoint whose
-`vision/` and `llm/` hold them; the rest is random init and is not meant to be loaded. Stage-1
-and stage-2 configs then take the towers from it (`init.vision`, `init.llm`).
+On a dataset of one's own (`make_unimodal_from_dataset`: the demo's `--annotations`) nothing
+is known but the training split's images and text, and neither tower may be taught to align the
+two, so both objectives need no labels:
+- **Image encoder**: masked patches. Half the patches of each training image are blanked; from
+  every patch token the ViT predicts that patch's pixels (2x2-pooled) as they were, and (at a
+  tenth of the weight) the patch's place in the grid, as above. Visible patches keep what they
+  show; blanked ones must be inferred from their context.
+- **Language model**: the same causal LM, on documents made of the training split's own text:
+  per training image its captions, then its questions with their most frequent answers in the
+  paper's prompt (where the dataset has VQA annotations).
+
+`make_unimodal(cfg, out_dir, ...)` (`make_unimodal_from_dataset`) trains both and writes a native
+BLIP-2 checkpoint whose `vision/` and `llm/` hold them; the rest is random init and is not meant
+to be loaded. Stage-1 and stage-2 configs then take the towers from it (`init.vision`,
+`init.llm`).
 """
 from __future__ import annotations
 
+import collections
 import time
 from typing import Callable
 
@@ -35,7 +48,7 @@ from PIL import Image
 
 from blip2_jax import api, processing
 from blip2_jax.config import Blip2Config, OPTConfig, VisionConfig
-from blip2_jax.data import synthetic
+from blip2_jax.data import builders, pipeline, synthetic
 from blip2_jax.models import blip2 as blip2_model
 from blip2_jax.models.opt import OPT
 from blip2_jax.models.vit import VisionTransformer
@@ -90,7 +103,8 @@ class SceneParser(nn.Module):
         return nn.Dense(NUM_CELL_CLASSES, name="out")(cells), where
 
 
-def _fit(loss_fn: Callable, params, batches: Callable, steps: int, lr: float, log, what: str):
+def _fit(loss_fn: Callable, params, batches: Callable, steps: int, lr: float, log, what: str,
+         metric: str = "accuracy"):
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps,
                                                                     lr / 20),
@@ -107,7 +121,7 @@ def _fit(loss_fn: Callable, params, batches: Callable, steps: int, lr: float, lo
     for i in range(steps):
         params, opt_state, loss, acc = step(params, opt_state, batches(i))
         if (i + 1) % max(1, steps // 5) == 0 or i == 0:
-            log(f"  {what} step {i + 1}/{steps}: loss {float(loss):.3f}, accuracy "
+            log(f"  {what} step {i + 1}/{steps}: loss {float(loss):.3f}, {metric} "
                 f"{float(acc):.3f} ({time.perf_counter() - t0:.0f} s)")
     return params, float(loss), float(acc)
 
@@ -125,9 +139,7 @@ def pretrain_vision(vision: VisionConfig, *, steps: int, batch_size: int, pool: 
     def loss_fn(p, batch):
         logits, where = model.apply({"params": p}, batch["pixels"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-        patches = jnp.broadcast_to(jnp.arange(where.shape[1]), where.shape[:2])
-        loss += place_weight * optax.softmax_cross_entropy_with_integer_labels(where,
-                                                                               patches).mean()
+        loss += place_weight * _place_loss(where)
         return loss, jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
 
     rng = np.random.default_rng(seed)
@@ -137,6 +149,103 @@ def pretrain_vision(vision: VisionConfig, *, steps: int, batch_size: int, pool: 
         return {"pixels": pixels[idx], "labels": labels[idx]}
     params, _, acc = _fit(loss_fn, params, batches, steps, lr, log, "image encoder")
     return params["vision"], acc
+
+
+def _place_loss(where):
+    """Each patch token classified into its own grid position (see `SceneParser`)."""
+    patches = jnp.broadcast_to(jnp.arange(where.shape[1]), where.shape[:2])
+    return optax.softmax_cross_entropy_with_integer_labels(where, patches).mean()
+
+
+class MaskedPatches(nn.Module):
+    """ViT + two heads on every patch token: the patch's pixels, 2x2-pooled (what it shows),
+    and its place in the grid (where it is)."""
+    vision: VisionConfig
+
+    @nn.compact
+    def __call__(self, pixels):
+        v = self.vision
+        side = v.image_size // v.patch_size
+        h = VisionTransformer(v, name="vision")(pixels)[:, 1:]          # drop the class token
+        what = nn.Dense(3 * (v.patch_size // 2) ** 2, name="pixels")(nn.LayerNorm(name="ln")(h))
+        where = nn.Dense(side * side, name="where")(nn.LayerNorm(name="ln_where")(h))
+        return what, where
+
+
+def patch_targets(pixels: jnp.ndarray, patch_size: int) -> jnp.ndarray:
+    """(B, patches, 3·(p/2)²): each patch's pixels, 2x2-pooled, in the ViT's patch order."""
+    b, s, _, c = pixels.shape
+    n, q = s // patch_size, patch_size // 2
+    x = pixels.reshape(b, n, patch_size, n, patch_size, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, n, n, q, 2, q, 2, c).mean(axis=(4, 6))
+    return x.reshape(b, n * n, q * q * c)
+
+
+def pretrain_vision_unlabelled(vision: VisionConfig, pixels: np.ndarray, *, steps: int,
+                               batch_size: int, seed: int, lr: float = 1e-3,
+                               mask_ratio: float = 0.5, place_weight: float = 0.1,
+                               log=print) -> tuple[dict, float]:
+    """(vision params, the last batch's R² of the blanked patches' pixels) from images alone
+    (`pixels`: (N, S, S, 3) normalised as the eval processor does): `MaskedPatches`."""
+    model = MaskedPatches(vision)
+    params = nn.unbox(model.init(jax.random.PRNGKey(seed), pixels[:1])["params"])
+    p, side = vision.patch_size, vision.image_size // vision.patch_size
+
+    def loss_fn(params, batch):
+        x, blank = batch["pixels"], batch["blank"]                   # blank: (B, side, side)
+        keep = 1.0 - jnp.repeat(jnp.repeat(blank, p, axis=1), p, axis=2)[..., None]
+        what, where = model.apply({"params": params}, x * keep)
+        target = patch_targets(x, p)
+        err = jnp.mean((what - target) ** 2, axis=-1)                 # (B, patches)
+        blanked = blank.reshape(blank.shape[0], -1)
+        r2 = 1.0 - (jnp.sum(err * blanked)
+                    / jnp.sum(jnp.var(target, axis=-1, keepdims=False) * blanked + 1e-6))
+        return jnp.mean(err) + place_weight * _place_loss(where), r2
+
+    rng = np.random.default_rng(seed)
+
+    def batches(_):
+        idx = rng.integers(0, len(pixels), batch_size)
+        return {"pixels": pixels[idx],
+                "blank": (rng.random((batch_size, side, side)) < mask_ratio).astype(np.float32)}
+    params, _, r2 = _fit(loss_fn, params, batches, steps, lr, log, "image encoder",
+                         metric="R² of blanked patches")
+    return params["vision"], r2
+
+
+def dataset_images(data_dir: str, name: str, image_size: int, limit: int,
+                   split: str = "train") -> np.ndarray:
+    """Up to `limit` distinct images of a dataset's split, (N, S, S, 3) normalised by the eval
+    processor (`blip_image_eval`, as the demo's stages read them)."""
+    source = pipeline.Pipeline([pipeline.Source(name, split)], data_dir=data_dir, batch_size=64,
+                               train=False, image_size=image_size,
+                               image_processor="blip_image_eval")
+    seen: dict[int, np.ndarray] = {}
+    for b in source:
+        for i, px, ok in zip(b["image_index"], b["image"], b["valid"]):
+            if ok:
+                seen.setdefault(int(i), px)
+        if len(seen) >= limit:
+            break
+    return np.stack([seen[i] for i in sorted(seen)][:limit])
+
+
+def dataset_corpus(data_dir: str, name: str, seed: int, questions: int = 4,
+                   split: str = "train") -> list[list[str]]:
+    """Documents (lists of lines) from a dataset's split, one per image with captions: a caption,
+    then in a random order one more caption and up to `questions` of the image's questions with
+    their most frequent answer (`qa_line`; blip2_vqa/NAME's, where it exists)."""
+    rng = np.random.default_rng([seed, _PRETRAIN_SPLIT_SEED + 1])
+    docs = []
+    for _, texts in sorted(builders.image_texts(data_dir, name, split).items()):
+        if not texts["captions"]:
+            continue
+        caps = [texts["captions"][i] for i in rng.permutation(len(texts["captions"]))]
+        qa = [qa_line(q, collections.Counter(answers).most_common(1)[0][0])
+              for q, answers in texts["qa"][:questions]]
+        rest = caps[1:2] + qa
+        docs.append(caps[:1] + [rest[i] for i in rng.permutation(len(rest))])
+    return docs
 
 
 def text_corpus(n_scenes: int, seed: int, questions: int = 4) -> list[list[str]]:
@@ -246,23 +355,57 @@ def answer_accuracy(llm: OPTConfig, params, tokenizer, *, n_scenes: int = 200, s
 def make_unimodal(cfg: Blip2Config, out_dir: str, tokenizer, *, vision_steps: int,
                   llm_steps: int, batch_size: int = 64, vision_pool: int = 4000, seed: int = 0,
                   log=print) -> dict:
-    """Pre-train both towers and write them into a native checkpoint at `out_dir`."""
-    if not isinstance(cfg.llm, OPTConfig):
-        raise ValueError("the demo pre-trains an OPT-style language model")
+    """Pre-train both towers on fresh synthetic scenes and text and write them into a native
+    checkpoint at `out_dir`."""
+    _check_llm(cfg)
     log("pre-training the image encoder (scene parsing on fresh synthetic scenes)")
     vision, vision_acc = pretrain_vision(cfg.vision, steps=vision_steps, batch_size=batch_size,
                                          pool=vision_pool, seed=seed, log=log)
     log("pre-training the language model (causal LM on text: descriptions, questions, answers)")
     llm, llm_acc = pretrain_llm(cfg.llm, tokenizer, steps=llm_steps, batch_size=batch_size,
                                 corpus=text_corpus(4000, seed), seed=seed, log=log)
-    params = jax.tree.map(np.asarray, blip2_model.init_params(cfg, seed))
-    params["vision"] = jax.tree.map(np.asarray, vision)
-    params["llm"] = jax.tree.map(np.asarray, llm)
-    api.Blip2(cfg, params).save(out_dir, format="native")
+    _save(cfg, vision, llm, out_dir, seed)
     return {"vision_cell_accuracy": vision_acc, "llm_token_accuracy": llm_acc,
             "llm_answers_described": answer_accuracy(cfg.llm, llm, tokenizer),
             "llm_answers_prior": answer_accuracy(cfg.llm, llm, tokenizer, described=False)}
 
 
-__all__ = ["make_unimodal", "pretrain_vision", "pretrain_llm", "scene_images", "cell_labels",
+def make_unimodal_from_dataset(cfg: Blip2Config, out_dir: str, tokenizer, *, data_dir: str,
+                               name: str, vision_steps: int, llm_steps: int,
+                               batch_size: int = 64, vision_pool: int = 4000, seed: int = 0,
+                               log=print) -> dict:
+    """Pre-train both towers on the training split of blip2_captions/NAME (and blip2_vqa/NAME's
+    text, where it exists) with objectives that need no labels, and write them into a native
+    checkpoint at `out_dir`."""
+    _check_llm(cfg)
+    pixels = dataset_images(data_dir, f"{builders.CAPTIONS}/{name}", cfg.vision.image_size,
+                            vision_pool)
+    log(f"pre-training the image encoder (masked patches of {len(pixels)} training images)")
+    vision, r2 = pretrain_vision_unlabelled(cfg.vision, pixels, steps=vision_steps,
+                                            batch_size=batch_size, seed=seed, log=log)
+    corpus = dataset_corpus(data_dir, name, seed)
+    log(f"pre-training the language model (causal LM on {len(corpus)} documents of the training "
+        "split's captions, questions and answers)")
+    llm, llm_acc = pretrain_llm(cfg.llm, tokenizer, steps=llm_steps, batch_size=batch_size,
+                                corpus=corpus, seed=seed, log=log)
+    _save(cfg, vision, llm, out_dir, seed)
+    return {"vision_images": len(pixels), "vision_masked_r2": r2, "llm_documents": len(corpus),
+            "llm_token_accuracy": llm_acc}
+
+
+def _check_llm(cfg: Blip2Config) -> None:
+    if not isinstance(cfg.llm, OPTConfig):
+        raise ValueError("the demo pre-trains an OPT-style language model")
+
+
+def _save(cfg: Blip2Config, vision, llm, out_dir: str, seed: int) -> None:
+    params = jax.tree.map(np.asarray, blip2_model.init_params(cfg, seed))
+    params["vision"] = jax.tree.map(np.asarray, vision)
+    params["llm"] = jax.tree.map(np.asarray, llm)
+    api.Blip2(cfg, params).save(out_dir, format="native")
+
+
+__all__ = ["make_unimodal", "make_unimodal_from_dataset", "pretrain_vision",
+           "pretrain_vision_unlabelled", "dataset_images", "dataset_corpus", "patch_targets",
+           "pretrain_llm", "scene_images", "cell_labels",
            "text_corpus", "document_ids", "answer_rows", "score_answers", "answer_accuracy"]
