@@ -36,9 +36,9 @@ Deterministic for `--seed`: the same arguments write the same bytes. Every image
 its own random stream, seeded by (this dataset's tag, seed, split, image number), so the train
 and test splits come from disjoint streams and image i of a split does not depend on how many
 images are asked for. Test scenes are distinct in content (retrieval ground truth must be
-unambiguous); train scenes are drawn independently, so a train scene can repeat, and a test scene
-can also occur in train (with a different rendering): with 864 one-patch scenes, most one-patch
-test scenes do, few two-patch ones (15552 of them) do.
+unambiguous) and come from a part of scene space the train split never draws from
+(`is_held_out`: one scene content in 10, by a fixed hash of `Scene.describe`), so a model is
+tested on contents it never saw, not only on new renderings; train scenes can repeat.
 
 Writes DIR/images/{split}_{i:06d}.png (RGB, 96x96), DIR/captions_{train,test}.json (LAVIS caption
 form, one entry per image with its five captions: a retrieval split as
@@ -53,6 +53,7 @@ import io
 import json
 import os
 import sys
+import zlib
 from typing import Iterator, Optional
 
 import numpy as np
@@ -116,6 +117,11 @@ class Scene:
         """The scene's content: equal iff two scenes have the same captions."""
         return self.background + ": " + "; ".join(f"{p.noun()} @ {p.region}"
                                                    for p in self.patches)
+
+
+def is_held_out(scene: Scene) -> bool:
+    """Whether the scene's content belongs to the test split (one in 10, by a fixed hash)."""
+    return zlib.crc32(scene.describe().encode()) % 10 == 0
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
@@ -261,7 +267,8 @@ def question_kind(question: str) -> str:
 def generate(split: str, num_examples: int, *, seed: int = 0) -> Iterator[dict]:
     """The examples of one split: {"image": PNG bytes, "image_id", "captions", "qa": [(question,
     answer, kind)], "scene": its `describe()`}. Image i is drawn from its own stream
-    (tag, seed, split, i); test scenes are distinct in content."""
+    (tag, seed, split, i); test scenes are distinct in content and held out (`is_held_out`),
+    train scenes never are."""
     if split not in SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
     if seed < 0:
@@ -271,6 +278,8 @@ def generate(split: str, num_examples: int, *, seed: int = 0) -> Iterator[dict]:
         rng = np.random.default_rng([_STREAM_TAG, seed, SPLIT_CODES[split], i])
         for _ in range(1000):
             scene = sample_scene(rng)
+            if is_held_out(scene) != (split == "test"):
+                continue
             if split == "train" or scene.describe() not in seen:
                 break
         else:

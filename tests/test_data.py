@@ -15,6 +15,7 @@ from PIL import Image
 from blip2_jax import processing
 from blip2_jax.data import build as build_cli
 from blip2_jax.data import batch as batch_lib, builders, ops, pipeline, records, synthetic
+from blip2_jax.train import unimodal
 
 from assets import bert_vocab
 
@@ -133,6 +134,23 @@ def test_synthetic_render_draws_each_object_in_its_cell():
 def test_synthetic_scenes_are_unique_within_a_split():
     scenes = [e["scene"] for e in synthetic.generate("test", 300, seed=0, image_size=16)]
     assert len(set(scenes)) == 300
+
+
+def test_synthetic_test_scenes_are_held_out_of_everything_trained_on():
+    """The test split's scene contents are never drawn for training: not by the train or val
+    splits, nor by the demo's unimodal pre-training (its images' scenes and its LM's text)."""
+    test = {e["scene"] for e in synthetic.generate("test", 60, seed=0, image_size=16)}
+    assert all(synthetic.is_held_out(s) for s in test)
+    for split in ("train", "val"):
+        scenes = {e["scene"] for e in synthetic.generate(split, 600, seed=0, image_size=16)}
+        assert not any(synthetic.is_held_out(s) for s in scenes) and not scenes & test
+    docs = unimodal.text_corpus(300, seed=0, questions=1)
+    assert not any(synthetic.is_held_out(synthetic.parse_caption(d[0])) for d in docs)
+    # About one content in 10 is held out: the rule is a partition, not an exclusion list.
+    rng = np.random.default_rng(0)
+    share = np.mean([synthetic.is_held_out(synthetic.describe(synthetic.sample_scene(rng)))
+                     for _ in range(3000)])
+    assert 0.07 < share < 0.13
 
 
 def test_build_synthetic_writes_both_schemas(data_dir):

@@ -71,6 +71,10 @@ def test_splits_differ_and_images_do_not_depend_on_the_count():
     assert len({e["scene"] for e in many}) == 300
     assert {e["scene"].count(";") for e in many} == {0, 1}
 
+    # Test contents come from a part of scene space the train split never draws from.
+    train = list(sd.generate("train", 300, seed=0))
+    assert not {e["scene"] for e in train} & {e["scene"] for e in many}
+
 
 def test_reads_as_lavis_annotations(made):
     images = os.path.join(made, "images")

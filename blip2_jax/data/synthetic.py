@@ -7,7 +7,10 @@ size and a position, drawn with jitter of centre, radius and shade (shapes keep 
 names every object with all four attributes, so captions are fully determined by the image and
 any two scenes with different contents have different captions; paraphrases differ in wording and
 object order only where the template says so. Within a split every scene's content is unique, so
-retrieval ground truth is unambiguous. Horizontal flips change "left"/"right": train on it with
+retrieval ground truth is unambiguous. The test split's scenes come from a part of scene space
+that no other split and nothing else drawn from this generator for training ever uses
+(`held_out`: one scene content in 10, by a hash of `describe`), so a model is tested on scene
+contents it never saw, not only on new renderings. Horizontal flips change "left"/"right": train on it with
 flipping off.
 
     examples = synthetic.generate("train", 1000, seed=0)      # deterministic for (seed, split)
@@ -20,6 +23,7 @@ import io
 import os
 import re
 import string
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -64,18 +68,35 @@ class Obj:
 Scene = tuple  # tuple[Obj, ...] in reading order (row, then column)
 
 
-def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 3) -> Scene:
-    n = int(rng.integers(min_objects, max_objects + 1))
-    cells = rng.choice(9, size=n, replace=False)
-    objs = [Obj(int(c) // 3, int(c) % 3, SHAPES[rng.integers(len(SHAPES))],
-                list(COLORS)[rng.integers(len(COLORS))], SIZES[rng.integers(len(SIZES))])
-            for c in cells]
-    return tuple(sorted(objs))
+HELD_OUT_ONE_IN = 10
+
+
+def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 3, *,
+                 held_out: bool | None = None) -> Scene:
+    """A random scene; `held_out` True / False: drawn again until it is / is not a test-split
+    scene (`held_out`), None: any."""
+    while True:
+        n = int(rng.integers(min_objects, max_objects + 1))
+        cells = rng.choice(9, size=n, replace=False)
+        objs = [Obj(int(c) // 3, int(c) % 3, SHAPES[rng.integers(len(SHAPES))],
+                    list(COLORS)[rng.integers(len(COLORS))], SIZES[rng.integers(len(SIZES))])
+                for c in cells]
+        scene = tuple(sorted(objs))
+        if held_out is None or is_held_out(describe(scene)) == held_out:
+            return scene
 
 
 def describe(scene: Scene) -> str:
     """The canonical content of a scene (equal iff the captions are interchangeable)."""
     return "; ".join(f"{o.noun()} @ {o.position}" for o in scene)
+
+
+def is_held_out(content: str) -> bool:
+    """Whether a scene content (`describe(scene)`, or `parse_caption`'s) belongs to the test
+    split: one content in HELD_OUT_ONE_IN, by a fixed hash (the same on every machine and run).
+    The test split draws only these; the train and val splits and the demo's unimodal
+    pre-training never do."""
+    return zlib.crc32(content.encode()) % HELD_OUT_ONE_IN == 0
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -256,7 +277,8 @@ def png_bytes(image: np.ndarray) -> bytes:
 def generate(split: str, num_examples: int, *, seed: int = 0, image_size: int = 128,
              min_objects: int = 1, max_objects: int = 3, num_captions: int = 5,
              num_questions: int = 3) -> Iterator[dict]:
-    """Examples of one split, deterministic for (seed, split); scenes unique within the split."""
+    """Examples of one split, deterministic for (seed, split); scenes unique within the split;
+    the test split's scenes held out (`is_held_out`), the other splits' never."""
     if split not in SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
     if not 1 <= min_objects <= max_objects <= 9:
@@ -266,7 +288,7 @@ def generate(split: str, num_examples: int, *, seed: int = 0, image_size: int = 
     seen: set[str] = set()
     for i in range(num_examples):
         for _ in range(1000):
-            scene = sample_scene(rng, min_objects, max_objects)
+            scene = sample_scene(rng, min_objects, max_objects, held_out=split == "test")
             if describe(scene) not in seen:
                 break
         else:

@@ -4,11 +4,14 @@
   under each of the 9 grid cells it predicts "empty" or the shape × colour × size of the object
   there, and (at a tenth of the weight) from each patch token that patch's place in the grid.
   Without the second task the features lose where things are: a linear probe of the stage-1
-  query outputs then finds an object's cell at chance, and captions cannot say where. The scenes are rendered fresh from the synthetic generator under a seed of
-  their own, so the evaluation images are never seen. This stands in for EVA-CLIP's
+  query outputs then finds an object's cell at chance, and captions cannot say where. The
+  scenes are rendered fresh from the synthetic generator under a seed of their own, and never
+  from the test split's part of scene space (`synthetic.is_held_out`), so neither the test
+  images nor their contents are seen. This stands in for EVA-CLIP's
   pre-training.
 - **Language model.** Our OPT is pre-trained as a causal LM on text only (`text_corpus`, generated
-  under a seed of its own): each document is about one scene, a description (a caption) first,
+  under a seed of its own, of scenes outside the test split's part of scene space): each
+  document is about one scene, a description (a caption) first,
   then in a random order a paraphrase and questions about the scene with their answers, in the
   paper's prompt (`Question: ... Answer: ...`), each line as `[BOS] line "\\n"` (`document_ids`).
   This is the toy's analogue of an LLM's knowledge: it learns to answer from a description
@@ -73,7 +76,7 @@ def scene_images(n: int, image_size: int, seed: int, render_size: int = 128):
     pixels = np.empty((n, image_size, image_size, 3), np.float32)
     labels = np.empty((n, 9), np.int32)
     for i in range(n):
-        scene = synthetic.sample_scene(rng)
+        scene = synthetic.sample_scene(rng, held_out=False)
         img = Image.fromarray(synthetic.render(scene, rng, render_size))
         img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
         pixels[i] = processing.normalize_pixels(np.asarray(img))
@@ -254,7 +257,7 @@ def text_corpus(n_scenes: int, seed: int, questions: int = 4) -> list[list[str]]
     rng = np.random.default_rng([seed, _PRETRAIN_SPLIT_SEED + 1])
     docs = []
     for _ in range(n_scenes):
-        scene = synthetic.sample_scene(rng)
+        scene = synthetic.sample_scene(rng, held_out=False)
         first, second = synthetic.captions(scene, rng, 2)
         rest = [second] + [qa_line(q, a) for q, a in synthetic.questions(scene, rng, questions)]
         docs.append([first] + [rest[i] for i in rng.permutation(len(rest))])
@@ -309,13 +312,14 @@ def pretrain_llm(llm: OPTConfig, tokenizer, *, steps: int, batch_size: int,
 
 def answer_rows(tokenizer, *, n_scenes: int, seed: int, described: bool,
                 max_length: int = 128) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Rows (N, max_length) of one question each about fresh scenes (every kind there is), as
+    """Rows (N, max_length) of one question each about fresh scenes of the test split's part of
+    scene space (contents the LM never read about; every kind of question there is), as
     documents: the scene's description first (`described`), then the question-answer line; and
     per row the span [start, end) of the answer's tokens and its "\\n"."""
     rng = np.random.default_rng([seed, _PRETRAIN_SPLIT_SEED + 2])
     rows, spans = [], []
     for _ in range(n_scenes):
-        scene = synthetic.sample_scene(rng)
+        scene = synthetic.sample_scene(rng, held_out=True)
         context = [synthetic.captions(scene, rng, 1)[0]] if described else []
         for q, a in synthetic.questions(scene, rng, 6):
             [prompt], [prompt_mask] = document_ids(
