@@ -70,3 +70,176 @@ def test_tpu_form_with_dropout_is_the_explicit_math_with_the_same_mask():
     got = bnn._tpu_attention(q, k, v, **kw)
     np.testing.assert_allclose(got, bnn._explicit_attention(q, k, v, **kw), rtol=1e-5, atol=1e-6)
     assert np.abs(got - bnn._tpu_attention(q, k, v, mask=mask, bias=bias, scale=0.3)).max() > 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# The ViT's self-attention by the Pallas TPU flash kernel (`nn._flash_attention`,
+# `Attention._flash_self_attention`), run on CPU by Pallas's TPU interpret mode.
+# ----------------------------------------------------------------------------------------------
+def _interpret():
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.force_tpu_interpret_mode()
+
+
+def _cpu_mesh(n=4):
+    from jax.sharding import Mesh
+    from blip2_jax import sharding
+    return Mesh(np.array(jax.devices()[:n]), ("data",)), sharding.DEFAULT_RULES
+
+
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_flash_kernel_wrapper_is_plain_attention_for_257_tokens(pad, sharded):
+    """257 tokens (ViT's 16x16 patches + CLS): one whole-key block, or (pad) padded to 384 with
+    the pad keys masked by segment ids and the pad queries dropped; called directly or within
+    shard_map over a mesh's batch axis. Equal to plain attention in fp32."""
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(4, 257, 2, 16)) * 2, jnp.float32) for _ in range(3))
+    want = bnn._explicit_attention(q, k, v, mask=None, bias=None, scale=0.25, dropout_rate=0.0,
+                                   dropout_rng=None)
+    placement = _cpu_mesh() if sharded else ()
+    with _interpret():
+        got = jax.jit(lambda q, k, v: bnn._flash_attention(q, k, v, scale=0.25, pad=pad,
+                                                           placement=placement))(q, k, v)
+    assert got.shape == q.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Head-major in and out is the same computation.
+    hm = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]
+    with _interpret():
+        got_hm = bnn._flash_attention(*hm, scale=0.25, pad=pad, head_major=True)
+    np.testing.assert_allclose(got_hm.transpose(0, 2, 1, 3), want, rtol=1e-5, atol=1e-5)
+
+
+def _vit_attention(x, **kw):
+    module = bnn.Attention(4, 16, 48, use_bias=True, fused_qkv=True)
+    params = bnn.init_params(module, jax.random.PRNGKey(0), x)
+    # Non-zero biases, so a misplaced bias shows.
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape)
+                          / p.size, params)
+    return module, params
+
+
+def test_vit_self_attention_tpu_branch_is_the_xla_form(monkeypatch):
+    """The TPU branch (q, k, v projected head-major, the kernel, the output projection over
+    (heads, D)), taken on CPU with the kernel interpreted, equals the module's XLA form in fp32;
+    the CPU branch is the XLA form's ops."""
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 257, 48)), jnp.float32)
+    module, params = _vit_attention(x)
+    apply = jax.jit(lambda p, x: module.apply({"params": p}, x)[0])
+    monkeypatch.setattr(bnn, "_flash_placement", lambda: None)
+    want = apply(params, x)                                   # `_tpu_attention` / explicit form
+    taken = []
+
+    def placement():
+        taken.append(True)
+        return ()
+    monkeypatch.setattr(bnn, "_flash_placement", placement)
+    cpu = jax.jit(lambda p, x: module.apply({"params": p}, x)[0])(params, x)
+    assert taken
+    np.testing.assert_allclose(cpu, want, rtol=1e-6, atol=1e-6)
+
+    def tpu_branch(*args, default, **per_platform):
+        return per_platform.get("tpu", default)(*args)
+    monkeypatch.setattr(bnn.jax.lax, "platform_dependent", tpu_branch)
+    with _interpret():
+        got = jax.jit(lambda p, x: module.apply({"params": p}, x)[0])(params, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Short sequences keep the XLA form (no placement asked for).
+    taken.clear()
+    module.apply({"params": params}, x[:, :FEW])
+    assert not taken
+
+
+FEW = bnn.FLASH_MIN_TOKENS - 1
+
+
+def test_self_attention_with_a_mask_or_dropout_keeps_the_xla_form(monkeypatch):
+    x = jnp.ones((1, 130, 48), jnp.float32)
+    module, params = _vit_attention(x)
+    monkeypatch.setattr(bnn, "_flash_placement", lambda: pytest.fail("flash path taken"))
+    module.apply({"params": params}, x, mask=jnp.ones((1, 1, 130, 130), bool))
+    module.apply({"params": params}, x, bias=jnp.zeros((1, 1, 130, 130)))
+    dropping = bnn.Attention(4, 16, 48, fused_qkv=True, dropout_rate=0.1)
+    dropping.apply({"params": params}, x, deterministic=False,
+                   rngs={"dropout": jax.random.PRNGKey(0)})
+
+
+@pytest.fixture
+def _libtpu_flags():
+    """libtpu reads XLA_FLAGS at its first compile and aborts on the XLA:CPU-only flag the
+    tests set (tests/test_aot.py)."""
+    jax.block_until_ready(jnp.zeros(2) + 1)
+    import os
+    before = os.environ.get("XLA_FLAGS")
+    if before is not None:
+        os.environ["XLA_FLAGS"] = " ".join(
+            f for f in before.split() if f != "--xla_cpu_use_fusion_emitters=false")
+    yield
+    if before is not None:
+        os.environ["XLA_FLAGS"] = before
+
+
+def test_vit_compiles_for_tpu_with_the_flash_kernel_per_chip(_libtpu_flags):
+    """A small ViT (145 tokens) compiled ahead of time for 4 v5p chips under the train step's
+    activation sharding: the self-attention is the Pallas kernel (a TPU custom call) on each
+    chip's rows, with no all-gather of the activations."""
+    pytest.importorskip("libtpu")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from blip2_jax import aot, sharding
+    from blip2_jax.config import VisionConfig
+    from blip2_jax.models.vit import VisionTransformer
+    devices = aot.topology_devices("v5p:2x2x1")
+    mesh = Mesh(np.array(devices), ("data",))
+    cfg = VisionConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
+                       image_size=48, patch_size=4, dtype="bfloat16")
+    module = VisionTransformer(cfg)
+    shapes = jax.eval_shape(lambda: bnn.init_params(module, jax.random.PRNGKey(0),
+                                                    jnp.zeros((1, 48, 48, 3))))
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16,
+                                                         sharding=NamedSharding(mesh, P())),
+                          shapes)
+    pixels = jax.ShapeDtypeStruct((8, 48, 48, 3), jnp.float32,
+                                  sharding=NamedSharding(mesh, P("data")))
+    with sharding.activation_sharding(mesh):
+        text = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(
+            params, pixels).compile().as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') == 1
+    assert "all-gather" not in text
+
+
+def test_flash_kernel_gradients_are_plain_attention_gradients():
+    """The whole-key forward's gradients come from the padded kernel's backward (recomputed):
+    equal to plain attention's in fp32."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 257, 2, 16)), jnp.float32) for _ in range(3))
+    w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def loss(attention):
+        return lambda q, k, v: (attention(q, k, v) * w).sum()
+    flash = loss(lambda q, k, v: bnn._flash_attention(q, k, v, scale=0.25))
+    plain = loss(lambda q, k, v: bnn._explicit_attention(q, k, v, mask=None, bias=None,
+                                                          scale=0.25, dropout_rate=0.0,
+                                                          dropout_rng=None))
+    with _interpret():
+        got = jax.jit(jax.grad(flash, argnums=(0, 1, 2)))(q, k, v)
+    for g, want in zip(got, jax.grad(plain, argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5)
+
+
+def test_flash_placement_needs_a_mesh_on_several_devices():
+    """The kernel is placed per chip only where the mesh is known: the train step's activation
+    sharding, or an Auto mesh set by jax.set_mesh; otherwise (several CPU devices here) nowhere,
+    since XLA's partitioner would replicate the Pallas call."""
+    from jax.sharding import AxisType
+    from blip2_jax import sharding
+    assert bnn._flash_placement() is None
+    mesh, rules = _cpu_mesh()
+    with sharding.activation_sharding(mesh, rules):
+        assert bnn._flash_placement() == (mesh, rules)
+    seen = []
+    for kind in (AxisType.Auto, AxisType.Explicit):
+        with jax.set_mesh(jax.make_mesh((4,), ("data",), axis_types=(kind,),
+                                        devices=jax.devices()[:4])):
+            jax.jit(lambda x: seen.append(bnn._flash_placement()) or x)(jnp.zeros(4))
+    assert seen[0][0].shape == {"data": 4} and seen[0][1] == sharding.DEFAULT_RULES
+    assert seen[1] is None
