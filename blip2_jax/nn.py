@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+BATCH = "batch"   # the logical name of the leading dimension of inputs and activations
 
 
 def dtype_of(name) -> Any:
@@ -230,29 +231,47 @@ FLASH_WHOLE_KEYS = 2048    # up to this many keys, a forward over a length not a
                            # FLASH_BLOCK takes all keys as one block (no padding)
 
 
-def _flash_placement():
-    """Where the flash kernel may run in the program being traced: (mesh, rules) to run it
-    within `jax.shard_map` over the mesh's batch axes (the train step's
-    `sharding.activation_sharding`, else an Auto mesh set by `jax.set_mesh`); () to call it on the
-    whole arrays (one TPU device, no mesh); None where it cannot be placed (several devices and no
-    mesh known: XLA's partitioner would replicate the Pallas call) or the kernel is not
-    importable."""
+# Where Pallas kernels run while a program traces (`kernel_mesh`): None, or (mesh, spec_of) with
+# spec_of(logical axis names, shape) -> PartitionSpec.
+_KERNEL_MESH: "contextvars.ContextVar[Optional[tuple]]" = contextvars.ContextVar(
+    "blip2_jax_kernel_mesh", default=None)
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh, spec_of: Callable):
+    """While a program traces inside this context, Pallas kernels (which XLA's SPMD partitioner
+    cannot split) run per device within `jax.shard_map` over `mesh`, their operands split as
+    `spec_of(logical axis names, shape)` says (a PartitionSpec; names as on parameters, "batch"
+    for the leading dimension). `sharding.activation_sharding` enters it with the run's logical
+    axis rules."""
+    token = _KERNEL_MESH.set((mesh, spec_of))
     try:
-        from jax.experimental.pallas.ops.tpu import flash_attention  # noqa: F401
+        yield
+    finally:
+        _KERNEL_MESH.reset(token)
+
+
+def _flash_module():
+    """JAX's Pallas TPU flash-attention kernel module, or None where this jax lacks it."""
+    try:
+        # optional dependency: Pallas's TPU kernels are absent from some jax builds
+        from jax.experimental.pallas.ops.tpu import flash_attention
     except ImportError:
         return None
-    from blip2_jax import sharding as sharding_lib
-    ctx = sharding_lib._ACTIVATIONS.get()
+    return flash_attention
+
+
+def _flash_placement():
+    """Where the flash kernel may run in the program being traced: (mesh, spec_of) to run it
+    within `jax.shard_map` (`kernel_mesh`: the train step's `sharding.activation_sharding`); ()
+    to call it on the whole arrays (one TPU device, no mesh); None where it cannot be placed
+    (several devices and no mesh known: XLA's partitioner would replicate the Pallas call) or
+    the kernel is not importable."""
+    if _flash_module() is None:
+        return None
+    ctx = _KERNEL_MESH.get()
     if ctx is not None:
         return ctx
-    get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
-    mesh = get_mesh() if get_mesh is not None else None
-    if mesh is not None and not mesh.empty:
-        # An explicitly sharded mesh would need the inputs resharded to the kernel's specs.
-        auto = getattr(jax.sharding.AxisType, "Auto", None)
-        if all(t == auto for t in getattr(mesh, "axis_types", ())):
-            return mesh, sharding_lib.DEFAULT_RULES
-        return None
     if jax.default_backend() == "tpu" and jax.device_count() == 1:
         return ()
     return None
@@ -273,9 +292,9 @@ def _flash_attention(q, k, v, *, scale, placement=(), block_sizes=None, pad=None
     no residuals).
 
     The kernel is a Pallas call, which XLA's SPMD partitioner cannot split: with `placement`
-    (mesh, rules) (`_flash_placement`) it runs inside `jax.shard_map` over the mesh's batch axes
-    (and heads over the "heads" rule's axes, where they divide); with () it is called on the
-    whole arrays."""
+    (mesh, spec_of) (`_flash_placement`) it runs inside `jax.shard_map`, batch and heads split
+    as spec_of resolves "batch" and "heads" for the operands; with () it is called on the whole
+    arrays."""
     if not head_major:
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     t = q.shape[2]
@@ -301,8 +320,7 @@ def _flash_attention(q, k, v, *, scale, placement=(), block_sizes=None, pad=None
 def _flash_heads_major(q, k, v, *, scale, placement, block_sizes, pad):
     """`_flash_attention` of (B, heads, T, D) arrays: padded (`pad`), else with all keys in one
     block where T is not a multiple of FLASH_BLOCK."""
-    from jax.experimental.pallas.ops.tpu import flash_attention as fa
-    from blip2_jax import sharding as sharding_lib
+    fa = _flash_module()
     b, n, t, d = q.shape
     padded = -(-t // FLASH_BLOCK) * FLASH_BLOCK if pad else t
     if block_sizes is None and padded % FLASH_BLOCK:
@@ -324,9 +342,8 @@ def _flash_heads_major(q, k, v, *, scale, placement, block_sizes, pad):
     if not placement:
         out = local(q, k, v, ids)
     else:
-        mesh, rules = placement
-        spec = sharding_lib.resolve_spec((sharding_lib.BATCH, "heads", None, None), q.shape,
-                                         mesh, rules)
+        mesh, spec_of = placement
+        spec = spec_of((BATCH, "heads", None, None), q.shape)
         out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0])),
                             out_specs=spec, check_vma=False)(q, k, v, ids)
     return out[:, :, :t]

@@ -59,13 +59,14 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from blip2_jax.config import Blip2Config, get_preset
+from blip2_jax import nn as nn_lib
+from blip2_jax.nn import BATCH
 from blip2_jax.models.blip2 import abstract_init, init_fn
 
 MeshAxes = Union[None, str, tuple[str, ...]]
 Rules = Sequence[tuple[str, MeshAxes]]
 
 DEFAULT_AXES = {"data": -1, "fsdp": 1, "tensor": 1}
-BATCH = "batch"   # the logical name of the leading dimension of inputs and activations
 
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp")),
@@ -342,10 +343,13 @@ _ACTIVATIONS: "contextvars.ContextVar[Optional[tuple]]" = contextvars.ContextVar
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """While a step traces inside this context, `constrain_batch` shards activations' leading
-    dimension over the batch axes of `mesh` (outside it, `constrain_batch` does nothing)."""
+    dimension over the batch axes of `mesh` (outside it, `constrain_batch` does nothing), and
+    Pallas kernels run per device over `mesh` by the same rules (`nn.kernel_mesh`)."""
     token = _ACTIVATIONS.set((mesh, rules))
     try:
-        yield
+        with nn_lib.kernel_mesh(mesh, lambda logical, shape: resolve_spec(logical, shape, mesh,
+                                                                          rules)):
+            yield
     finally:
         _ACTIVATIONS.reset(token)
 

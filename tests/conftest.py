@@ -46,7 +46,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # workers finish together; the rest follow in their usual order. (Seconds alone on the 2-core CPU
 # machine; test_demo and test_aot run on several threads and slow down most beside another
 # worker, so they go earlier than their seconds say.)
-LONGEST_FILES = ["test_demo.py",            # 130 s
+LONGEST_FILES = ["test_demo.py",            # 225 s
+                 "test_demo_own_data.py",   # 180
                  "test_train.py",           # 205
                  "test_train_run.py",       # 165
                  "test_eval.py",            # 150

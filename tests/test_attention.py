@@ -1,6 +1,8 @@
 """The attention forms of blip2_jax.nn.dot_product_attention agree: the TPU form
 (`_tpu_attention`: logits in the inputs' dtype) is the explicit form's math in fp32, and in bf16
 is what HF computes in half precision (bf16 logits, fp32 softmax)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,9 +84,12 @@ def _interpret():
 
 
 def _cpu_mesh(n=4):
+    """A placement for the kernel: (mesh, spec_of) by the default logical axis rules."""
     from jax.sharding import Mesh
     from blip2_jax import sharding
-    return Mesh(np.array(jax.devices()[:n]), ("data",)), sharding.DEFAULT_RULES
+    mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+    return mesh, functools.partial(sharding.resolve_spec, mesh=mesh,
+                                   rules=sharding.DEFAULT_RULES)
 
 
 @pytest.mark.parametrize("pad", [False, True])
@@ -227,19 +232,16 @@ def test_flash_kernel_gradients_are_plain_attention_gradients():
 
 
 def test_flash_placement_needs_a_mesh_on_several_devices():
-    """The kernel is placed per chip only where the mesh is known: the train step's activation
-    sharding, or an Auto mesh set by jax.set_mesh; otherwise (several CPU devices here) nowhere,
-    since XLA's partitioner would replicate the Pallas call."""
-    from jax.sharding import AxisType
+    """The kernel is placed per chip only where the mesh is known (the train step's activation
+    sharding, `nn.kernel_mesh`); otherwise (several CPU devices here) nowhere, since XLA's
+    partitioner would replicate the Pallas call."""
+    from jax.sharding import Mesh, PartitionSpec as P
     from blip2_jax import sharding
     assert bnn._flash_placement() is None
-    mesh, rules = _cpu_mesh()
-    with sharding.activation_sharding(mesh, rules):
-        assert bnn._flash_placement() == (mesh, rules)
-    seen = []
-    for kind in (AxisType.Auto, AxisType.Explicit):
-        with jax.set_mesh(jax.make_mesh((4,), ("data",), axis_types=(kind,),
-                                        devices=jax.devices()[:4])):
-            jax.jit(lambda x: seen.append(bnn._flash_placement()) or x)(jnp.zeros(4))
-    assert seen[0][0].shape == {"data": 4} and seen[0][1] == sharding.DEFAULT_RULES
-    assert seen[1] is None
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    with sharding.activation_sharding(mesh):
+        placed, spec_of = bnn._flash_placement()
+        assert placed is mesh
+        assert spec_of(("batch", "heads", None, None), (8, 6, 257, 64)) == P("data", None, None,
+                                                                             None)
+    assert bnn._flash_placement() is None

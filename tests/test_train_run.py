@@ -244,5 +244,8 @@ def test_two_processes_give_the_same_losses_as_one(data_dir, uninterrupted, tmp_
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data))
     fa, fb = _final(one), _final(two)
     for k in fa:
-        if not k.endswith("key/bias"):   # zero true gradient: Adam-amplified noise (test_train)
-            np.testing.assert_allclose(fb[k], fa[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        # Zero true gradient: Adam-amplified noise (test_train). Elsewhere Adam's normalisation
+        # also amplifies the reduction-order noise of a near-zero gradient element, by up to a
+        # fraction of an LR step (1e-3 here): atol 1e-5 (1.9e-6 seen on ln_vision/bias).
+        if not k.endswith("key/bias"):
+            np.testing.assert_allclose(fb[k], fa[k], rtol=1e-5, atol=1e-5, err_msg=k)
