@@ -167,10 +167,11 @@ def main(argv=None) -> dict:
                          "its figures mean nothing")
     args = ap.parse_args(argv)
     _check_own_data(ap, args)
-    sizes = (dict(train=256, test=10, vision_steps=30, vision_pool=256, llm_steps=10, steps=40)
+    sizes = (dict(train=256, test=10, vision_steps=30, vision_pool=256, llm_steps=10, steps=40,
+                  answer_scenes=20)
              if args.quick else
              dict(train=5000, test=TEST_IMAGES, vision_steps=400, vision_pool=4000,
-                  llm_steps=800, steps=None))
+                  llm_steps=800, steps=None, answer_scenes=200))
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
     t_start = time.perf_counter()
@@ -217,7 +218,7 @@ def _build_data(args, sizes: dict, data_dir: str, dataset: str, log) -> None:
     if not args.annotations:
         log("1/5 building the synthetic dataset")
         commands = [["synthetic", "--data-dir", data_dir, "--train", str(sizes["train"]),
-                     "--test", str(sizes["test"]), "--overwrite"]]
+                     "--test", str(sizes["test"]), "--val", "0", "--overwrite"]]
     else:
         log(f"1/5 building your dataset ({dataset}) and tokenizers fitted to its training text")
         commands = [[kind, "--annotations", *files, "--image-root", args.image_root,
@@ -278,7 +279,8 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
         steps = dict(vision_steps=sizes["vision_steps"], vision_pool=sizes["vision_pool"],
                      llm_steps=sizes["llm_steps"], seed=0, log=log)
         if scenes:
-            stats = unimodal.make_unimodal(stage2_cfg, unimodal_dir, opt_tok, **steps)
+            stats = unimodal.make_unimodal(stage2_cfg, unimodal_dir, opt_tok,
+                                           answer_scenes=sizes["answer_scenes"], **steps)
             log(f"    image encoder: {stats['vision_cell_accuracy']:.1%} of grid cells parsed "
                 f"right; language model: {stats['llm_token_accuracy']:.1%} of next tokens "
                 f"right, {stats['llm_answers_described']:.1%} of answers right after a text "

@@ -68,7 +68,3 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
     assert results["evaluators"]["retrieval_test"]["images"] == 10
     for report in results["reports"]:
         assert os.path.isfile(report) and report in out
-    # A re-run finds every stage done and only evaluates again, to the same figures.
-    again = demo.main(["--work", work, "--quick", "--captions", "8"])
-    assert again["retrieval_r1_i2t"] == results["retrieval_r1_i2t"]
-    assert "1/5" not in capsys.readouterr().out

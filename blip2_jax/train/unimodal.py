@@ -358,9 +358,10 @@ def answer_accuracy(llm: OPTConfig, params, tokenizer, *, n_scenes: int = 200, s
 
 def make_unimodal(cfg: Blip2Config, out_dir: str, tokenizer, *, vision_steps: int,
                   llm_steps: int, batch_size: int = 64, vision_pool: int = 4000, seed: int = 0,
-                  log=print) -> dict:
+                  answer_scenes: int = 200, log=print) -> dict:
     """Pre-train both towers on fresh synthetic scenes and text and write them into a native
-    checkpoint at `out_dir`."""
+    checkpoint at `out_dir`; the LM's text-only answers are scored on `answer_scenes` held-out
+    scenes."""
     _check_llm(cfg)
     log("pre-training the image encoder (scene parsing on fresh synthetic scenes)")
     vision, vision_acc = pretrain_vision(cfg.vision, steps=vision_steps, batch_size=batch_size,
@@ -370,8 +371,10 @@ def make_unimodal(cfg: Blip2Config, out_dir: str, tokenizer, *, vision_steps: in
                                 corpus=text_corpus(4000, seed), seed=seed, log=log)
     _save(cfg, vision, llm, out_dir, seed)
     return {"vision_cell_accuracy": vision_acc, "llm_token_accuracy": llm_acc,
-            "llm_answers_described": answer_accuracy(cfg.llm, llm, tokenizer),
-            "llm_answers_prior": answer_accuracy(cfg.llm, llm, tokenizer, described=False)}
+            "llm_answers_described": answer_accuracy(cfg.llm, llm, tokenizer,
+                                                     n_scenes=answer_scenes),
+            "llm_answers_prior": answer_accuracy(cfg.llm, llm, tokenizer, n_scenes=answer_scenes,
+                                                 described=False)}
 
 
 def make_unimodal_from_dataset(cfg: Blip2Config, out_dir: str, tokenizer, *, data_dir: str,
