@@ -232,12 +232,11 @@ def _build_data(args, sizes: dict, data_dir: str, dataset: str, log) -> None:
                              f"{' '.join(command)}")
 
 
-def _vocabulary_overrides(config, qtok, opt_tok) -> dict:
+def _vocabulary_overrides(stage: str, qtok, opt_tok) -> dict:
     """`model_overrides` sizing the towers' vocabularies to the tokenizers fitted to a dataset
-    of one's own (OPT's rounded up to a multiple of 8)."""
-    towers = config.model_overrides
+    of one's own (OPT's rounded up to a multiple of 8; stage 1 has no LM)."""
     out = {"model_overrides.qformer.vocab_size": len(qtok)}
-    if "llm" in towers:
+    if stage != "stage1":
         out["model_overrides.llm.vocab_size"] = -(-len(opt_tok) // 8) * 8
     return out
 
@@ -261,10 +260,8 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
               + (["vqa_ft"] if args.vqa_finetune else []))
     configs = {}
     for name in stages:
-        c = _demo_config(name, work, dataset, **quick)
-        if not scenes:
-            c = _demo_config(name, work, dataset, **quick,
-                             **_vocabulary_overrides(c, qtok, opt_tok))
+        c = _demo_config(name, work, dataset, **quick,
+                         **({} if scenes else _vocabulary_overrides(name, qtok, opt_tok)))
         if not has_vqa:
             c.eval.evaluators = {k: v for k, v in c.eval.evaluators.items() if v.kind != "vqa"}
         configs[name] = c
