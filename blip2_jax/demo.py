@@ -89,21 +89,21 @@ def retrieval(model, data_dir: str, dataset: str, qtok, image_size: int, max_len
             "texts": len(truth.texts), "pixels": pixels, "truth": truth}
 
 
-def captions_right(model, r: dict, n: int, scenes: bool = True
-                   ) -> tuple[list[str], list[bool], list[list[str]]]:
-    """(generated captions, whether each is right, references) for the first `n` test images.
-    Right: `scenes` (the synthetic set) when it describes the same scene as the references
-    (`synthetic.parse_caption`: any paraphrase); else when it equals one of them (both as
-    `processing.pre_caption` normalises them)."""
-    generated = model.caption(r["pixels"][:n], num_beams=3, max_new_tokens=48)
-    refs = [[processing.pre_caption(r["truth"].texts[t]) for t in r["truth"].image_to_texts[i]]
-            for i in range(n)]
-    if scenes:
-        right = [synthetic.parse_caption(g) == synthetic.parse_caption(ref[0])
-                 for g, ref in zip(generated, refs)]
-    else:
-        right = [processing.pre_caption(g) in ref for g, ref in zip(generated, refs)]
-    return generated, right, refs
+def captions_right(result, scenes: bool = True) -> tuple[list[dict], list[bool]]:
+    """The caption evaluator's predictions (`result`, an EvalResult: image_id, prediction,
+    references) and whether each is right. Right: `scenes` (the synthetic set) when it
+    describes the same scene as the references (`synthetic.parse_caption`: any paraphrase);
+    else when it equals one of them (both as `processing.pre_caption` normalises them)."""
+    predictions = sorted(result.predictions, key=lambda p: p["position"])
+    right = []
+    for p in predictions:
+        refs = [processing.pre_caption(t) for t in p["references"]]
+        if scenes:
+            right.append(synthetic.parse_caption(p["prediction"])
+                         == synthetic.parse_caption(refs[0]))
+        else:
+            right.append(processing.pre_caption(p["prediction"]) in refs)
+    return predictions, right
 
 
 def question_start(question: str) -> str:
@@ -264,6 +264,9 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
                          **({} if scenes else _vocabulary_overrides(name, qtok, opt_tok)))
         if not has_vqa:
             c.eval.evaluators = {k: v for k, v in c.eval.evaluators.items() if v.kind != "vqa"}
+        for ev in c.eval.evaluators.values():
+            if ev["kind"] == "caption":
+                ev["limit"] = args.captions         # the test images captioned
         configs[name] = c
     s1, s2 = configs["stage1"], configs["stage2"]
     if args.quick:
@@ -307,18 +310,9 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
     r = retrieval(stage1, data_dir, dataset, qtok, stage1.config.vision.image_size,
                   int(s1.text.max_length))
     stage2 = blip2_jax.load(os.path.join(work, "stage2", "final"), tokenizer=opt_tok)
-    n = min(args.captions, r["images"])
-    log(f"    captioning {n} held-out images (stage 2, beam search)")
-    generated, right, refs = captions_right(stage2, r, n, scenes)
     results = {"retrieval_r1_i2t": r["i2t_r1"], "retrieval_r1_t2i": r["t2i_r1"],
                "retrieval_chance": 1 / r["images"],
-               "test_images": r["images"], "test_texts": r["texts"],
-               "captions_right": int(np.sum(right)), "captions_total": n,
-               # The first few right captions and the first few wrong ones.
-               "examples": [{"image_id": r["truth"].image_ids[i], "generated": generated[i],
-                             "right": right[i], "reference": refs[i][0]}
-                            for i in ([i for i in range(n) if right[i]][:4]
-                                      + [i for i in range(n) if not right[i]][:2])]}
+               "test_images": r["images"], "test_texts": r["texts"]}
     # The configs' evaluators (retrieval with ITM re-ranking; captioning and zero-shot VQA
     # metrics), with an HTML report per stage.
     results["evaluators"], reports, vqa = {}, [], {}
@@ -345,6 +339,15 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
         if "vqa_test" in done:
             vqa[name] = done["vqa_test"]
     ev = results["evaluators"]
+    predictions, right = captions_right(done["caption_test"], scenes)
+    n = len(right)
+    results.update(captions_right=int(np.sum(right)), captions_total=n,
+                   # The first few right captions and the first few wrong ones.
+                   examples=[{"image_id": predictions[i]["image_id"],
+                              "generated": predictions[i]["prediction"], "right": right[i],
+                              "reference": predictions[i]["references"][0]}
+                             for i in ([i for i in range(n) if right[i]][:4]
+                                       + [i for i in range(n) if not right[i]][:2])])
     # The evaluators report percentages; results.json keeps fractions, as R@1 above.
     results.update(itm_rerank_r1_i2t=ev["retrieval_test"]["txt_r1"] / 100,
                    itm_rerank_r1_t2i=ev["retrieval_test"]["img_r1"] / 100)
@@ -362,13 +365,12 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
                                     for k, v in by_kind.items()})
     if args.ablation:
         fresh = blip2_jax.load(os.path.join(work, "stage2_fresh", "final"), tokenizer=opt_tok)
-        log(f"    ablation: captioning {n} held-out images from the fresh-Q-Former stage 2")
-        _, fresh_right, _ = captions_right(fresh, r, n, scenes)
         # Its report plots both arms' training curves and in-training evaluations together.
         done = evaluate("stage2_fresh", configs["stage2_fresh"], fresh, curves={
             "from the stage-1 Q-Former": metrics("stage2"),
             "from a fresh Q-Former": metrics("stage2_fresh")})
         fresh_ev = {k: d.numeric_metrics() for k, d in done.items()}
+        fresh_right = captions_right(done["caption_test"], scenes)[1]
         results["ablation"] = {
             arm: {**({"vqa_zero_shot": e["vqa_test"]["overall"] / 100} if has_vqa else {}),
                   "captions_right": int(np.sum(ok)), "captions_total": n,

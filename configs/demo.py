@@ -88,7 +88,7 @@ def get_config(arg="stage1,out/demo"):
         # paper's prompt, which the frozen LM read in its text-only pre-training.
         c.eval.evaluators = defaults.synthetic_evaluators("caption", "vqa", num_beams=3)
         c.eval.evaluators.vqa_test.template = synthetic.VQA_PROMPT
-        c.eval.evaluators.caption_test.max_new_tokens = 48
+        c.eval.evaluators.caption_test.update(num_beams=5, max_new_tokens=48)
         c.eval.every_steps = 250
     if stage == "vqa_ft":
         # The paper's VQA fine-tune (§4.3) at toy scale: the Q-Former also reads the question,

@@ -66,5 +66,6 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
     # The configs' evaluators ran and wrote a report per stage.
     assert {"retrieval_test", "caption_test", "vqa_test"} <= set(results["evaluators"])
     assert results["evaluators"]["retrieval_test"]["images"] == 10
+    assert results["evaluators"]["caption_test"]["images"] == 8     # --captions 8
     for report in results["reports"]:
         assert os.path.isfile(report) and report in out
