@@ -36,7 +36,8 @@ training loop's messages too: feature cache, compiling, in-training evaluation) 
 WORK/results.json (`retrieval_r1_i2t`, `retrieval_r1_t2i`, `itm_rerank_r1_i2t`,
 `itm_rerank_r1_t2i`, `vqa_zero_shot`, `vqa_answer_prior`, `vqa_chance`: fractions;
 `captions_right` of `captions_total`: counts; `vqa_by_kind`; `ablation` with --ablation;
-`vqa_finetuned` with --vqa-finetune).
+`vqa_finetuned` with --vqa-finetune; `phase_seconds`, each phase's wall time over all the
+invocations that made the run, and their sum `seconds`).
 `--vqa-finetune` then fine-tunes stage 2 for VQA on the training split's questions
 (configs/demo.py:vqa_ft: the paper's question-aware Q-Former and answer loss) and scores it on
 the same held-out questions.
@@ -142,6 +143,37 @@ class _Elapsed(logging.Formatter):
         return f"[{time.perf_counter() - self.start:6.0f} s]     {record.getMessage()}"
 
 
+class _Phases:
+    """The demo's numbered phases ("3/6 stage1 ...") and their wall times, kept in
+    WORK/timings.json, so a run finished over several invocations reports all of their time: a
+    training stage adds each invocation's seconds (it resumes), every other phase starts over
+    and keeps its last."""
+
+    def __init__(self, work: str, names: list[str], log):
+        self.path = os.path.join(work, "timings.json")
+        self.names, self.log = names, log
+        self.seconds: dict[str, float] = {}
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.seconds = json.load(f)
+        self.current, self.t0, self.resumes = None, 0.0, False
+
+    def start(self, name: str, what: str, resumes: bool = False) -> None:
+        self.finish()
+        self.log(f"{self.names.index(name) + 1}/{len(self.names)} {what}")
+        self.current, self.t0, self.resumes = name, time.perf_counter(), resumes
+
+    def finish(self) -> None:
+        if self.current is None:
+            return
+        took = time.perf_counter() - self.t0
+        before = self.seconds.get(self.current, 0.0) if self.resumes else 0.0
+        self.seconds[self.current] = before + took
+        self.current = None
+        with open(self.path, "w") as f:
+            json.dump(self.seconds, f, indent=2)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m blip2_jax.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="out/demo", help="output directory (kept between runs)")
@@ -185,7 +217,7 @@ def main(argv=None) -> dict:
     train_log.setLevel(logging.INFO)
     train_log.propagate = False
     try:
-        return _run(args, sizes, work, t_start, log)
+        return _run(args, sizes, work, log)
     finally:
         train_log.removeHandler(handler)
         train_log.level, train_log.propagate = saved
@@ -211,16 +243,17 @@ def _check_own_data(ap, args) -> None:
                      f"{sorted(splits)}")
 
 
-def _build_data(args, sizes: dict, data_dir: str, dataset: str, log) -> None:
+def _build_data(args, sizes: dict, data_dir: str, dataset: str, phases: _Phases) -> None:
     """The dataset (blip2_captions/ and blip2_vqa/DATASET) and its tokenizers, built once."""
     if os.path.isdir(build_cli.tokenizer_dir(data_dir, dataset)):
         return
     if not args.annotations:
-        log("1/5 building the synthetic dataset")
+        phases.start("data", "building the synthetic dataset")
         commands = [["synthetic", "--data-dir", data_dir, "--train", str(sizes["train"]),
                      "--test", str(sizes["test"]), "--val", "0", "--overwrite"]]
     else:
-        log(f"1/5 building your dataset ({dataset}) and tokenizers fitted to its training text")
+        phases.start("data", f"building your dataset ({dataset}) and tokenizers fitted to its "
+                             "training text")
         commands = [[kind, "--annotations", *files, "--image-root", args.image_root,
                      "--data-dir", data_dir, "--name", dataset, "--overwrite"]
                     for kind, files in (("captions", args.annotations), ("vqa", args.vqa))
@@ -241,12 +274,15 @@ def _vocabulary_overrides(stage: str, qtok, opt_tok) -> dict:
     return out
 
 
-def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
+def _run(args, sizes: dict, work: str, log) -> dict:
     data_dir = os.path.join(work, "data")
     dataset = args.name if args.annotations else "synthetic"
     scenes = not args.annotations          # the synthetic scenes: their captions parse
     kind_of = synthetic.question_kind if scenes else question_start
-    _build_data(args, sizes, data_dir, dataset, log)
+    stages = (["stage1", "stage2"] + (["stage2_fresh"] if args.ablation else [])
+              + (["vqa_ft"] if args.vqa_finetune else []))
+    phases = _Phases(work, ["data", "unimodal", *stages, "evaluation"], log)
+    _build_data(args, sizes, data_dir, dataset, phases)
     tok_dir = build_cli.tokenizer_dir(data_dir, dataset)
     opt_tok = processing.load_tokenizer(os.path.join(tok_dir, "opt"), "opt")
     qtok = processing.load_tokenizer(os.path.join(tok_dir, "qformer"), "qformer")
@@ -256,8 +292,6 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
              if args.quick else {})
     if args.vqa_finetune and not has_vqa:
         raise SystemExit("--vqa-finetune needs VQA annotations: give --vqa train=FILE test=FILE")
-    stages = (["stage1", "stage2"] + (["stage2_fresh"] if args.ablation else [])
-              + (["vqa_ft"] if args.vqa_finetune else []))
     configs = {}
     for name in stages:
         c = _demo_config(name, work, dataset, **quick,
@@ -275,7 +309,7 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
     stage2_cfg = run_config.model_config(s2)
     unimodal_dir = os.path.join(work, "unimodal")
     if not os.path.isdir(unimodal_dir):
-        log("2/5 pre-training the unimodal models BLIP-2 freezes")
+        phases.start("unimodal", "pre-training the unimodal models BLIP-2 freezes")
         steps = dict(vision_steps=sizes["vision_steps"], vision_pool=sizes["vision_pool"],
                      llm_steps=sizes["llm_steps"], seed=0, log=log)
         if scenes:
@@ -292,19 +326,19 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
                 f"language model: {stats['llm_token_accuracy']:.1%} of next tokens right")
         with open(os.path.join(unimodal_dir, "pretraining.json"), "w") as f:
             json.dump(stats, f, indent=2)
-    for i, name in enumerate(stages):
+    for name in stages:
         c = configs[name]
         if not os.path.isdir(os.path.join(work, name, "final")):
             what = {"stage2_fresh": "stage 2 from a fresh Q-Former (ablation)",
                     "vqa_ft": "VQA fine-tuning of stage 2 (question-aware Q-Former)"
                     }.get(name, name)
-            log(f"{min(i + 3, 4)}/5 {what} ({c.total_steps} steps)")
+            phases.start(name, f"{what} ({c.total_steps} steps)", resumes=True)
             out = loop.run(c, os.path.join(work, name))
             log(f"    {name} done: " + ", ".join(f"{k} {out[k]:.3f}" for k in
                                                     ("loss", "itc", "itm", "itg", "lm")
                                                     if k in out))
 
-    log("5/5 evaluating on the held-out test split")
+    phases.start("evaluation", "evaluating on the held-out test split")
     stage1 = blip2_jax.load(os.path.join(work, "stage1", "final"), qformer_tokenizer=qtok)
     log("    retrieval by ITC (stage 1)")
     r = retrieval(stage1, data_dir, dataset, qtok, stage1.config.vision.image_size,
@@ -385,7 +419,10 @@ def _run(args, sizes: dict, work: str, t_start: float, log) -> dict:
         for k, v in vqa_breakdown(done, kind_of).items():
             results["vqa_by_kind"][k]["finetuned"] = v["accuracy"]
     results["reports"] = reports
-    results["seconds"] = time.perf_counter() - t_start
+    phases.finish()
+    # Wall time of every phase, over all the invocations that made this run.
+    results["phase_seconds"] = {k: round(v, 1) for k, v in phases.seconds.items()}
+    results["seconds"] = round(sum(phases.seconds.values()), 1)
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     _print(results, ev, log)

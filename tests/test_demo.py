@@ -53,6 +53,10 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
     n_right = results["captions_right"]       # examples: up to 4 right, 2 wrong
     assert [e["right"] for e in results["examples"]] == ([True] * min(4, n_right)
                                                          + [False] * min(2, 8 - n_right))
+    # Each phase's wall time, numbered as the demo announced it.
+    phases = ["data", "unimodal", "stage1", "stage2", "stage2_fresh", "evaluation"]
+    assert list(results["phase_seconds"]) == phases
+    assert abs(results["seconds"] - sum(results["phase_seconds"].values())) < 0.2
     with open(os.path.join(work, "results.json")) as f:
         assert json.load(f)["retrieval_r1_t2i"] == results["retrieval_r1_t2i"]
     out = capsys.readouterr().out
@@ -60,7 +64,9 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
     assert f"captions fully right: {n_right} of 8 held-out images" in out
     assert "{'" not in out                    # every figure labelled, no dict printed as is
     # The silent phases say what they do; stage 2 names the stage-1 model it starts from.
-    for words in ("building the frozen-feature cache", "compiling the training step",
+    for words in ("] 1/6 building the synthetic dataset", "] 6/6 evaluating",
+                  "] 5/6 stage 2 from a fresh Q-Former", "building the frozen-feature cache",
+                  "compiling the training step",
                   f"<- stage-1 model {work}/stage1/final"):
         assert words in out, words
     # The configs' evaluators ran and wrote a report per stage.
