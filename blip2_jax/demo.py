@@ -87,7 +87,7 @@ def retrieval(model, data_dir: str, dataset: str, qtok, image_size: int, max_len
     i2t = np.mean([truth.text_to_image[np.argmax(row)] == i for i, row in enumerate(sims)])
     t2i = np.mean(np.argmax(sims, axis=0) == truth.text_to_image)
     return {"i2t_r1": float(i2t), "t2i_r1": float(t2i), "images": len(pixels),
-            "texts": len(truth.texts), "pixels": pixels, "truth": truth}
+            "texts": len(truth.texts)}
 
 
 def captions_right(result, scenes: bool = True) -> tuple[list[dict], list[bool]]:
@@ -373,7 +373,7 @@ def _run(args, sizes: dict, work: str, log) -> dict:
         if "vqa_test" in done:
             vqa[name] = done["vqa_test"]
     ev = results["evaluators"]
-    predictions, right = captions_right(done["caption_test"], scenes)
+    predictions, right = captions_right(done["caption_test"], scenes)     # stage 2's
     n = len(right)
     results.update(captions_right=int(np.sum(right)), captions_total=n,
                    # The first few right captions and the first few wrong ones.
@@ -407,7 +407,7 @@ def _run(args, sizes: dict, work: str, log) -> dict:
         fresh_right = captions_right(done["caption_test"], scenes)[1]
         results["ablation"] = {
             arm: {**({"vqa_zero_shot": e["vqa_test"]["overall"] / 100} if has_vqa else {}),
-                  "captions_right": int(np.sum(ok)), "captions_total": n,
+                  "captions_right": int(np.sum(ok)), "captions_total": len(ok),
                   "caption_cider": e["caption_test"]["CIDEr"]}
             for arm, e, ok in (("stage1_qformer", ev, right), ("fresh_qformer", fresh_ev,
                                                                fresh_right))}
