@@ -82,7 +82,10 @@ def get_config(arg="stage1,out/demo"):
         c.frozen = ("vision/.*", "llm/.*")
         c.loss = dict(lm=1.0)
         c.total_steps = 1000
-        c.optimizer.update(lr=1e-3, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=20)
+        # Stage 2 from this stage 1, 1000 steps: held-out captions right (of 100, beam 5) and
+        # zero-shot VQA 9 / 56.0 % at LR 1e-3, 24 / 63.3 % at 2e-3, 23 / 62.3 % at 3e-3, 3 /
+        # 54.3 % at 5e-3; 1500 steps at 3e-3 28 / 62.3 %.
+        c.optimizer.update(lr=2e-3, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=20)
         c.text = dict(llm_tokenizer=f"{{data_dir}}/tokenizers/{dataset}/opt", max_length=48)
         # Stage 2 trains on captions only: its VQA is zero-shot, as the paper's, asked in the
         # paper's prompt, which the frozen LM read in its text-only pre-training.
