@@ -4,6 +4,12 @@ source path in their metadata.
 
     python bench/hlo_traffic.py step.hlo.gz [--top 30] [--depth 3]
     python bench/hlo_traffic.py generate.hlo.gz --loops
+    python bench/hlo_traffic.py DIR/module_NNNN.jit_step.*.after_codegen.txt   # XLA's dump
+
+XLA's printer fails on some large programs (`aot` then writes no --hlo and says so); XLA's own
+dump of the compiled module has the same text (`XLA_FLAGS='--xla_dump_to=DIR
+--xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step'` on the `aot` command; the largest
+`after_codegen.txt` is the unrolled copy).
 
 `--loops` lists a program's while loops instead (the decode loop of `aot --program generate`
 and the layer scans in it): trip count, and the compiler's estimated cycles of one iteration,

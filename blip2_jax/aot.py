@@ -218,12 +218,15 @@ def _memory(compiled) -> dict:
 def _write_hlo(compiled, path: str) -> None:
     """The optimized HLO text of a compiled program (gzip when `path` ends in .gz). XLA's
     printer can fail on a large program (an INTERNAL RET_CHECK on an async op, seen on the
-    stage-1 ViT-g step for v5p-128): that is reported and the compile's report kept."""
+    stage-1 steps for v5p-128): that is reported, with the way round it (XLA's own dump of the
+    compiled module, which bench/hlo_traffic.py reads as well), and the compile's report kept."""
     try:
         text = compiled.as_text()
     except jax.errors.JaxRuntimeError as e:
         print(f"aot: warning: no HLO written to {path}: XLA could not print the program "
-              f"({str(e).splitlines()[0][:200]})", file=sys.stderr)
+              f"({str(e).splitlines()[0][:200]}); XLA_FLAGS='--xla_dump_to=DIR "
+              "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step' writes it as "
+              "DIR/*jit_step*after_codegen.txt (the largest: the unrolled copy)", file=sys.stderr)
         return
     with (gzip.open(path, "wt") if path.endswith(".gz") else open(path, "w")) as f:
         f.write(text)

@@ -193,3 +193,16 @@ def test_every_pod_setting_makes_a_mesh_of_its_pod_that_takes_the_batch():
         assert (rows == c.batch_size) or setting.get("pad_batch"), (key, pod)
         # Each device's rows split evenly into the microbatches (train/step.py).
         assert rows % (mesh.devices.size // mesh.shape["tensor"] * c.microbatches) == 0, key
+
+
+def test_a_program_xla_cannot_print_says_how_to_dump_it(tmp_path, capsys):
+    """XLA's printer fails on some large programs (the stage-1 steps for v5p-128): no file is
+    written, and the warning names XLA's own dump, which bench/hlo_traffic.py reads."""
+    class Unprintable:
+        def as_text(self):
+            raise jax.errors.JaxRuntimeError("INTERNAL: RET_CHECK failure: async-update")
+    path = tmp_path / "step.hlo.gz"
+    aot._write_hlo(Unprintable(), str(path))
+    assert not path.exists()
+    err = capsys.readouterr().err
+    assert "no HLO written" in err and "RET_CHECK" in err and "--xla_dump_to=" in err
