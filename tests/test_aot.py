@@ -61,9 +61,12 @@ def devices():
     return aot.topology_devices(TOPOLOGY)
 
 
-# Stage 1 sharded two ways (the ITC features are all-gathered), batch 8: 2 rows per chip. The
-# unrolled-copy test compiles the same scanned program (compiled once, above).
-STAGE1 = dict(mesh=dict(data=2, fsdp=2, tensor=1), batch_size=8)
+# Stage 1 sharded two ways (the ITC features are all-gathered; ITM reuses the query pass's image
+# K/V and fetches the hard-negative images from other chips, as the paper configs do), batch 8:
+# 2 rows per chip. The unrolled-copy test compiles the same scanned program (compiled once,
+# above).
+STAGE1 = dict(mesh=dict(data=2, fsdp=2, tensor=1), batch_size=8,
+              loss=dict(itc=1.0, itm=1.0, itg=1.0, itm_image_kv_once=True))
 
 
 def test_pod_names_map_to_topologies(devices):

@@ -192,6 +192,36 @@ def test_batch_sharding_and_shard_batch():
     np.testing.assert_array_equal(np.asarray(out["x"]), x)
 
 
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (2, 1, 4), (1, 1, 8)])
+@pytest.mark.parametrize("rows_per_peer", [1, 8])
+def test_gather_batch_rows(shape, rows_per_peer):
+    """Rows of a batch-sharded array picked by global index (ITM's hard-negative images) equal
+    a plain gather, values and gradients, inside the step's sharding: by an all-to-all of the
+    rows asked for, or (rows_per_peer 1: device 0 asks two rows of the last device) the
+    all-gather fallback; on a mesh that replicates the batch (1×1×8) a plain gather."""
+    mesh = mesh_of(shape)
+    x = np.random.default_rng(0).normal(size=(16, 3, 5)).astype(np.float32)
+    index = np.array([15, 14, 7, 7, 3, 12, 1, 8, 9, 2, 14, 5, 5, 11, 6, 0], np.int32)
+    weight = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    xs, index_s = S.shard_batch((x, index), mesh)
+
+    def loss(x, index, rows_per_peer):
+        with S.activation_sharding(mesh):
+            got = S.gather_batch_rows(x, index, rows_per_peer)
+        return (got * weight).sum(), got
+    (_, got), grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=2)(
+        xs, index_s, rows_per_peer)
+    np.testing.assert_array_equal(np.asarray(got), x[index])
+    want = np.zeros_like(x)
+    np.add.at(want, index, weight)
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-6, atol=1e-6)
+    if shape[0] * shape[1] > 1:
+        assert got.sharding.spec[0] == S.batch_sharding(mesh, 3, 16).spec[0]
+        hlo = jax.jit(loss, static_argnums=2).lower(xs, index_s, rows_per_peer).as_text()
+        assert "all_to_all" in hlo
+    np.testing.assert_array_equal(np.asarray(S.gather_batch_rows(x, index)), x[index])
+
+
 def test_init_params_lands_in_shardings():
     """`init_params` creates each leaf in its sharding (checked on the lowering: no compile)."""
     mesh = mesh_of((2, 2, 2))

@@ -60,9 +60,10 @@ def _itm_logits_reusing_kv(m: Blip2Module, vision_tokens, query_cache, ids, mask
 
     Two of each row's three pairs show the row's own image (the positive and the hard-negative
     text): they reuse its cross-attention K/V where the row lives. The hard-negative image
-    lives on another device: its ViT tokens are gathered before ln_vision (bf16, no gradient)
-    and projected again. A gather of the whole batch's K/V instead would move every
-    cross-attention layer's keys and values, and their gradients, across the mesh."""
+    lives on another device: its ViT tokens are fetched before ln_vision (bf16, no gradient;
+    `sharding.gather_batch_rows`: only the rows asked for cross the mesh) and projected again.
+    A gather of the whole batch's K/V instead would move every cross-attention layer's keys and
+    values, and their gradients, across the mesh."""
     b, t = ids.shape
     own_ids = jnp.stack([ids, ids[neg_text]], axis=1).reshape(2 * b, t)
     own_mask = jnp.stack([mask, mask[neg_text]], axis=1).reshape(2 * b, t)
@@ -70,7 +71,7 @@ def _itm_logits_reusing_kv(m: Blip2Module, vision_tokens, query_cache, ids, mask
     own_ids, own_mask = sharding.constrain_batch((own_ids, own_mask))
     own = m.itm_logits(None, own_ids, own_mask, image_kv=own_kv,
                        deterministic=False).reshape(b, 2, -1)
-    neg_images = sharding.constrain_batch(jnp.take(vision_tokens, neg_image, axis=0))
+    neg_images = sharding.gather_batch_rows(vision_tokens, neg_image)
     neg = m.itm_logits(m.ln_vision(neg_images), ids, mask, deterministic=False)
     return jnp.concatenate([own[:, 0], neg, own[:, 1]], axis=0)
 
