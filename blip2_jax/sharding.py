@@ -416,7 +416,7 @@ def _exchange_rows(rows, own_index, *, names, n: int, cap: int):
         k = jnp.argmax(asked, axis=1)                                        # (n, cap)
         send = jnp.take(rows, (jnp.take_along_axis(wanted, k, axis=1) % r).reshape(-1), axis=0)
         got = jax.lax.all_to_all(send, names, 0, 0, tiled=True)          # (n * cap, ...)
-        mine = jnp.take(owner, me, axis=0) * cap + jnp.take(slot, me, axis=0)
+        mine = own_index // r * cap + jnp.take(slot, me, axis=0)
         return jnp.take(got, mine, axis=0)
 
     def everything(rows):
