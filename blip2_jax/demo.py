@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
                          "its figures mean nothing")
     args = ap.parse_args(argv)
     _check_own_data(ap, args)
-    sizes = (dict(train=256, test=10, vision_steps=12, vision_pool=256, llm_steps=10, steps=20,
+    sizes = (dict(train=256, test=10, vision_steps=6, vision_pool=256, llm_steps=6, steps=20,
                   answer_scenes=20)
              if args.quick else
              dict(train=5000, test=TEST_IMAGES, vision_steps=400, vision_pool=4000,

@@ -119,14 +119,18 @@ def test_caption_metrics_python_tokenizer_equals_cocoevalcap(java_tokenized):
 def test_meteor_equals_pycocoevalcap(java_tokenized):
     refs, preds, gts, res = java_tokenized
     from pycocoevalcap.meteor.meteor import Meteor
-    ids = list(gts)[:20]                         # one JVM each; keep it short
-    g = {k: gts[k] for k in ids}
-    r = {k: res[k] for k in ids if res[k][0].strip()}
-    g = {k: g[k] for k in r}
-    ref_score, _ = Meteor().compute_score(g, r)
-    # one more JVM (about 10 s): caption_metrics -> cm.meteor on its own (Python) tokenisation
-    out = cm.caption_metrics({k: refs[k] for k in r}, {k: preds[k] for k in r})
-    assert abs(out["METEOR"] - ref_score) <= 1e-9 and 0 < ref_score < 1
+    ids = [k for k in list(gts)[:40] if res[k][0].strip()]      # one JVM each; keep it short
+    halves = ids[:20], ids[20:]
+    # The reference scores the second half first, in a fresh process, then the first half.
+    ref = Meteor()
+    ref_scores = [ref.compute_score({k: gts[k] for k in h}, {k: res[k] for k in h})[0]
+                  for h in halves[::-1]][::-1]
+    # caption_metrics -> cm.meteor, on its own (Python) tokenisation, scores the halves in
+    # order in one process it keeps: each half scores as in a fresh process.
+    for h, ref_score in zip(halves, ref_scores):
+        out = cm.caption_metrics({k: refs[k] for k in h}, {k: preds[k] for k in h})
+        assert abs(out["METEOR"] - ref_score) <= 1e-9 and 0 < ref_score < 1
+    assert cm._meteor_scorer() is cm._meteor_scorer()
 
 
 # ---------------------------------------------------------------- hand-computed values

@@ -200,8 +200,8 @@ def test_itm_reusing_the_query_pass_image_kv_is_the_same_step():
 @pytest.mark.parametrize("preset", ["tiny-stage1", "tiny-opt", "tiny-t5"])
 def test_padding_rows_of_a_padded_batch_change_nothing(preset):
     """config.pad_batch: 6 real rows padded with 2 rows of other data (valid False) give the
-    6-row step: losses, gradient norm, updates; and the padded step is the same on 8 devices
-    (ITM is checked in test_losses: its negatives are drawn over the padded shape)."""
+    6-row step: losses, gradient norm, updates; and stage 1's padded step is the same on 8
+    devices (ITM is checked in test_losses: its negatives are drawn over the padded shape)."""
     from blip2_jax.train import loop
     cfg = _no_dropout(config.get_preset(preset))
     params = blip2_model.init_params(cfg, 0)
@@ -223,8 +223,12 @@ def test_padding_rows_of_a_padded_batch_change_nothing(preset):
     def run(loss_cfg, batch, mesh, steps):
         return _run(cfg, loss_cfg, params, batch, _mesh(mesh), steps=steps, frozen=frozen)[1::2]
     _assert_same_steps(run(masked, padded, dict(data=1), 2), run(lc, real, dict(data=1), 2))
-    # On 8 devices, one step: this dropout-free ITC gradient is small (norm ~0.6) and summed in
-    # another order, so its norm moves by ~1e-5 relative on a mesh even without padding.
+    if preset != "tiny-stage1":
+        return
+    # On 8 devices, one step of the stage whose losses mix rows across devices (ITC's
+    # all-gathered features; the LM losses' masks are per row, and test_same_losses_and_updates_
+    # on_any_mesh shards them): this dropout-free ITC gradient is small (norm ~0.6) and summed
+    # in another order, so its norm moves by ~1e-5 relative on a mesh even without padding.
     _assert_same_steps(run(masked, padded, MESHES["data2-fsdp2-tensor2"], 1),
                        run(masked, padded, dict(data=1), 1), rtol=1e-4)
 

@@ -16,6 +16,7 @@ What ``COCOEvalCap.evaluate`` does, re-implemented:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -550,20 +551,33 @@ def _meteor_jar() -> tuple[str | None, str | None]:
     return d, None
 
 
+@functools.cache
+def _meteor_scorer():
+    """One METEOR process for this Python process: starting the jar (a JVM loading its
+    paraphrase tables) takes ~6 s, scoring a set of captions milliseconds, and each call is
+    scored on its own (METEOR's -stdio mode keeps no state between EVAL lines)."""
+    from pycocoevalcap.meteor.meteor import Meteor  # noqa: PLC0415 (optional dependency)
+    return Meteor()
+
+
 def meteor(refs, preds) -> tuple[float | None, list[float] | str]:
     """METEOR 1.5 via pycocoevalcap's bundled jar: ``(score, per_image)``, or ``(None, reason)``."""
     _, reason = _meteor_jar()
     if reason is not None:
         return None, reason
-    from pycocoevalcap.meteor.meteor import Meteor  # noqa: PLC0415 (optional dependency)
     items = _pairs(refs, preds)
     gts = {i: rs for i, (_, _, rs) in enumerate(items)}
     res = {i: [h] for i, (_, h, _) in enumerate(items)}
-    scorer = Meteor()
+    scorer = _meteor_scorer()
     try:
         score, scores = scorer.compute_score(gts, res)
-    finally:
-        del scorer
+    except BaseException:
+        # A process left mid-exchange is not used again; its lock is freed so that
+        # pycocoevalcap's __del__ can stop it.
+        _meteor_scorer.cache_clear()
+        if scorer.lock.locked():
+            scorer.lock.release()
+        raise
     return float(score), [float(s) for s in scores]
 
 
