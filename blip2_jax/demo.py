@@ -195,12 +195,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default="own",
                     help="with --annotations: the dataset's name (blip2_captions/NAME)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run (tests): a small dataset and 20 steps per stage; "
+                    help="smoke run (tests): a small dataset and 12 steps per stage; "
                          "its figures mean nothing")
     args = ap.parse_args(argv)
     _check_own_data(ap, args)
-    sizes = (dict(train=256, test=10, vision_steps=6, vision_pool=256, llm_steps=6, steps=20,
-                  answer_scenes=20)
+    sizes = (dict(train=256, test=10, vision_steps=6, vision_pool=256, llm_steps=6, steps=12,
+                  answer_scenes=5)
              if args.quick else
              dict(train=5000, test=TEST_IMAGES, vision_steps=400, vision_pool=4000,
                   llm_steps=800, steps=None, answer_scenes=200))
@@ -288,8 +288,8 @@ def _run(args, sizes: dict, work: str, log) -> dict:
     qtok = processing.load_tokenizer(os.path.join(tok_dir, "qformer"), "qformer")
     has_vqa = f"{builders.VQA}/{dataset}" in builders.available(data_dir)
 
-    # The smoke run warms up in 5 steps, not the recipe's 20, so its losses move in its 20.
-    quick = ({"total_steps": sizes["steps"], "checkpoint_every_steps": 10, "log_every_steps": 5,
+    # The smoke run warms up in 5 steps, not the recipe's 20, so its losses move in its 12.
+    quick = ({"total_steps": sizes["steps"], "checkpoint_every_steps": 6, "log_every_steps": 3,
               "optimizer.warmup_steps": 5} if args.quick else {})
     if args.vqa_finetune and not has_vqa:
         raise SystemExit("--vqa-finetune needs VQA annotations: give --vqa train=FILE test=FILE")

@@ -1,5 +1,5 @@
 """The main job end to end (`python -m blip2_jax.demo --quick`: every step of the real recipe on
-a small dataset with 20 steps per stage), and loss-curve sanity: its losses fall."""
+a small dataset with 12 steps per stage), and loss-curve sanity: its losses fall."""
 import json
 import os
 
@@ -19,7 +19,7 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path, capsys):
     for stage, terms in (("stage1", ("itc", "itg")), ("stage2", ("lm",)),
                          ("stage2_fresh", ("lm",))):
         rows = _rows(os.path.join(work, stage, "metrics.jsonl"))
-        assert rows[-1]["step"] == 20
+        assert rows[-1]["step"] == 12
         for k in terms:              # the mean of the last 3 logs is below the first log
             assert np.mean([r[k] for r in rows[-3:]]) < rows[0][k], (stage, k)
         assert os.path.isdir(os.path.join(work, stage, "final"))
