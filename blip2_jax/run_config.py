@@ -190,9 +190,10 @@ def sharding_rules(config) -> tuple[tuple, tuple]:
     (logical name, mesh axes) (default `sharding.DEFAULT_RULES`), `overrides` a dict
     {parameter-path regex: rules} (e.g. {"llm/.*": [["embed", None], ...]})."""
     s = section(config, "sharding")
-    unknown = set(s) - {"rules", "overrides"}
+    unknown = set(s) - {"rules", "overrides", "zero1"}
     if unknown:
-        raise RunConfigError(f"unknown config.sharding keys {sorted(unknown)} (rules, overrides)")
+        raise RunConfigError(f"unknown config.sharding keys {sorted(unknown)} (rules, overrides, "
+                             f"zero1)")
 
     def rules_of(raw) -> tuple:
         return tuple((str(name), tuple(axes) if isinstance(axes, list) else axes)
@@ -204,12 +205,13 @@ def sharding_rules(config) -> tuple[tuple, tuple]:
 
 def trainer_options(config) -> dict:
     """The Trainer's keyword arguments a run config sets: frozen towers, their dtype,
-    microbatches and the sharding rules."""
+    microbatches, the sharding rules and ZeRO-1."""
     rules, overrides = sharding_rules(config)
     return dict(frozen=tuple(config.get("frozen") or ()),
                 frozen_dtype=config.get("frozen_dtype") or None,
                 microbatches=int(config.get("microbatches") or 1),
-                rules=rules, overrides=overrides)
+                rules=rules, overrides=overrides,
+                zero1=bool(section(config, "sharding").get("zero1")))
 
 
 def step_batch(config, mesh) -> int:

@@ -295,6 +295,27 @@ def init_params(cfg: Union[Blip2Config, str], mesh: Mesh, rules: Rules = DEFAULT
     return sharded_init(cfg, mesh, rules, overrides)(jax.random.PRNGKey(seed))
 
 
+def split_over_batch_axes(sharding: NamedSharding, shape: Sequence[int],
+                          rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """`sharding` further split over the batch axes it does not use yet, on its first dimension
+    that the added ways divide (ZeRO-1's layout for optimizer state: each device holds and
+    updates a slice); unchanged where no dimension divides."""
+    mesh = sharding.mesh
+    spec = [_as_tuple(e) if e is not None else () for e in sharding.spec]
+    spec += [()] * (len(shape) - len(spec))
+    used = {a for entry in spec for a in entry}
+    axes = tuple(a for a in batch_axes(mesh, rules) if a not in used and mesh.shape[a] > 1)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if n == 1:
+        return sharding
+    for i, (entry, size) in enumerate(zip(spec, shape)):
+        if size % (n * math.prod(mesh.shape[a] for a in entry)) == 0:
+            spec[i] = entry + axes
+            return NamedSharding(mesh, P(*(e if len(e) > 1 else (e[0] if e else None)
+                                           for e in spec)))
+    return sharding
+
+
 def shard_params(params, shardings):
     """`params` placed with `shardings` (a matching tree, e.g. from `param_shardings`).
 

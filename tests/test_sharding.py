@@ -222,6 +222,22 @@ def test_gather_batch_rows(shape, rows_per_peer):
     np.testing.assert_array_equal(np.asarray(S.gather_batch_rows(x, index)), x[index])
 
 
+def test_split_over_batch_axes():
+    """ZeRO-1's optimizer-state layout: the batch axes a parameter does not use are added to its
+    first dimension they divide (with what already splits it)."""
+    mesh = S.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    split = lambda spec, shape: S.split_over_batch_axes(              # noqa: E731
+        NamedSharding(mesh, spec), shape).spec
+    assert split(P(None, "tensor"), (8, 4)) == P(("data", "fsdp"), "tensor")
+    assert split(P(None, "tensor"), (6, 16)) == P(None, ("tensor", "data", "fsdp"))
+    assert split(P(None, "tensor"), (6, 4)) == P(None, "tensor")            # none divides
+    assert split(P("fsdp", None), (4, 6)) == P(("fsdp", "data"), None)
+    assert split(P("fsdp", None), (2, 6)) == P("fsdp", "data")
+    assert split(P(None), (3,)) == P(None)
+    assert split(P(), ()) == P()
+    assert split(P(("data", "fsdp")), (8,)) == P(("data", "fsdp"))         # all used already
+
+
 def test_init_params_lands_in_shardings():
     """`init_params` creates each leaf in its sharding (checked on the lowering: no compile)."""
     mesh = mesh_of((2, 2, 2))

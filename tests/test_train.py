@@ -4,6 +4,7 @@ mesh; frozen towers are bf16, untouched and without optimizer state; optimizer d
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -329,6 +330,30 @@ def test_sharding_of_state_follows_logical_axes():
     adam = next(s for s in st.opt_state if hasattr(s, "mu"))
     mu = adam.mu["qformer"]["layers"]["layer_0"]["text_ffn"]["fc1"]["kernel"]
     assert mu.sharding.is_equivalent_to(expected, mu.ndim)
+
+
+def test_zero1_splits_the_optimizer_state_and_takes_the_same_steps():
+    """sharding.zero1: Adam's moments split over the batch axes as well (each device updates a
+    slice), the parameters keep their layout: the same losses, gradient norms and updates (with
+    clipping and the non-finite guard, which read the whole gradient)."""
+    cfg = _no_dropout(config.get_preset("tiny-stage1"))
+    params = blip2_model.init_params(cfg, 0)
+    mesh = _mesh(MESHES["data2-fsdp2-tensor2"])
+    opt = dict(OPT, eps=1e-3, clip_norm=0.5)   # eps: see the K/V-reuse test above
+    lc = LossConfig(dec_token_id=99)
+    ref = _run(cfg, lc, params, _stage1_batch(), mesh, steps=2, opt=opt, skip_nonfinite=True)
+    got = _run(cfg, lc, params, _stage1_batch(), mesh, steps=2, opt=opt, skip_nonfinite=True,
+               zero1=True)
+    _assert_same_steps(got[1::2], ref[1::2])
+    tr, st = got[0], got[1]
+    path = ("qformer", "layers", "layer_0", "text_ffn", "fc1", "kernel")
+    pick = lambda tree: functools.reduce(lambda t, k: t[k], path, tree)     # noqa: E731
+    expected = pick(tr.trainable_shardings)
+    assert pick(st.params).sharding.is_equivalent_to(expected, 2)
+    mu = pick(next(s for s in st.opt_state if hasattr(s, "mu")).mu)
+    # Each device holds half the slice of the moment it held (data is the axis left to split).
+    held = lambda x: x.addressable_shards[0].data.size                     # noqa: E731
+    assert held(mu) * 2 == held(pick(st.params))
 
 
 def test_microbatches_accumulate_to_the_full_batch_step():

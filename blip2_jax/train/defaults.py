@@ -160,8 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
     # values, logging them and keeping the old config.json.
     c.allow_config_change = False
     # Sharding: `rules` (logical axis, mesh axes) pairs, empty for sharding.DEFAULT_RULES;
-    # `overrides` {parameter-path regex: rules} (run_config.sharding_rules).
-    c.sharding = dict(rules=[], overrides={})
+    # `overrides` {parameter-path regex: rules} (run_config.sharding_rules); `zero1`: the
+    # optimizer state split over the batch axes too, each device updating its slice (ZeRO-1).
+    c.sharding = dict(rules=[], overrides={}, zero1=False)
     c.peak_tflops_per_device = 0.0    # set for the accelerator to log MFU
     # Evaluators by name (blip2_jax/eval/evaluators.py): train.py runs them every `every_steps`
     # steps and at the end (0: never), eval.py on a run or a checkpoint. `batch_size` is global.

@@ -158,7 +158,7 @@ def loss_fn(cfg: Blip2Config, lc: LossConfig):
 
 def make_step(cfg: Blip2Config, lc: LossConfig, tx: optax.GradientTransformation,
               schedule: Optional[optax.Schedule] = None, *, skip_nonfinite: bool = False,
-              microbatches: int = 1):
+              microbatches: int = 1, update_shardings=None):
     """The un-jitted train step (the caller jits with shardings and donation).
 
     skip_nonfinite: when the loss or the gradients are not finite, keep the params and optimizer
@@ -166,7 +166,11 @@ def make_step(cfg: Blip2Config, lc: LossConfig, tx: optax.GradientTransformation
     microbatches: k > 1 runs the batch as k microbatches (a `lax.scan`, gradients summed in
     fp32, loss and gradients averaged), so the activations of only B/k examples are live.
     Microbatch i takes rows i, k + i, 2k + i, ..., so each device's rows stay on it. Stage 1's
-    contrastive and hard-negative terms then see the B/k examples of their microbatch."""
+    contrastive and hard-negative terms then see the B/k examples of their microbatch.
+    update_shardings: (the parameters' shardings, the optimizer state's) when they differ
+    (ZeRO-1, `Trainer(zero1=True)`): the gradients are pinned to the parameters' layout, so the
+    backward pass keeps its own, then the update runs on the state's slices and the new
+    parameters are gathered back."""
     compute = loss_fn(cfg, lc)
     grad_fn = jax.value_and_grad(compute, has_aux=True)
 
@@ -203,8 +207,17 @@ def make_step(cfg: Blip2Config, lc: LossConfig, tx: optax.GradientTransformation
             (loss, terms), grads = accumulated(state.params, frozen, batch, step_rng)
         else:
             (loss, terms), grads = grad_fn(state.params, frozen, batch, step_rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        if update_shardings is None:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        else:
+            placed, split = update_shardings
+            pin = lambda tree, to: jax.tree.map(                           # noqa: E731
+                jax.lax.with_sharding_constraint, tree, to)
+            grads = pin(grads, placed)
+            old = pin(state.params, split)
+            updates, opt_state = tx.update(pin(grads, split), state.opt_state, old)
+            params = pin(optax.apply_updates(old, updates), placed)
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
         if skip_nonfinite:
             keep = lambda new, old: jax.tree.map(                        # noqa: E731

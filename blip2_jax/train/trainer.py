@@ -7,7 +7,8 @@ donated step.
     state, metrics = trainer.step(state, frozen, trainer.place(batch))
 
 Shardings come from the parameters' logical axis names and `sharding.DEFAULT_RULES` (or the
-rules given). The optimizer state follows its parameters' shardings (`optax.tree_map_params`).
+rules given). The optimizer state follows its parameters' shardings (`optax.tree_map_params`),
+or with `zero1=True` is split over the batch axes as well (ZeRO-1: each device updates a slice).
 The batch is sharded over the data axes.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Trainer:
                  frozen_dtype: Optional[str] = "bfloat16",
                  rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
                  overrides: Sequence[tuple[str, sharding_lib.Rules]] = (),
-                 skip_nonfinite: bool = False, microbatches: int = 1):
+                 skip_nonfinite: bool = False, microbatches: int = 1, zero1: bool = False):
         specs, shapes = abstract_init(cfg)
         paths = list(flatten(shapes))
         state_lib.check_patterns(paths, frozen)
@@ -59,8 +60,12 @@ class Trainer:
 
         replicated = NamedSharding(mesh, P())
         opt_shapes = jax.eval_shape(self.tx.init, t_shapes)
+        # ZeRO-1: the optimizer state split over the batch axes, each device updating its slice.
+        state_shardings = (jax.tree.map(
+            lambda sh, shape: sharding_lib.split_over_batch_axes(sh, shape.shape, rules),
+            self.trainable_shardings, t_shapes) if zero1 else self.trainable_shardings)
         opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, s: s, opt_shapes, self.trainable_shardings,
+            self.tx, lambda _, s: s, opt_shapes, state_shardings,
             transform_non_params=lambda _: replicated)
         self.state_shardings = state_lib.TrainState(
             step=replicated, params=self.trainable_shardings, opt_state=opt_shardings,
@@ -68,7 +73,9 @@ class Trainer:
         self._opt_init = jax.jit(self.tx.init, out_shardings=opt_shardings)
         _, self.frozen_shapes = state_lib.split(shapes, self.frozen_paths)
         raw_step = make_step(cfg, loss_cfg, self.tx, self.schedule,
-                             skip_nonfinite=skip_nonfinite, microbatches=microbatches)
+                             skip_nonfinite=skip_nonfinite, microbatches=microbatches,
+                             update_shardings=((self.trainable_shardings, state_shardings)
+                                               if zero1 else None))
 
         def step(state, frozen, batch):
             with sharding_lib.activation_sharding(mesh, rules):
