@@ -311,7 +311,8 @@ def split_over_batch_axes(sharding: NamedSharding, shape: Sequence[int],
     for i, (entry, size) in enumerate(zip(spec, shape)):
         if size % (n * math.prod(mesh.shape[a] for a in entry)) == 0:
             spec[i] = entry + axes
-            return NamedSharding(mesh, P(*(e if len(e) > 1 else (e[0] if e else None)
+            # PartitionSpec's own forms: None, an axis name, or a tuple of several.
+            return NamedSharding(mesh, P(*(None if not e else e[0] if len(e) == 1 else e
                                            for e in spec)))
     return sharding
 

@@ -61,11 +61,11 @@ class Trainer:
         replicated = NamedSharding(mesh, P())
         opt_shapes = jax.eval_shape(self.tx.init, t_shapes)
         # ZeRO-1: the optimizer state split over the batch axes, each device updating its slice.
-        state_shardings = (jax.tree.map(
+        moment_shardings = (jax.tree.map(
             lambda sh, shape: sharding_lib.split_over_batch_axes(sh, shape.shape, rules),
             self.trainable_shardings, t_shapes) if zero1 else self.trainable_shardings)
         opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, s: s, opt_shapes, state_shardings,
+            self.tx, lambda _, s: s, opt_shapes, moment_shardings,
             transform_non_params=lambda _: replicated)
         self.state_shardings = state_lib.TrainState(
             step=replicated, params=self.trainable_shardings, opt_state=opt_shardings,
@@ -74,7 +74,7 @@ class Trainer:
         _, self.frozen_shapes = state_lib.split(shapes, self.frozen_paths)
         raw_step = make_step(cfg, loss_cfg, self.tx, self.schedule,
                              skip_nonfinite=skip_nonfinite, microbatches=microbatches,
-                             update_shardings=((self.trainable_shardings, state_shardings)
+                             update_shardings=((self.trainable_shardings, moment_shardings)
                                                if zero1 else None))
 
         def step(state, frozen, batch):
