@@ -23,6 +23,7 @@ Q-Former text on every surface that takes an image: `qformer_input_ids=`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -44,6 +45,15 @@ PROMPT_BUCKET = 8   # generate() pads prompts to a multiple of this (one program
 
 class SurfaceError(AttributeError):
     """The model has no such surface (e.g. ITM on a captioning checkpoint)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _surface_fn(config: Blip2Config, method: str) -> Callable:
+    """The jitted `(params, *inputs) -> outputs` of one surface of a config's module, shared by
+    every model of that config: a second model (another checkpoint, a sharded copy) reuses its
+    traces and compiled programs."""
+    module = Blip2Module(config)
+    return jax.jit(lambda params, *a: module.apply({"params": params}, *a, method=method))
 
 
 class Blip2:
@@ -74,12 +84,7 @@ class Blip2:
 
     def _call(self, method: str, *args):
         args = tuple(self._place(a) for a in args)
-        fn = self._jitted.get(method)
-        if fn is None:
-            module = self.module
-            fn = jax.jit(lambda params, *a: module.apply({"params": params}, *a, method=method))
-            self._jitted[method] = fn
-        return fn(self.params, *args)
+        return _surface_fn(self.config, method)(self.params, *args)
 
     def _pixels(self, pixel_values):
         x = jnp.asarray(pixel_values)

@@ -62,6 +62,24 @@ def spawn(argv, devices: int):
                             stderr=subprocess.STDOUT, text=True)
 
 
+def demo(argv) -> tuple[dict, str]:
+    """`python -m blip2_jax.demo ARGV --work W` on one CPU device, as a user's machine runs it
+    (an 8-device mesh compiles and runs the tiny steps ~15 % slower): (W/results.json, stdout).
+    A failure shows the run's last output."""
+    import json
+    import subprocess
+    import sys
+    flags = os.environ.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", "")
+    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, "-m", "blip2_jax.demo", *argv], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    work = argv[argv.index("--work") + 1]
+    with open(os.path.join(work, "results.json")) as f:
+        return json.load(f), proc.stdout
+
+
 def distributed_flags(port: int, process: int, processes: int = 2) -> list:
     """The jax.distributed flags of process `process` of `processes` on this host."""
     return ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(processes),

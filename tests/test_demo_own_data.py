@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import runs
 from blip2_jax import demo, processing
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -20,7 +21,7 @@ def _rows(path):
         return [json.loads(line) for line in f]
 
 
-def test_demo_runs_on_your_own_data(tmp_path, capsys):
+def test_demo_runs_on_your_own_data(tmp_path):
     """`--annotations` (LAVIS JSON of a dataset made by another renderer, with other concepts):
     the dataset and tokenizers fitted to its training text are built, the towers pre-trained
     without labels, both stages trained (their losses fall) and every figure produced; and
@@ -28,13 +29,12 @@ def test_demo_runs_on_your_own_data(tmp_path, capsys):
     src = str(tmp_path / "second")
     second_dataset.write(src, {"train": 64, "test": 6})
     work = str(tmp_path / "demo")
-    results = demo.main(["--work", work, "--quick", "--captions", "4", "--name", "second",
+    results, out = runs.demo(["--work", work, "--quick", "--captions", "4", "--name", "second",
                          "--vqa-finetune",
                          "--annotations", f"train={src}/captions_train.json",
                          f"test={src}/captions_test.json",
                          "--vqa", f"train={src}/vqa_train.json", f"test={src}/vqa_test.json",
                          "--image-root", f"{src}/images"])
-    out = capsys.readouterr().out
     for stage, terms in (("stage1", ("itc", "itg")), ("stage2", ("lm",))):
         rows = _rows(os.path.join(work, stage, "metrics.jsonl"))
         for k in terms:

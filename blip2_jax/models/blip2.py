@@ -395,8 +395,14 @@ def init_fn(cfg: Blip2Config, out_shardings=None) -> Callable:
                    out_shardings=out_shardings)
 
 
+@functools.lru_cache(maxsize=16)
+def _unplaced_init_fn(cfg: Blip2Config) -> Callable:
+    """`init_fn(cfg)`, one per config: a second model of a config reuses the compiled init."""
+    return init_fn(cfg)
+
+
 def init_params(cfg: Blip2Config, seed: int = 0) -> dict:
-    return init_fn(cfg)(jax.random.PRNGKey(seed))
+    return _unplaced_init_fn(cfg)(jax.random.PRNGKey(seed))
 
 
 def cast_params(cfg: Blip2Config, params):
