@@ -50,15 +50,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(argv, devices: int):
-    """Start `argv` with `devices` fake CPU devices (the suite's XLA_FLAGS otherwise), its
-    stdout and stderr merged into one text pipe."""
-    import subprocess
+def _env(devices: int) -> dict:
+    """This process's environment with `devices` fake CPU devices (the suite's XLA_FLAGS
+    otherwise)."""
     flags = os.environ.get("XLA_FLAGS", "").replace(
         "--xla_force_host_platform_device_count=8", "")
-    env = {**os.environ,
-           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}"}
-    return subprocess.Popen(list(argv), env=env, stdout=subprocess.PIPE,
+    return {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}"}
+
+
+def spawn(argv, devices: int):
+    """Start `argv` with `devices` fake CPU devices, its stdout and stderr merged into one text
+    pipe."""
+    import subprocess
+    return subprocess.Popen(list(argv), env=_env(devices), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -69,10 +73,7 @@ def demo(argv) -> tuple[dict, str]:
     import json
     import subprocess
     import sys
-    flags = os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "")
-    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=1"}
-    proc = subprocess.run([sys.executable, "-m", "blip2_jax.demo", *argv], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "blip2_jax.demo", *argv], env=_env(1), cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     work = argv[argv.index("--work") + 1]
