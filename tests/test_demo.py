@@ -57,7 +57,7 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path):
     # Each phase's wall time, numbered as the demo announced it.
     phases = ["data", "unimodal", "stage1", "stage2", "stage2_fresh", "evaluation"]
     assert list(results["phase_seconds"]) == phases
-    # Each figure is rounded to 0.1 s: the sum of the rounded phases is within 0.05 s of each.
+    # Seven figures rounded to 0.1 s (six phases and the total), each off by up to 0.05 s.
     assert abs(results["seconds"] - sum(results["phase_seconds"].values())) <= 0.05 * 7 + 1e-9
     assert "held-out retrieval R@1 by ITC" in out
     assert f"captions fully right: {n_right} of 8 held-out images" in out

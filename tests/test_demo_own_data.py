@@ -30,11 +30,11 @@ def test_demo_runs_on_your_own_data(tmp_path):
     second_dataset.write(src, {"train": 64, "test": 6})
     work = str(tmp_path / "demo")
     results, out = runs.demo(["--work", work, "--quick", "--captions", "4", "--name", "second",
-                         "--vqa-finetune",
-                         "--annotations", f"train={src}/captions_train.json",
-                         f"test={src}/captions_test.json",
-                         "--vqa", f"train={src}/vqa_train.json", f"test={src}/vqa_test.json",
-                         "--image-root", f"{src}/images"])
+                              "--vqa-finetune",
+                              "--annotations", f"train={src}/captions_train.json",
+                              f"test={src}/captions_test.json",
+                              "--vqa", f"train={src}/vqa_train.json", f"test={src}/vqa_test.json",
+                              "--image-root", f"{src}/images"])
     for stage, terms in (("stage1", ("itc", "itg")), ("stage2", ("lm",))):
         rows = _rows(os.path.join(work, stage, "metrics.jsonl"))
         for k in terms:
