@@ -195,15 +195,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default="own",
                     help="with --annotations: the dataset's name (blip2_captions/NAME)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run (tests): a small dataset and 12 steps per stage; "
+                    help="smoke run (tests): a small dataset and 12 steps of batch 8 per stage; "
                          "its figures mean nothing")
     args = ap.parse_args(argv)
     _check_own_data(ap, args)
-    sizes = (dict(train=256, test=10, vision_steps=6, vision_pool=256, llm_steps=6, steps=12,
-                  answer_scenes=5)
+    sizes = (dict(train=256, test=10, vision_steps=6, vision_pool=256, llm_steps=6,
+                  unimodal_batch=16, steps=12, batch=8, answer_scenes=5)
              if args.quick else
              dict(train=5000, test=TEST_IMAGES, vision_steps=400, vision_pool=4000,
-                  llm_steps=800, steps=None, answer_scenes=200))
+                  llm_steps=800, unimodal_batch=64, steps=None, batch=None, answer_scenes=200))
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
     t_start = time.perf_counter()
@@ -289,8 +289,10 @@ def _run(args, sizes: dict, work: str, log) -> dict:
     has_vqa = f"{builders.VQA}/{dataset}" in builders.available(data_dir)
 
     # The smoke run warms up in 5 steps, not the recipe's 20, so its losses move in its 12.
-    quick = ({"total_steps": sizes["steps"], "checkpoint_every_steps": 6, "log_every_steps": 3,
-              "optimizer.warmup_steps": 5} if args.quick else {})
+    # (ITG and the LM loss do; ITC stays at log(batch) for far longer than 12 steps.)
+    quick = ({"total_steps": sizes["steps"], "batch_size": sizes["batch"],
+              "checkpoint_every_steps": 6, "log_every_steps": 3, "optimizer.warmup_steps": 5}
+             if args.quick else {})
     if args.vqa_finetune and not has_vqa:
         raise SystemExit("--vqa-finetune needs VQA annotations: give --vqa train=FILE test=FILE")
     configs = {}
@@ -312,7 +314,8 @@ def _run(args, sizes: dict, work: str, log) -> dict:
     if not os.path.isdir(unimodal_dir):
         phases.start("unimodal", "pre-training the unimodal models BLIP-2 freezes")
         steps = dict(vision_steps=sizes["vision_steps"], vision_pool=sizes["vision_pool"],
-                     llm_steps=sizes["llm_steps"], seed=0, log=log)
+                     llm_steps=sizes["llm_steps"], batch_size=sizes["unimodal_batch"], seed=0,
+                     log=log)
         if scenes:
             stats = unimodal.make_unimodal(stage2_cfg, unimodal_dir, opt_tok,
                                            answer_scenes=sizes["answer_scenes"], **steps)
