@@ -43,32 +43,35 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # (--dist loadfile --no-loadscope-reorder), each worker taking the next file as it finishes.
 # xdist's own order (most tests first) left the longest files, which hold few tests, to the end,
 # on one worker. These go first, longest first, so that the suite ends on short files and both
-# workers finish together; the rest follow in their usual order. (Seconds alone on the 2-core CPU
-# machine; test_demo and test_aot run on several threads and slow down most beside another
-# worker, so they go earlier than their seconds say.)
-LONGEST_FILES = ["test_demo.py",            # 225 s
-                 "test_demo_own_data.py",   # 180
-                 "test_train.py",           # 205
-                 "test_train_run.py",       # 165
-                 "test_eval.py",            # 150
-                 "test_aot.py",             # 100
-                 "test_features.py",        # 115
-                 "test_resume.py",          # 80
-                 "test_blip2.py",           # 77
-                 "test_vqa_ft.py",          # 65
-                 "test_sharding.py",        # 50
-                 "test_instruct.py",        # 45
-                 "test_qformer.py",         # 44
-                 "test_convert.py",         # 42
-                 "test_inference.py",       # 30
-                 "test_generate.py",        # 25
-                 "test_lavis_instruct.py",  # 25
-                 "test_t5.py",              # 23
-                 "test_instructblip.py",    # 20
-                 "test_retrieval_eval.py",  # 18
-                 "test_flops.py",           # 17
-                 "test_configs.py",         # 15
-                 "test_data.py"]            # 14
+# workers finish together; the rest follow in their usual order. (Seconds in the suite, beside the
+# other worker, on the 2-core CPU machine; the demo tests' subprocesses and test_aot's TPU
+# compiles run on several threads and slow down most beside another worker, so they go first.)
+LONGEST_FILES = ["test_demo.py",            # 77 s
+                 "test_demo_own_data.py",   # 78
+                 "test_aot.py",             # 126
+                 "test_train.py",           # 220
+                 "test_train_run.py",       # 153
+                 "test_eval.py",            # 102
+                 "test_features.py",        # 63
+                 "test_blip2.py",           # 62
+                 "test_vqa_ft.py",          # 53
+                 "test_sharding.py",        # 47
+                 "test_resume.py",          # 44
+                 "test_convert.py",         # 40
+                 "test_qformer.py",         # 38
+                 "test_inference.py",       # 33
+                 "test_instruct.py",        # 32
+                 "test_generate.py",        # 26
+                 "test_flops.py",           # 21
+                 "test_configs.py",         # 21
+                 "test_attention.py",       # 19
+                 "test_caption_metrics.py",  # 19
+                 "test_instructblip.py",    # 18
+                 "test_retrieval_eval.py",  # 14
+                 "test_data.py",            # 14
+                 "test_t5.py",              # 14
+                 "test_llama.py",           # 13
+                 "test_lavis_instruct.py"]  # 9            # 14
 _FILE_ORDER = {name: i for i, name in enumerate(LONGEST_FILES)}
 
 
