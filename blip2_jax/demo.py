@@ -63,6 +63,14 @@ from blip2_jax.train import loop, unimodal
 TEST_IMAGES = 100
 
 
+def rerank_k(test_images: int) -> int:
+    """How many of ITC's best candidates ITM re-ranks on a test split of `test_images` images:
+    LAVIS's k_test (128) on Flickr30k's 1000 test images and 5000 captions, scaled to the
+    split's size (13 for the demo's 100 images and 500 captions). LAVIS's 128 on a pool of 100
+    images would re-rank every image: ITM alone would rank them, not re-rank ITC's short list."""
+    return max(1, -(-128 * test_images // 1000))
+
+
 def _demo_config(stage: str, work: str, dataset: str, **overrides):
     return run_config.load(f"demo.py:{stage},{work},{dataset}", overrides)
 
@@ -295,6 +303,7 @@ def _run(args, sizes: dict, work: str, log) -> dict:
              if args.quick else {})
     if args.vqa_finetune and not has_vqa:
         raise SystemExit("--vqa-finetune needs VQA annotations: give --vqa train=FILE test=FILE")
+    test_images = len(builders.open_split(data_dir, f"{builders.CAPTIONS}/{dataset}", "test"))
     configs = {}
     for name in stages:
         c = _demo_config(name, work, dataset, **quick,
@@ -304,6 +313,8 @@ def _run(args, sizes: dict, work: str, log) -> dict:
         for ev in c.eval.evaluators.values():
             if ev["kind"] == "caption":
                 ev["limit"] = args.captions         # the test images captioned
+            elif ev["kind"] == "retrieval":
+                ev["k"] = rerank_k(test_images)
         configs[name] = c
     s1, s2 = configs["stage1"], configs["stage2"]
     if args.quick:

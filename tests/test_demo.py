@@ -29,9 +29,14 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path):
     # Both stages trained from one frozen-feature cache of the ViT (stage 1 computed it).
     with open(os.path.join(work, "features/blip2_captions/synthetic/train/meta.json")) as f:
         assert json.load(f)["images"] == 256
+    configs = {}
     for stage in ("stage1", "stage2"):
         with open(os.path.join(work, stage, "config.json")) as f:
-            assert json.load(f)["config"]["data"]["features"] == os.path.join(work, "features")
+            configs[stage] = json.load(f)["config"]
+        assert configs[stage]["data"]["features"] == os.path.join(work, "features")
+    # ITM re-ranks ITC's best ceil(128 * 10 / 1000) = 2 candidates (LAVIS's 128 of Flickr30k's
+    # 1000 test images, scaled to these 10).
+    assert configs["stage1"]["eval"]["evaluators"]["retrieval_test"]["k"] == 2
     assert results["test_images"] == 10 and results["retrieval_chance"] == 1 / 10
     # The figures, as fractions, and the captions as counts.
     for k in ("retrieval_r1_i2t", "retrieval_r1_t2i", "itm_rerank_r1_i2t", "vqa_zero_shot",
