@@ -58,17 +58,10 @@ import blip2_jax
 from blip2_jax import processing, run_config
 from blip2_jax.data import build as build_cli, builders, pipeline, synthetic
 from blip2_jax.eval import runner
+from blip2_jax.eval.retrieval import k_for_images
 from blip2_jax.train import loop, unimodal
 
 TEST_IMAGES = 100
-
-
-def rerank_k(test_images: int) -> int:
-    """How many of ITC's best candidates ITM re-ranks on a test split of `test_images` images:
-    LAVIS's k_test (128) on Flickr30k's 1000 test images and 5000 captions, scaled to the
-    split's size (13 for the demo's 100 images and 500 captions). LAVIS's 128 on a pool of 100
-    images would re-rank every image: ITM alone would rank them, not re-rank ITC's short list."""
-    return max(1, -(-128 * test_images // 1000))
 
 
 def _demo_config(stage: str, work: str, dataset: str, **overrides):
@@ -314,7 +307,7 @@ def _run(args, sizes: dict, work: str, log) -> dict:
             if ev["kind"] == "caption":
                 ev["limit"] = args.captions         # the test images captioned
             elif ev["kind"] == "retrieval":
-                ev["k"] = rerank_k(test_images)
+                ev["k"] = k_for_images(test_images)     # ITM re-ranks a short list
         configs[name] = c
     s1, s2 = configs["stage1"], configs["stage2"]
     if args.quick:

@@ -21,6 +21,7 @@ DATASET (evaluators without a dataset follow config.data.train). The vocabulary 
 synthetic tokenizers'; the demo sets `model_overrides` to another dataset's.
 """
 from blip2_jax.data import synthetic
+from blip2_jax.eval import retrieval
 from blip2_jax.train import defaults
 
 # A 72 px image is a 6x6 grid of 12 px patches: each cell of the 3x3 scene grid is 2x2 patches.
@@ -68,9 +69,10 @@ def get_config(arg="stage1,out/demo"):
         c.optimizer.update(lr=3e-4, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=20,
                            lr_mult=(("qformer/.*", 5.0), ("itm_head/.*", 5.0)))
         c.text = dict(qformer_tokenizer=f"{{data_dir}}/tokenizers/{dataset}/qformer", max_length=32)
-        # ITM re-ranks ITC's best 13: LAVIS's k_test of 128 for Flickr30k's 1000 test images,
-        # scaled to the demo's 100 (`demo.rerank_k`, which also sizes it to a dataset of one's own).
-        c.eval.evaluators = defaults.synthetic_evaluators("retrieval", k=13)
+        # ITM re-ranks ITC's best 13 of the demo's 100 test images (LAVIS's k_test scaled to the
+        # split; the demo sizes it to a dataset of one's own).
+        c.eval.evaluators = defaults.synthetic_evaluators(
+            "retrieval", k=retrieval.k_for_images(100))
         c.eval.every_steps = 200
     else:
         c.model = "tiny-opt"

@@ -71,7 +71,7 @@ LONGEST_FILES = ["test_demo.py",            # 77 s
                  "test_data.py",            # 14
                  "test_t5.py",              # 14
                  "test_llama.py",           # 13
-                 "test_lavis_instruct.py"]  # 9            # 14
+                 "test_lavis_instruct.py"]  # 9
 _FILE_ORDER = {name: i for i, name in enumerate(LONGEST_FILES)}
 
 

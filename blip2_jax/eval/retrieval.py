@@ -63,6 +63,7 @@ from blip2_jax.models.blip2 import Blip2Module
 
 K_TEST = 128            # LAVIS retrieval configs' k_test
 TEXT_MAX_LENGTH = 35    # LAVIS compute_sim_matrix tokenization (padding="max_length")
+K_TEST_POOL = 1000      # the test images K_TEST was chosen for (Flickr30k's; 5000 captions)
 NEG = -100.0            # LAVIS's score outside the top-k
 _ITC_ELEMENTS = 1 << 25  # bound on chunk × N_t × Q of one ITC program
 _TOPK_ELEMENTS = 1 << 24  # bound on rows × columns of one top-k program
@@ -101,6 +102,13 @@ class TextFeatures:
 # Programs and placement
 # ----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=16)
+def k_for_images(images: int) -> int:
+    """LAVIS's k_test scaled to a test split of `images` images: K_TEST is a short list of
+    Flickr30k's 1000 (and COCO's 5000); on a pool of 100 it would re-rank every image, so that ITM
+    alone ranked them instead of re-ranking ITC's best (13 of 100 images)."""
+    return max(1, -(-K_TEST * images // K_TEST_POOL))
+
+
 def _programs(cfg) -> dict:
     """The jitted programs of one config, each a function of (params, inputs)."""
     module = Blip2Module(cfg)
