@@ -357,7 +357,7 @@ def answer_accuracy(llm: OPTConfig, params, tokenizer, *, n_scenes: int = 200, s
 
 
 def make_unimodal(cfg: Blip2Config, out_dir: str, tokenizer, *, vision_steps: int,
-                  llm_steps: int, batch_size: int = 64, vision_pool: int = 4000, seed: int = 0,
+                  llm_steps: int, batch_size: int = 64, vision_pool: int = 8000, seed: int = 0,
                   answer_scenes: int = 200, log=print) -> dict:
     """Pre-train both towers on fresh synthetic scenes and text and write them into a native
     checkpoint at `out_dir`; the LM's text-only answers are scored on `answer_scenes` held-out
@@ -379,7 +379,7 @@ def make_unimodal(cfg: Blip2Config, out_dir: str, tokenizer, *, vision_steps: in
 
 def make_unimodal_from_dataset(cfg: Blip2Config, out_dir: str, tokenizer, *, data_dir: str,
                                name: str, vision_steps: int, llm_steps: int,
-                               batch_size: int = 64, vision_pool: int = 4000, seed: int = 0,
+                               batch_size: int = 64, vision_pool: int = 8000, seed: int = 0,
                                log=print) -> dict:
     """Pre-train both towers on the training split of blip2_captions/NAME (and blip2_vqa/NAME's
     text, where it exists) with objectives that need no labels, and write them into a native
