@@ -64,8 +64,8 @@ def get_config(arg="stage1,out/demo"):
         # for a number of steps inversely proportional to its LR: a match needs image and text
         # fused inside the Q-Former layers, a product of weights that all start small. 5x on the
         # Q-Former and the ITM head leaves it by step 300-500 (ITM 0.47 / 0.59 at step 600 in
-        # seeds 0 / 1), with held-out R@1 by ITC 0.70 / 0.35 against 0.77 / 0.19 at 3e-4: README
-        # "The demo". 3x and 10x trained ITC worse.
+        # seeds 0 / 1), with held-out R@1 by ITC 0.70 / 0.35 against 0.77 / 0.19 at 3e-4
+        # (bench/DEMO.md). 3x and 10x trained ITC worse.
         c.optimizer.update(lr=3e-4, min_lr=5e-5, warmup_lr=1e-5, warmup_steps=20,
                            lr_mult=(("qformer/.*", 5.0), ("itm_head/.*", 5.0)))
         c.text = dict(qformer_tokenizer=f"{{data_dir}}/tokenizers/{dataset}/qformer", max_length=32)
@@ -86,7 +86,7 @@ def get_config(arg="stage1,out/demo"):
         c.frozen = ("vision/.*", "llm/.*")
         c.loss = dict(lm=1.0)
         # Held-out captions right (of 100, beam 5) and zero-shot VQA, stage 2 from the same
-        # stage 1: 27 / 66.7 % after 1000 steps, 35 / 69.0 % after 2000 (README "The demo").
+        # stage 1: 27 / 66.7 % after 1000 steps, 35 / 69.0 % after 2000 (bench/DEMO.md).
         # With 1000 steps, LR 1e-3 gave 9 / 56.0 %, 2e-3 24 / 63.3 %, 3e-3 23 / 62.3 %, 5e-3
         # 3 / 54.3 % (an image encoder trained half as long then).
         c.total_steps = 2000
@@ -112,8 +112,8 @@ def get_config(arg="stage1,out/demo"):
         c.eval.evaluators.vqa_test.template = synthetic.VQA_PROMPT
         c.eval.every_steps = 200
     # Stage 1 from scratch on the toy scenes depends much on the seed (Q-Former init and batch
-    # order): held-out R@1 by ITC after 600 steps 0.19 / 0.73 / 0.65 / 0.63 for seeds 0-3 (one
-    # of four collapsed). The demo runs seed 2, near the median (README "The demo").
+    # order), and the seeds' order differs from machine to machine (bench/DEMO.md). The demo
+    # runs seed 2, chosen near the median of seeds 0-3 on one machine.
     c.seed = 2
     c.frozen_dtype = "float32"      # tiny towers: keep full precision
     c.batch_size = 32
