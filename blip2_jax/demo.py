@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
                   unimodal_batch=16, steps=12, batch=8, answer_scenes=5)
              if args.quick else
              # The image encoder's 800 steps over 8000 scenes: it names a fresh object's shape
-             # 96.5 % right (400 over 4000: 84.5 %), and captions and stage 1 follow it.
+             # 96.5 % right (400 over 4000: 84.5 %), and the captions follow it.
              dict(train=5000, test=TEST_IMAGES, vision_steps=800, vision_pool=8000,
                   llm_steps=800, unimodal_batch=64, steps=None, batch=None, answer_scenes=200))
     work = os.path.abspath(args.work)

@@ -270,3 +270,10 @@ def test_wrong_image_count_is_an_error(setup):
     model, pixels, ids, mask, txt2img, img2txt = setup
     with pytest.raises(ValueError, match="valid images"):
         retrieval.evaluate(model, _batches(pixels[:10]), (ids, mask), txt2img, img2txt, k=K)
+
+
+def test_programs_are_built_once_per_config(setup):
+    """Each evaluation reuses the config's jitted programs (a rebuilt dict would re-trace and
+    recompile image, text and ITM programs every call)."""
+    model = setup[0]
+    assert retrieval._programs(model.config) is retrieval._programs(model.config)

@@ -72,6 +72,13 @@ ITM_BATCH_CPU = 64      # on XLA:CPU: smaller batches keep the activations in ca
                         # shapes ~1.4x less time per pair than 128 or 256)
 
 
+def k_for_images(images: int) -> int:
+    """LAVIS's k_test scaled to a test split of `images` images: K_TEST is a short list of
+    Flickr30k's 1000 (and COCO's 5000); on a pool of 100 it would re-rank every image, so that ITM
+    alone ranked them instead of re-ranking ITC's best (13 of 100 images)."""
+    return max(1, -(-K_TEST * images // K_TEST_POOL))
+
+
 @dataclasses.dataclass
 class ImageFeatures:
     """Per image (in the order of the truth: dataset `index` order when batches carry it):
@@ -102,13 +109,6 @@ class TextFeatures:
 # Programs and placement
 # ----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=16)
-def k_for_images(images: int) -> int:
-    """LAVIS's k_test scaled to a test split of `images` images: K_TEST is a short list of
-    Flickr30k's 1000 (and COCO's 5000); on a pool of 100 it would re-rank every image, so that ITM
-    alone ranked them instead of re-ranking ITC's best (13 of 100 images)."""
-    return max(1, -(-K_TEST * images // K_TEST_POOL))
-
-
 def _programs(cfg) -> dict:
     """The jitted programs of one config, each a function of (params, inputs)."""
     module = Blip2Module(cfg)
