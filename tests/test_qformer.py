@@ -239,6 +239,19 @@ def test_image_kv_reuse_and_per_row_images_equal_projecting_again(case):
     np.testing.assert_allclose(np.asarray(rows), np.asarray(want), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(first), np.asarray(
         apply(case.cfg, case.params, case.query, image=case.image)[0]), rtol=0, atol=0)
+    # Fewer images than rows, no image_index: consecutive rows share an image, as if repeated.
+    one = {n: kv[f"image_{n}"][:, :1] for n in ("k", "v")}
+    shared = QFormer(case.cfg).apply({"params": case.params}, case.query, case.ids, case.mask,
+                                     image_kv=one)[0]
+    want = apply(case.cfg, case.params, case.query, case.ids, case.mask,
+                 jnp.repeat(case.image[:1], case.batch, axis=0))[0]
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(want), rtol=1e-6, atol=1e-6)
+    projected = QFormer(case.cfg).apply({"params": case.params}, case.query, case.ids,
+                                        case.mask, case.image[:1])[0]
+    np.testing.assert_allclose(np.asarray(projected), np.asarray(want), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="2 images for 3 rows"):
+        QFormer(case.cfg).apply({"params": case.params}, case.query, case.ids, case.mask,
+                                case.image[:2])
 
 
 def test_generation_qformer_without_text_input():

@@ -12,7 +12,9 @@ Modes of `QFormer.__call__` (Q queries, T text tokens):
   e. text + `query_cache` from (a), `causal=True`       → (B, T, H)   ITG as LAVIS runs it
 With `image_index` (B,), `image_embeds` holds U distinct images and row b attends to image
 `image_index[b]`: every cross-attention layer projects the U images' keys/values once and gathers
-them per row (ITM re-ranking, where each image meets many texts). `return_image_kv` returns those
+them per row (ITM re-ranking, where each image meets many texts). Without it, U images may serve
+B = r·U rows in consecutive groups of r (the ITM pairs of a row's own image): each image's r rows
+of queries attend as one row, with its keys/values neither repeated nor gathered. `return_image_kv` returns those
 keys/values from a query pass and `image_kv` takes them in a later pass instead of projecting the
 images again (training: the ITM pass reuses the query pass's).
 Tests: tests/test_qformer.py — (a), (b), (c) against HF's Q-Former calls, (d) against HF fed the
@@ -129,11 +131,17 @@ class QFormerLayer(nn.Module):
 
         def cross(x, context, index=None, given=None):
             # The images' keys/values: given (projected by an earlier pass), or projected here
-            # once per image; with `index`, gathered per row.
+            # once per image; with `index`, gathered per row. U images for B = r·U rows (rows
+            # in consecutive groups of r per image): each image's r rows of queries attend as
+            # one row of r·Q queries (softmax is per query), so its K/V are never repeated.
             a = attn(name="cross_attn")
             kv = given if given is not None else a.project_kv(context.astype(dt))
-            rows = kv if index is None else tuple(jnp.take(t, index, axis=0) for t in kv)
-            c, _ = a(x, kv=rows, deterministic=det)
+            if index is not None:
+                c, _ = a(x, kv=tuple(jnp.take(t, index, axis=0) for t in kv), deterministic=det)
+            else:
+                b, q, u = x.shape[0], x.shape[1], kv[0].shape[0]
+                c, _ = a(x.reshape(u, (b // u) * q, x.shape[2]), kv=kv, deterministic=det)
+                c = c.reshape(x.shape)
             return ln(name="cross_ln")(x + drop(c)), kv
 
         q_len = self.query_len
@@ -228,10 +236,13 @@ class QFormer(nn.Module):
         input_ids: (B, T) text ids; attention_mask: (B, T) 1 = real token, 0 = padding (text
           positions only; queries are always valid). image_embeds: (B, N, encoder_hidden_size),
           or (U, N, encoder_hidden_size) with image_index (B,) int: row b's image is
-          image_embeds[image_index[b]] (cross-attention keys/values computed once per image).
+          image_embeds[image_index[b]] (cross-attention keys/values computed once per image),
+          or (U, N, encoder_hidden_size) with U dividing B and no image_index: row b's image is
+          b // (B / U) (`jnp.repeat`'s order; nothing is repeated).
         image_kv: {"k", "v"} each (G, U, N, heads, head_dim), the images' cross-attention
           keys/values as `return_image_kv` gave them (G = layers with cross-attention): used
-          instead of projecting image_embeds again (which may then be None).
+          instead of projecting image_embeds again (which may then be None); U rows as for
+          image_embeds.
         causal: UniLM mask — queries see only queries, text t sees all queries and text <= t.
         query_cache: {"k", "v"} each (L, B, Q, heads, head_dim), as returned by a queries-only
           call with `return_query_cache=True`; the text then attends to [cached queries ; text]
@@ -268,6 +279,12 @@ class QFormer(nn.Module):
         prefix_len = q_len if query_cache is None else query_cache["k"].shape[2]
         text_len = 0 if input_ids is None else input_ids.shape[1]
         batch = (query_embeds if query_embeds is not None else input_ids).shape[0]
+        images = (image_kv["k"].shape[1] if image_kv is not None
+                  else None if image_embeds is None else image_embeds.shape[0])
+        if q_len and image_index is None and images is not None and batch % images:
+            raise ValueError(f"{images} images for {batch} rows: give one image per row, a "
+                             f"number of images dividing the rows (consecutive rows share one), "
+                             f"or image_index")
 
         h = QFormerEmbeddings(cfg, name="embeddings")(query_embeds, input_ids)
         h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)

@@ -67,7 +67,7 @@ def _itm_logits_reusing_kv(m: Blip2Module, vision_tokens, query_cache, ids, mask
     b, t = ids.shape
     own_ids = jnp.stack([ids, ids[neg_text]], axis=1).reshape(2 * b, t)
     own_mask = jnp.stack([mask, mask[neg_text]], axis=1).reshape(2 * b, t)
-    own_kv = {k: jnp.repeat(query_cache[f"image_{k}"], 2, axis=1) for k in ("k", "v")}
+    own_kv = {k: query_cache[f"image_{k}"] for k in ("k", "v")}     # rows 2b, 2b+1: image b
     own_ids, own_mask = sharding.constrain_batch((own_ids, own_mask))
     own = m.itm_logits(None, own_ids, own_mask, image_kv=own_kv,
                        deterministic=False).reshape(b, 2, -1)
