@@ -14,9 +14,10 @@ With `image_index` (B,), `image_embeds` holds U distinct images and row b attend
 `image_index[b]`: every cross-attention layer projects the U images' keys/values once and gathers
 them per row (ITM re-ranking, where each image meets many texts). Without it, U images may serve
 B = r·U rows in consecutive groups of r (the ITM pairs of a row's own image): each image's r rows
-of queries attend as one row, with its keys/values neither repeated nor gathered. `return_image_kv` returns those
-keys/values from a query pass and `image_kv` takes them in a later pass instead of projecting the
-images again (training: the ITM pass reuses the query pass's).
+of queries attend as one row, with its keys/values neither repeated nor gathered.
+`return_image_kv` returns those keys/values from a query pass and `image_kv` takes them in a
+later pass instead of projecting the images again (training: the ITM pass reuses the query
+pass's).
 Tests: tests/test_qformer.py — (a), (b), (c) against HF's Q-Former calls, (d) against HF fed the
 explicit 4-D UniLM mask, (e) against (d), the query cache against HF's per-layer key/value
 projections, dropout / remat behaviour and the HF weight round trip; tests/test_retrieval_eval.py
